@@ -1,0 +1,3 @@
+from transfusion.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,379 @@
+"""Configuration: one small dataclass per concern, validated on construction, JSON round-trip.
+
+Presets are plain functions (``tiny()``, ``small()``, ``paper_0_16b()``...) registered in ``PRESETS``
+so that the command line can name them. Every checkpoint stores its ``Config`` as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PATCH_SIZES = (1, 2, 4, 8)
+
+
+def _choice(name: str, value: Any, options: Iterable[Any]) -> None:
+    options = tuple(options)
+    if value not in options:
+        raise ValueError(f"{name}={value!r} is not one of {options}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The transformer and its modality-specific edges."""
+
+    vocab_size: int = 261
+    """Text vocabulary, special tokens included (the byte tokenizer has 261)."""
+    dim: int = 256
+    """Width of the residual stream."""
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention (pretrained Llama/Qwen2); None means n_heads."""
+    hidden_dim: int | None = None
+    """SwiGLU hidden width; None applies Llama's rule (8/3 * dim rounded up to multiple_of)."""
+    multiple_of: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 1024
+    qkv_bias: bool = False
+    """Bias on the q/k/v projections (Qwen2 has it; Llama and the paper do not)."""
+    tie_embeddings: bool = False
+    latent_channels: int = 8
+    """Channels of the VAE latent (8 in the paper)."""
+    latent_size: int = 8
+    """Height and width of the VAE latent grid."""
+    patch_size: int = 2
+    """k: each k x k block of latent pixels becomes one transformer position."""
+    patcher: str = "linear"
+    """'linear' (a linear layer over each k x k patch) or 'unet' (U-Net down/up blocks)."""
+    unet_channels: int = 64
+    """Base channel count of the U-Net patcher."""
+    timestep_freq_dim: int = 256
+    """Size of the sinusoidal timestep features fed to the timestep MLP."""
+    attention: str = "auto"
+    """'sdpa' (dense boolean mask), 'flex' (FlexAttention BlockMask) or 'auto' (flex on CUDA)."""
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "latent_channels"):
+            _positive(name, getattr(self, name))
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
+        _choice("patch_size", self.patch_size, PATCH_SIZES)
+        if self.latent_size % self.patch_size:
+            raise ValueError(
+                f"latent_size {self.latent_size} is not divisible by patch_size {self.patch_size}; "
+                "change one of them"
+            )
+        _choice("patcher", self.patcher, ("linear", "unet"))
+        if self.patcher == "unet" and self.patch_size == 1:
+            raise ValueError("the U-Net patcher needs patch_size 2, 4 or 8 (it downsamples)")
+        _choice("attention", self.attention, ("auto", "sdpa", "flex"))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.latent_size // self.patch_size
+
+    @property
+    def patches_per_image(self) -> int:
+        return self.patches_per_side**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule, training objective and sampler defaults (PAPER.md: 1000 steps, cosine, eps)."""
+
+    num_train_timesteps: int = 1000
+    schedule: str = "cosine"
+    """'cosine' (Nichol & Dhariwal 2021, the paper's) or 'linear' (DDPM's betas 1e-4..0.02)."""
+    objective: str = "ddpm"
+    """'ddpm' (epsilon prediction, the paper's) or 'flow' (rectified flow, velocity prediction)."""
+    noise_limit: int = 500
+    """Largest timestep for images placed before their caption (PAPER.md: t <= 500)."""
+    loss_weight: float = 5.0
+    """lambda in LM + lambda * diffusion (PAPER.md: 5)."""
+    sampler: str = "ddpm"
+    """Default sampler at generation time: 'ddpm' (ancestral), 'ddim' or 'flow' (Euler)."""
+    sample_steps: int = 250
+    """Denoising steps at generation time (PAPER.md: 250 of the 1000 trained)."""
+    cfg_scale: float = 3.0
+    """Classifier-free guidance weight (PAPER.md: 3 in the ablations, 5 against Chameleon)."""
+
+    def __post_init__(self) -> None:
+        _positive("num_train_timesteps", self.num_train_timesteps)
+        _choice("schedule", self.schedule, ("cosine", "linear"))
+        _choice("objective", self.objective, ("ddpm", "flow"))
+        _choice("sampler", self.sampler, ("ddpm", "ddim", "flow"))
+        if not 0 < self.noise_limit <= self.num_train_timesteps:
+            raise ValueError(f"noise_limit must be in 1..{self.num_train_timesteps}, got {self.noise_limit}")
+        if not 0 < self.sample_steps <= self.num_train_timesteps:
+            raise ValueError(f"sample_steps must be in 1..{self.num_train_timesteps}, got {self.sample_steps}")
+        if self.loss_weight < 0:
+            raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
+
+
+@dataclass
+class VAEConfig:
+    """The image autoencoder: pixels (3, S, S) <-> latents (C, S/f, S/f)."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    latent_channels: int = 8
+    downsample: int = 4
+    """Spatial reduction factor f: 4 or 8."""
+    base_channels: int = 64
+    kl_weight: float = 1e-6
+    """beta in reconstruction + beta * KL."""
+    scale: float = 1.0
+    """Latents are (z - shift) * scale before diffusion; both computed from data after training."""
+    shift: float = 0.0
+    path: str | None = None
+    """A trained VAE directory (ours, or a diffusers AutoencoderKL); None means untrained/none."""
+
+    def __post_init__(self) -> None:
+        _choice("downsample", self.downsample, (4, 8))
+        if self.image_size % self.downsample:
+            raise ValueError(f"image_size {self.image_size} is not divisible by downsample {self.downsample}")
+        _positive("latent_channels", self.latent_channels)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.downsample
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how image-caption pairs are laid out (PAPER.md: 80/20)."""
+
+    source: str = "shapes"
+    """'shapes' (built-in scenes), 'fashion_mnist', 'folder', 'jsonl', 'text' or 'webdataset'."""
+    path: str | None = None
+    image_size: int = 32
+    caption_first_prob: float = 0.8
+    """Probability a captioned pair is ordered caption-then-image (else image-then-caption)."""
+    text_only_ratio: float = 0.0
+    image_only_ratio: float = 0.0
+    cond_dropout: float = 0.1
+    """Probability that the text before an image is dropped, so CFG has an unconditional branch."""
+    max_objects: int = 3
+    seed: int = 0
+    strict: bool = False
+    """Stop at the first unreadable sample instead of skipping and counting it."""
+    latent_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("source", self.source, ("shapes", "fashion_mnist", "folder", "jsonl", "text", "webdataset"))
+        for name in ("caption_first_prob", "text_only_ratio", "image_only_ratio", "cond_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {value}")
+        if self.text_only_ratio + self.image_only_ratio > 1.0:
+            raise ValueError("text_only_ratio + image_only_ratio must not exceed 1")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (PAPER.md: AdamW 0.9/0.95, eps 1e-8, lr 3e-4, cosine to 1.5e-5, wd 0.1, clip 1)."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    """Rows per optimizer micro-step (per process)."""
+    seq_len: int = 128
+    """Length of each packed row."""
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 1.5e-5
+    warmup_steps: int = 100
+    """Linear warm-up steps (the paper uses 4000 at 2M-token batches; small runs need fewer)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    """0 disables the EMA copy of the weights."""
+    log_every: int = 10
+    eval_every: int = 200
+    sample_every: int = 0
+    ckpt_every: int = 200
+    keep_last: int = 3
+    max_bad_steps: int = 5
+    """Consecutive non-finite losses tolerated before the run stops."""
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    """'auto' = bf16 autocast on CUDA, fp32 on CPU; or 'fp32', 'bf16'."""
+    parallel: str = "ddp"
+    """Under torchrun: 'ddp' or 'fsdp' (FSDP2 fully_shard)."""
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "keep_last"):
+            _positive(name, getattr(self, name))
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        _choice("dtype", self.dtype, ("auto", "fp32", "bf16"))
+        _choice("parallel", self.parallel, ("ddp", "fsdp"))
+
+
+@dataclass
+class Config:
+    """Everything a run needs; stored as JSON beside every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        parts = {}
+        for f in dataclasses.fields(cls):
+            sub_cls = {"model": ModelConfig, "diffusion": DiffusionConfig, "vae": VAEConfig}.get(f.name)
+            sub_cls = sub_cls or {"data": DataConfig, "train": TrainConfig}[f.name]
+            parts[f.name] = _build(sub_cls, d.get(f.name, {}), f.name)
+        return cls(**parts)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls.from_dict(json.loads(text))
+
+    def override(self, assignments: Iterable[str]) -> Config:
+        """Return a copy with ``section.key=value`` assignments applied (values parsed as JSON)."""
+        d = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+            key, raw = item.split("=", 1)
+            section, _, name = key.strip().partition(".")
+            if section not in d or name not in d[section]:
+                known = ", ".join(f"{s}.{k}" for s in d for k in d[s]) if section not in d else ", ".join(d[section])
+                raise ValueError(f"unknown config key {key!r}; known keys: {known}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw  # bare strings: train.device=cpu
+            d[section][name] = value
+        return Config.from_dict(d)
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown key(s) in [{section}]: {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**values)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a Config from a JSON or TOML file (sections: model, diffusion, vae, data, train)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError as e:  # Python 3.10
+            raise ValueError("TOML configs need Python >= 3.11; use JSON instead") from e
+        return Config.from_dict(tomllib.loads(text))
+    return Config.from_json(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. The paper's five sizes use the Llama 2 vocabulary (32,000) plus BOI and EOI.
+# ---------------------------------------------------------------------------------------------
+LLAMA2_VOCAB = 32000 + 2
+
+
+def tiny(**kw: Any) -> ModelConfig:
+    """For tests: a few thousand parameters per layer, 4x4x8 latents, patch 2 (4 patches)."""
+    return ModelConfig(**{"dim": 64, "n_layers": 2, "n_heads": 4, "latent_size": 4, "max_seq_len": 256, **kw})
+
+
+def small(**kw: Any) -> ModelConfig:
+    """For the CPU demo: width 256, 6 layers, 8x8x8 latents (32x32 images through a 4x VAE)."""
+    return ModelConfig(**{"dim": 256, "n_layers": 6, "n_heads": 4, "latent_size": 8, "max_seq_len": 512, **kw})
+
+
+def _paper(layers: int, dim: int, heads: int) -> Callable[..., ModelConfig]:
+    def preset(**kw: Any) -> ModelConfig:
+        base = {
+            "dim": dim,
+            "n_layers": layers,
+            "n_heads": heads,
+            "multiple_of": 256,
+            "vocab_size": LLAMA2_VOCAB,
+            "latent_size": 32,
+            "max_seq_len": 4096,
+        }
+        return ModelConfig(**{**base, **kw})
+
+    preset.__doc__ = f"Table 2 of the paper: {layers} layers, width {dim}, {heads} heads, 32x32x8 latents."
+    return preset
+
+
+paper_0_16b = _paper(16, 768, 12)
+paper_0_37b = _paper(24, 1024, 16)
+paper_0_76b = _paper(24, 1536, 24)
+paper_1_4b = _paper(24, 2048, 16)
+paper_7b = _paper(32, 4096, 32)
+
+PRESETS: dict[str, Callable[..., ModelConfig]] = {
+    "tiny": tiny,
+    "small": small,
+    "0.16B": paper_0_16b,
+    "0.37B": paper_0_37b,
+    "0.76B": paper_0_76b,
+    "1.4B": paper_1_4b,
+    "7B": paper_7b,
+}
+
+
+def preset(name: str, **kw: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+    return PRESETS[name](**kw)

@@ -14,7 +14,10 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("transfusion.demo", "train a VAE and a Transfusion model on built-in data, evaluate, write report.html"),
+    "demo": (
+        "transfusion.demo",
+        "train a VAE and a Transfusion model on built-in data, evaluate, write report.html",
+    ),
     "train": ("transfusion.train", "train a Transfusion model (one process, or many under torchrun)"),
     "train-vae": ("transfusion.vae_train", "train the image autoencoder and compute its latent scale"),
     "generate": ("transfusion.generate_cli", "generate text, images or both from a prompt"),

@@ -141,7 +141,9 @@ class DiffusionConfig:
         if not 0 < self.noise_limit <= self.num_train_timesteps:
             raise ValueError(f"noise_limit must be in 1..{self.num_train_timesteps}, got {self.noise_limit}")
         if not 0 < self.sample_steps <= self.num_train_timesteps:
-            raise ValueError(f"sample_steps must be in 1..{self.num_train_timesteps}, got {self.sample_steps}")
+            raise ValueError(
+                f"sample_steps must be in 1..{self.num_train_timesteps}, got {self.sample_steps}"
+            )
         if self.loss_weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
 
@@ -290,7 +292,11 @@ class Config:
             key, raw = item.split("=", 1)
             section, _, name = key.strip().partition(".")
             if section not in d or name not in d[section]:
-                known = ", ".join(f"{s}.{k}" for s in d for k in d[s]) if section not in d else ", ".join(d[section])
+                known = (
+                    ", ".join(f"{s}.{k}" for s in d for k in d[s])
+                    if section not in d
+                    else ", ".join(d[section])
+                )
                 raise ValueError(f"unknown config key {key!r}; known keys: {known}")
             try:
                 value = json.loads(raw)
@@ -336,7 +342,9 @@ def tiny(**kw: Any) -> ModelConfig:
 
 def small(**kw: Any) -> ModelConfig:
     """For the CPU demo: width 256, 6 layers, 8x8x8 latents (32x32 images through a 4x VAE)."""
-    return ModelConfig(**{"dim": 256, "n_layers": 6, "n_heads": 4, "latent_size": 8, "max_seq_len": 512, **kw})
+    return ModelConfig(
+        **{"dim": 256, "n_layers": 6, "n_heads": 4, "latent_size": 8, "max_seq_len": 512, **kw}
+    )
 
 
 def _paper(layers: int, dim: int, heads: int) -> Callable[..., ModelConfig]:

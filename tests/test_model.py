@@ -1,0 +1,143 @@
+import pytest
+import torch
+from helpers import TOK, latent, mixed_samples
+
+from transfusion.config import PRESETS, ModelConfig, preset, tiny
+from transfusion.model import Transfusion
+from transfusion.patching import patchify, unpatchify
+from transfusion.sequence import Image, Sample, Specials, Text, pack
+
+SP = Specials.of(TOK)
+
+
+def noised(b, t=250):
+    return b.replace(timesteps=torch.full((b.num_images,), t))
+
+
+def run(model, b):
+    with torch.no_grad():
+        return model(b)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Transfusion(tiny()).eval()
+    # give the zero-initialised image head weights so that image outputs depend on their inputs
+    torch.nn.init.normal_(m.patcher.proj_out.weight, std=0.02)
+    return m
+
+
+def caption_image_caption(cfg):
+    return Sample([Text(TOK.encode("abc")), Image(latent(cfg)), Text(TOK.encode("after"))])
+
+
+def test_later_token_changes_no_earlier_output(model):
+    cfg = model.cfg
+    b = noised(pack([caption_image_caption(cfg)], 40, SP, cfg.patches_per_image))
+    ref = run(model, b)
+    p = 2 + cfg.patches_per_image + 4  # a text position after the image
+    ids = b.ids.clone()
+    ids[0, p] = (ids[0, p] + 7) % 256
+    out = run(model, b.replace(ids=ids))
+    torch.testing.assert_close(out.logits[0, :p], ref.logits[0, :p], atol=0, rtol=0)
+    torch.testing.assert_close(out.image_pred, ref.image_pred, atol=0, rtol=0)
+    assert not torch.allclose(out.logits[0, p], ref.logits[0, p])
+
+
+def test_one_patch_changes_its_whole_image_and_no_earlier_text(model):
+    cfg = model.cfg
+    b = noised(pack([caption_image_caption(cfg)], 40, SP, cfg.patches_per_image))
+    ref = run(model, b)
+    lat = b.latents.clone()
+    lat[0, :, -1, -1] += 3.0  # the last patch only (raster order)
+    out = run(model, b.replace(latents=lat))
+    start = 5  # BOS a b c BOI
+    torch.testing.assert_close(out.logits[0, :start], ref.logits[0, :start], atol=0, rtol=0)
+    # every patch of the image sees the change, including the first ones (bidirectional)
+    per_patch = (patchify(out.image_pred, cfg.patch_size) - patchify(ref.image_pred, cfg.patch_size)).abs()
+    assert (per_patch.flatten(2).amax(-1) > 1e-6).all()
+    # and every later text position sees it too
+    end = start + cfg.patches_per_image
+    assert ((out.logits[0, start : end + 5] - ref.logits[0, start : end + 5]).abs().amax(-1) > 1e-6).all()
+
+
+def test_image_never_sees_a_later_image(model):
+    cfg = model.cfg
+    s = Sample([Image(latent(cfg)), Text(TOK.encode("x")), Image(latent(cfg))])
+    b = noised(pack([s], 40, SP, cfg.patches_per_image))
+    ref = run(model, b)
+    lat = b.latents.clone()
+    lat[1] += 1.0
+    out = run(model, b.replace(latents=lat))
+    torch.testing.assert_close(out.image_pred[0], ref.image_pred[0], atol=0, rtol=0)
+    assert not torch.allclose(out.image_pred[1], ref.image_pred[1])
+
+
+def test_packed_rows_equal_samples_run_alone(model):
+    cfg = model.cfg
+    samples = mixed_samples(cfg)
+    packed = noised(pack(samples, 128, SP, cfg.patches_per_image))
+    assert packed.ids.shape[0] == 1
+    out = run(model, packed)
+    offset, img = 0, 0
+    for s in samples:
+        alone = noised(pack([s], 64, SP, cfg.patches_per_image))
+        ref = run(model, alone)
+        L = int((alone.doc_ids[0] == 0).sum())
+        torch.testing.assert_close(
+            out.logits[0, offset : offset + L], ref.logits[0, :L], atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            out.image_pred[img : img + ref.image_pred.shape[0]], ref.image_pred, atol=1e-5, rtol=1e-5
+        )
+        offset += L
+        img += ref.image_pred.shape[0]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_patch_sizes_roundtrip_and_forward(k):
+    cfg = tiny(latent_size=8, patch_size=k)
+    x = torch.randn(3, 8, 8, 8)
+    p = patchify(x, k)
+    assert p.shape == (3, (8 // k) ** 2, 8 * k * k)
+    # raster order: patch j covers rows (j // side)*k.., cols (j % side)*k..
+    side = 8 // k
+    j = side + 1 if side > 1 else 0
+    r, c = (j // side) * k, (j % side) * k
+    assert torch.equal(p[1, j].view(8, k, k), x[1, :, r : r + k, c : c + k])
+    assert torch.equal(unpatchify(p, k, 8, 8, 8), x)
+    m = Transfusion(cfg)
+    b = noised(pack([Sample([Text([1, 2]), Image(latent(cfg))])], 96, SP, cfg.patches_per_image))
+    out = m(b)
+    assert out.image_pred.shape == (1, 8, 8, 8)
+    assert torch.count_nonzero(out.image_pred) == 0  # zero-initialised noise head
+
+
+def test_bad_configs_say_what_to_fix():
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        ModelConfig(latent_size=6, patch_size=4)
+    with pytest.raises(ValueError, match="patch_size"):
+        ModelConfig(patch_size=3)
+    with pytest.raises(ValueError, match="n_heads"):
+        ModelConfig(dim=100, n_heads=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+
+
+@pytest.mark.parametrize(
+    "name,billions", [("0.16B", 0.16), ("0.37B", 0.37), ("0.76B", 0.76), ("1.4B", 1.4), ("7B", 7.0)]
+)
+def test_paper_presets_build_on_meta_with_their_size(name, billions):
+    with torch.device("meta"):
+        m = Transfusion(PRESETS[name]())
+    n = m.num_params()
+    assert abs(n / 1e9 - billions) / billions < 0.15, f"{name}: {n / 1e9:.3f}B"
+    assert all(p.is_meta for p in m.parameters())
+
+
+def test_rope_position_limit_is_a_clear_error():
+    cfg = tiny(max_seq_len=16)
+    m = Transfusion(cfg)
+    b = noised(pack([Sample([Text(list(range(30)))])], 32, SP, cfg.patches_per_image))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(b)

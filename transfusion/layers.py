@@ -1,0 +1,159 @@
+"""Building blocks of the Llama-style trunk: RMSNorm, RoPE, attention, SwiGLU, the block, and the
+sinusoidal timestep embedding.
+
+Shape legend: B batch rows, L query length, S key length (cache + L), D width, H heads,
+Hk key/value heads, Dh head width.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transfusion.config import ModelConfig
+
+KV = tuple[Tensor, Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables indexed by position ids. Uses the half-split ("rotate_half") layout of Hugging
+    Face's Llama, so pretrained checkpoints load without permuting q/k weights."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T, Dh/2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (B, L) -> cos, sin (B, 1, L, Dh/2)."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(
+                f"position {int(positions.max())} exceeds model.max_seq_len {self.cos.shape[0]}; "
+                "use a longer max_seq_len or shorter samples"
+            )
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, L, Dh) rotated by cos/sin (B, 1, L, Dh/2), half-split layout."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) self-attention with an optional prefix of cached keys/values.
+
+    ``mask`` is a dense boolean (B, 1, L, S) tensor for SDPA or a FlexAttention ``BlockMask``.
+    Returns the output and this call's own (k, v) (after RoPE), for the caller to cache.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: object, past: KV | None = None
+    ) -> tuple[Tensor, KV]:
+        B, L, _ = x.shape
+        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, L, Dh)
+        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, L, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, Hk, S, Dh)
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(mask, Tensor) or mask is None:
+            if gqa:
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
+        else:
+            y = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, L, -1)), new
+
+
+@functools.cache
+def _flex_attention(compiled: bool):
+    """FlexAttention, compiled into a fused kernel on CUDA. On CPU it runs unfused (forward only in
+    torch 2.13): useful to check that both backends agree, not for speed."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled:
+        return torch.compile(flex_attention, dynamic=False)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    return flex_attention
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: object, past: KV | None = None
+    ) -> tuple[Tensor, KV]:
+        h, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+def sinusoidal(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Transformer-style sinusoidal features of (possibly fractional) timesteps: (N,) -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features of t followed by a two-layer MLP to ``out_dim``."""
+
+    def __init__(self, freq_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(sinusoidal(t, self.freq_dim))  # (N, out_dim)

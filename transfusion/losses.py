@@ -1,0 +1,87 @@
+"""The Transfusion objective: text cross-entropy + lambda * diffusion MSE (PAPER.md: lambda = 5).
+
+Both parts are reported separately. The text loss is the mean over every position that has a
+target (no loss on the prediction made at a BOI input, none on padding: ``pack`` marks them). The
+diffusion loss is a mean per image, then a mean over images, so every image weighs the same
+whatever its number of patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transfusion import diffusion
+from transfusion.config import DiffusionConfig
+from transfusion.sequence import IGNORE, MixedBatch
+
+
+@dataclass
+class Losses:
+    total: Tensor
+    text: Tensor
+    image: Tensor
+    text_tokens: int
+    images: int
+
+
+def text_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over positions whose target is not IGNORE; 0 when there are none."""
+    valid = targets != IGNORE
+    if not valid.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[valid].float(), targets[valid])
+
+
+def image_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error per image (over C, H, W), then averaged over images; 0 without images."""
+    if pred.shape[0] == 0:
+        return pred.sum() * 0.0
+    per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (N,)
+    return per_image.mean()
+
+
+def combine(text: Tensor, image: Tensor, loss_weight: float) -> Tensor:
+    return text + loss_weight * image
+
+
+def training_loss(
+    model: nn.Module,
+    batch: MixedBatch,
+    schedule: diffusion.NoiseSchedule,
+    cfg: DiffusionConfig,
+    generator: torch.Generator | None = None,
+) -> Losses:
+    """Noise every image at a sampled timestep, run the model, return both losses.
+
+    Images with a fixed ``t`` keep it; the others draw t uniformly, up to the noise limit for
+    images placed before their caption.
+    """
+    N = batch.num_images
+    if N:
+        device = batch.latents.device
+        max_t = torch.where(
+            batch.noise_limited,
+            torch.tensor(cfg.noise_limit, device=device),
+            torch.tensor(cfg.num_train_timesteps - 1, device=device),
+        )
+        drawn = diffusion.sample_timesteps(N, cfg.num_train_timesteps, generator, max_t=max_t.cpu()).to(
+            device
+        )
+        t = torch.where(batch.timesteps >= 0, batch.timesteps, drawn)
+        noise = torch.randn(batch.latents.shape, generator=generator, dtype=batch.latents.dtype).to(device)
+        x_t, target = diffusion.training_target(cfg.objective, batch.latents, noise, t, schedule)
+        batch = batch.replace(latents=x_t, timesteps=t)
+    out = model(batch)
+    lt = text_loss(out.logits, batch.text_targets)
+    li = image_loss(out.image_pred, target) if N else out.image_pred.sum() * 0.0
+    return Losses(
+        total=combine(lt, li, cfg.loss_weight),
+        text=lt,
+        image=li,
+        text_tokens=int((batch.text_targets != IGNORE).sum()),
+        images=N,
+    )

@@ -1,0 +1,136 @@
+"""The Transfusion network: text embedding and LM head, image patcher in and out, one shared trunk.
+
+``forward(batch)`` maps a packed ``MixedBatch`` whose ``latents`` are already noised (at
+``batch.timesteps``) to next-token logits at every position and a noise prediction per image. The
+network does no noise sampling, no losses and no decoding loop: see ``diffusion``, ``losses`` and
+``generate``.
+
+Shape legend: B rows, L positions, D width, V vocabulary, N images, n patches per image,
+C/H/W latent channels/height/width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from transfusion import masks
+from transfusion.config import ModelConfig
+from transfusion.layers import KV, Block, RMSNorm, RotaryEmbedding
+from transfusion.patching import make_patcher
+from transfusion.sequence import MixedBatch
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, L, V) next-token logits at every position
+    image_pred: Tensor  # (N, C, H, W) predicted noise (or velocity) of every image
+
+
+class Transfusion(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.patcher = make_patcher(cfg)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation in one place.
+
+        - every Linear and the embedding: normal(0, init_std), biases zero;
+        - the residual output projections (attention ``wo``, MLP ``down``): std scaled by
+          1/sqrt(2 * n_layers) (GPT-2), so the residual stream's variance does not grow with depth;
+        - RMSNorm weights: one;
+        - the image output layer: zero (DiT), so an untrained model predicts zero noise and the
+          diffusion loss starts at the variance of the target.
+        """
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        for block in self.layers:
+            nn.init.normal_(block.attn.wo.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            nn.init.normal_(block.mlp.down.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+        if hasattr(self.patcher, "reset_parameters"):
+            self.patcher.reset_parameters()
+        self.patcher.zero_init_output()
+
+    # --- pieces, used by forward() and by the cached decoder -------------------------------------
+    def backend(self, device: torch.device) -> str:
+        if self.cfg.attention == "auto":
+            return "flex" if device.type == "cuda" else "sdpa"
+        return self.cfg.attention
+
+    def attention_mask(self, doc_ids: Tensor, image_index: Tensor) -> Any:
+        """The rule of ``masks`` in the backend this model uses on this device."""
+        if self.backend(doc_ids.device) == "flex":
+            return masks.block_mask(doc_ids, image_index)
+        return masks.dense_mask(doc_ids, image_index)
+
+    def embed(
+        self, ids: Tensor, patch_mask: Tensor, latents: Tensor, timesteps: Tensor
+    ) -> tuple[Tensor, Any]:
+        """Token embeddings, with the patch vectors of every image written at its patch positions."""
+        x = self.tok_emb(ids)  # (B, L, D)
+        if latents.shape[0] == 0:
+            return x, None
+        patches, ctx = self.patcher.encode(latents, timesteps)  # (N, n, D)
+        assert int(patch_mask.sum()) == patches.shape[0] * patches.shape[1], "patch positions != patches"
+        x = x.masked_scatter(patch_mask[..., None], patches.to(x.dtype))
+        return x, ctx
+
+    def trunk(
+        self, x: Tensor, positions: Tensor, mask: Any, past: list[KV] | None = None
+    ) -> tuple[Tensor, list[KV]]:
+        """Run every block; returns the final-normed hidden states and each layer's new (k, v)."""
+        cos, sin = self.rope(positions)
+        new_kv = []
+        for i, block in enumerate(self.layers):
+            x, kv = block(x, cos, sin, mask, None if past is None else past[i])
+            new_kv.append(kv)
+        return self.norm(x), new_kv
+
+    def image_outputs(self, h: Tensor, patch_mask: Tensor, ctx: Any, num_images: int) -> Tensor:
+        """Hidden states at patch positions -> latent-shaped predictions (N, C, H, W)."""
+        n = self.cfg.patches_per_image
+        hp = h[patch_mask].view(num_images, n, -1)  # (N, n, D)
+        return self.patcher.decode(hp, ctx)
+
+    # --- the training / scoring forward ----------------------------------------------------------
+    def forward(self, batch: MixedBatch) -> ModelOutput:
+        if batch.num_images and (batch.timesteps < 0).any():
+            raise ValueError("batch has images without a timestep; noise them first (diffusion)")
+        patch_mask = batch.patch_mask
+        x, ctx = self.embed(batch.ids, patch_mask, batch.latents, batch.timesteps)  # (B, L, D)
+        mask = self.attention_mask(batch.doc_ids, batch.image_index)
+        h, _ = self.trunk(x, batch.positions, mask)  # (B, L, D)
+        logits = self.lm_head(h)  # (B, L, V)
+        if batch.num_images:
+            image_pred = self.image_outputs(h, patch_mask, ctx, batch.num_images)
+        else:
+            image_pred = batch.latents.new_zeros(batch.latents.shape)
+        return ModelOutput(logits=logits, image_pred=image_pred.float())
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return n

@@ -1,0 +1,269 @@
+"""Mixed sequences: the one place that knows the layout of text and images in a row.
+
+A ``Sample`` is an ordered list of ``Text`` and ``Image`` segments, in any number and order
+(caption-first, image-first, interleaved documents). ``pack`` lays samples into fixed-length rows
+(several per row when they fit) and returns a ``MixedBatch`` of tensors. One sample reads::
+
+    BOS  t t t  BOI  p p p p  EOI  t t  EOS        (p: one position per k x k latent patch)
+
+Shape legend: B rows, L row length, N images in the batch, C/H/W latent channels/height/width.
+
+Per position the batch holds the token id (PAD at patch positions), ``image_index`` (0 for text, k
+for the k-th image of the row, counted from 1), ``doc_ids`` (which sample of the row; padding is its
+own sample), ``positions`` (RoPE position, restarting at 0 for every sample), and ``text_targets``
+(the next token where the LM loss applies, else -100). Images are numbered in row-major order, so
+``h[batch.patch_mask]`` lists the patches image by image in the order of ``batch.latents``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+IGNORE = -100
+"""Target value where no text loss applies (``F.cross_entropy``'s ignore_index)."""
+
+
+@dataclass
+class Text:
+    """Token ids of a text segment (without special tokens)."""
+
+    ids: list[int]
+
+
+@dataclass
+class Image:
+    """An image as a clean VAE latent (C, H, W), already scaled for diffusion.
+
+    ``noise_limited`` marks an image placed before its caption: training noises it only up to the
+    noise limit (PAPER.md: t <= 500). ``t`` fixes the timestep (0 for a clean prompt image); None
+    lets training sample it.
+    """
+
+    latent: Tensor
+    noise_limited: bool = False
+    t: int | None = None
+
+
+@dataclass
+class Sample:
+    """An ordered list of segments. ``bos``/``eos``: whether to open with BOS and close with EOS."""
+
+    segments: list[Text | Image]
+    bos: bool = True
+    eos: bool = True
+
+    def __post_init__(self) -> None:
+        for seg in self.segments:
+            if not isinstance(seg, (Text, Image)):
+                raise TypeError(f"a Sample holds Text and Image segments, got {type(seg).__name__}")
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The special token ids packing needs (any tokenizer's ``bos_id``... attributes)."""
+
+    bos: int
+    eos: int
+    boi: int
+    eoi: int
+    pad: int
+
+    @classmethod
+    def of(cls, tokenizer: object) -> Specials:
+        t = tokenizer
+        return cls(t.bos_id, t.eos_id, t.boi_id, t.eoi_id, t.pad_id)  # type: ignore[attr-defined]
+
+
+@dataclass
+class MixedBatch:
+    """Packed rows as tensors. Build it with ``pack``; move it with ``.to(device)``."""
+
+    ids: Tensor  # (B, L) long
+    image_index: Tensor  # (B, L) long: 0 text, k >= 1 the k-th image of the row
+    doc_ids: Tensor  # (B, L) long: sample index within the row
+    positions: Tensor  # (B, L) long: RoPE position within the sample
+    text_targets: Tensor  # (B, L) long: next token id, or IGNORE
+    latents: Tensor  # (N, C, H, W) float: clean (or, once noised, noisy) latents
+    timesteps: Tensor  # (N,) long: the diffusion step of each image, -1 = to be sampled
+    noise_limited: Tensor  # (N,) bool: image-first images (t <= noise limit)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def patch_mask(self) -> Tensor:
+        """(B, L) bool: positions that hold image patches."""
+        return self.image_index > 0
+
+    @property
+    def num_images(self) -> int:
+        return self.latents.shape[0]
+
+    def to(self, device: torch.device | str) -> MixedBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+    def replace(self, **changes: object) -> MixedBatch:
+        return dataclasses.replace(self, **changes)
+
+
+def sample_length(sample: Sample, patches_per_image: int) -> int:
+    """Positions a sample takes: BOS, text, BOI + patches + EOI per image, EOS."""
+    n = int(sample.bos) + int(sample.eos)
+    for seg in sample.segments:
+        n += len(seg.ids) if isinstance(seg, Text) else patches_per_image + 2
+    return n
+
+
+def truncate(sample: Sample, max_len: int, patches_per_image: int) -> Sample:
+    """Cut a sample to at most ``max_len`` positions at a text boundary: a text segment may be
+    shortened, an image is kept whole or dropped with everything after it. EOS is dropped."""
+    out: list[Text | Image] = []
+    used = int(sample.bos)
+    for seg in sample.segments:
+        if isinstance(seg, Text):
+            room = max_len - used
+            if room <= 0:
+                break
+            out.append(Text(seg.ids[:room]))
+            used += len(out[-1].ids)
+            if len(seg.ids) > room:
+                break
+        else:
+            if used + patches_per_image + 2 > max_len:
+                break
+            out.append(seg)
+            used += patches_per_image + 2
+    return Sample(out, bos=sample.bos, eos=False)
+
+
+def assign_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Greedy in-order packing: start a new row when the next sample does not fit."""
+    rows: list[list[int]] = []
+    used = seq_len
+    for i, n in enumerate(lengths):
+        if used + n > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def pack(
+    samples: Sequence[Sample],
+    seq_len: int,
+    specials: Specials,
+    patches_per_image: int,
+    *,
+    num_rows: int | None = None,
+    allow_truncation: bool = False,
+) -> MixedBatch:
+    """Lay samples into rows of ``seq_len`` positions; several samples share a row when they fit.
+
+    A sample longer than a row is an error, or with ``allow_truncation`` is cut at a text boundary
+    (``truncate``) and counted in ``batch.stats['truncated']``. ``num_rows`` pads the batch with
+    empty rows (or raises if the samples need more).
+    """
+    if not samples:
+        raise ValueError("pack() needs at least one sample")
+    samples = list(samples)
+    truncated = 0
+    for i, s in enumerate(samples):
+        n = sample_length(s, patches_per_image)
+        if n > seq_len:
+            if not allow_truncation:
+                raise ValueError(
+                    f"sample {i} needs {n} positions but rows hold {seq_len}; raise the sequence length "
+                    "(train.seq_len) or allow truncation at a text boundary"
+                )
+            samples[i] = truncate(s, seq_len, patches_per_image)
+            truncated += 1
+    rows = assign_rows([sample_length(s, patches_per_image) for s in samples], seq_len)
+    if num_rows is not None:
+        if len(rows) > num_rows:
+            raise ValueError(f"the samples need {len(rows)} rows of {seq_len}, more than num_rows={num_rows}")
+        rows += [[] for _ in range(num_rows - len(rows))]
+
+    B, L = len(rows), seq_len
+    ids = torch.full((B, L), specials.pad, dtype=torch.long)
+    image_index = torch.zeros(B, L, dtype=torch.long)
+    doc_ids = torch.zeros(B, L, dtype=torch.long)
+    positions = torch.zeros(B, L, dtype=torch.long)
+    is_token = torch.zeros(B, L, dtype=torch.bool)  # text positions that belong to a sample (not padding)
+    latents: list[Tensor] = []
+    timesteps: list[int] = []
+    limited: list[bool] = []
+
+    for b, row in enumerate(rows):
+        p = 0
+        k = 0
+        for d, si in enumerate(row):
+            start = p
+            sample = samples[si]
+
+            def put(token: int) -> None:
+                nonlocal p
+                ids[b, p] = token
+                is_token[b, p] = True
+                doc_ids[b, p] = d
+                p += 1
+
+            if sample.bos:
+                put(specials.bos)
+            for seg in sample.segments:
+                if isinstance(seg, Text):
+                    for tok in seg.ids:
+                        put(int(tok))
+                    continue
+                put(specials.boi)
+                k += 1
+                image_index[b, p : p + patches_per_image] = k
+                doc_ids[b, p : p + patches_per_image] = d
+                p += patches_per_image
+                put(specials.eoi)
+                latents.append(seg.latent)
+                timesteps.append(-1 if seg.t is None else int(seg.t))
+                limited.append(seg.noise_limited)
+            if sample.eos:
+                put(specials.eos)
+            positions[b, start:p] = torch.arange(p - start)
+        # padding is a sample of its own so that its rows of the mask are never empty
+        doc_ids[b, p:] = len(row)
+        positions[b, p:] = torch.arange(L - p)
+
+    # LM loss at i predicts the token at i + 1 when both are text of the same sample and i is not BOI
+    text_targets = torch.full((B, L), IGNORE, dtype=torch.long)
+    has_loss = (
+        is_token[:, :-1]
+        & is_token[:, 1:]
+        & (doc_ids[:, :-1] == doc_ids[:, 1:])
+        & (ids[:, :-1] != specials.boi)
+    )
+    text_targets[:, :-1] = torch.where(has_loss, ids[:, 1:], IGNORE)
+
+    if latents:
+        shapes = {tuple(x.shape) for x in latents}
+        if len(shapes) > 1:
+            raise ValueError(f"all image latents in a batch must share one shape, got {sorted(shapes)}")
+        lat = torch.stack([x.float() for x in latents])
+    else:
+        lat = torch.zeros(0, 0, 0, 0)
+    return MixedBatch(
+        ids=ids,
+        image_index=image_index,
+        doc_ids=doc_ids,
+        positions=positions,
+        text_targets=text_targets,
+        latents=lat,
+        timesteps=torch.tensor(timesteps, dtype=torch.long),
+        noise_limited=torch.tensor(limited, dtype=torch.bool),
+        stats={"truncated": truncated, "samples": len(samples), "rows": B},
+    )

@@ -144,6 +144,28 @@ def truncate(sample: Sample, max_len: int, patches_per_image: int) -> Sample:
     return Sample(out, bos=sample.bos, eos=False)
 
 
+def layout(
+    sample: Sample, specials: Specials, patches_per_image: int
+) -> tuple[list[int], list[int], list[Image]]:
+    """One sample as position lists: token ids (PAD at patches), image number per position (0 for
+    text, j for the sample's j-th image), and its images in order."""
+    ids: list[int] = [specials.bos] if sample.bos else []
+    img: list[int] = [0] * len(ids)
+    images: list[Image] = []
+    for seg in sample.segments:
+        if isinstance(seg, Text):
+            ids += [int(t) for t in seg.ids]
+            img += [0] * len(seg.ids)
+        else:
+            images.append(seg)
+            ids += [specials.boi] + [specials.pad] * patches_per_image + [specials.eoi]
+            img += [0] + [len(images)] * patches_per_image + [0]
+    if sample.eos:
+        ids.append(specials.eos)
+        img.append(0)
+    return ids, img, images
+
+
 def assign_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     """Greedy in-order packing: start a new row when the next sample does not fit."""
     rows: list[list[int]] = []
@@ -203,38 +225,21 @@ def pack(
     limited: list[bool] = []
 
     for b, row in enumerate(rows):
-        p = 0
-        k = 0
+        p, k = 0, 0
         for d, si in enumerate(row):
-            start = p
-            sample = samples[si]
-
-            def put(token: int) -> None:
-                nonlocal p
-                ids[b, p] = token
-                is_token[b, p] = True
-                doc_ids[b, p] = d
-                p += 1
-
-            if sample.bos:
-                put(specials.bos)
-            for seg in sample.segments:
-                if isinstance(seg, Text):
-                    for tok in seg.ids:
-                        put(int(tok))
-                    continue
-                put(specials.boi)
-                k += 1
-                image_index[b, p : p + patches_per_image] = k
-                doc_ids[b, p : p + patches_per_image] = d
-                p += patches_per_image
-                put(specials.eoi)
+            row_ids, row_img, images = layout(samples[si], specials, patches_per_image)
+            n = len(row_ids)
+            ids[b, p : p + n] = torch.tensor(row_ids)
+            img = torch.tensor(row_img)
+            image_index[b, p : p + n] = torch.where(img > 0, img + k, 0)
+            is_token[b, p : p + n] = img == 0
+            doc_ids[b, p : p + n] = d
+            positions[b, p : p + n] = torch.arange(n)
+            p, k = p + n, k + len(images)
+            for seg in images:
                 latents.append(seg.latent)
                 timesteps.append(-1 if seg.t is None else int(seg.t))
                 limited.append(seg.noise_limited)
-            if sample.eos:
-                put(specials.eos)
-            positions[b, start:p] = torch.arange(p - start)
         # padding is a sample of its own so that its rows of the mask are never empty
         doc_ids[b, p:] = len(row)
         positions[b, p:] = torch.arange(L - p)

@@ -132,7 +132,8 @@ class HFTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        specials = {self.bos_id, self.eos_id, self.boi_id, self.eoi_id, self.pad_id}
+        return self._tok.decode([i for i in ids if i not in specials], skip_special_tokens=True)
 
     def to_dict(self) -> dict:
         return {"kind": "hf", "path": self.path}

@@ -141,3 +141,24 @@ def test_rope_position_limit_is_a_clear_error():
     b = noised(pack([Sample([Text(list(range(30)))])], 32, SP, cfg.patches_per_image))
     with pytest.raises(ValueError, match="max_seq_len"):
         m(b)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_unet_patcher_shapes_gradients_and_attention_rule(k):
+    cfg = tiny(latent_size=8, patch_size=k, patcher="unet", unet_channels=8)
+    m = Transfusion(cfg)
+    torch.nn.init.normal_(m.patcher.conv_out.weight, std=0.02)
+    s = Sample([Text([1, 2]), Image(latent(cfg)), Text([3])])
+    b = noised(pack([s], 96, SP, cfg.patches_per_image))
+    out = m(b)
+    assert out.image_pred.shape == (1, 8, 8, 8)
+    (out.image_pred.pow(2).mean() + out.logits.logsumexp(-1).mean()).backward()
+    for name, p in m.patcher.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the U-Net's tokens still obey the rule: text before the image ignores it
+    lat = b.latents.clone()
+    lat[0] += 1.0
+    with torch.no_grad():
+        ref, new = m(b), m(b.replace(latents=lat))
+    torch.testing.assert_close(new.logits[0, :3], ref.logits[0, :3], atol=0, rtol=0)
+    assert not torch.allclose(new.image_pred, ref.image_pred)

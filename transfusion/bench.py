@@ -1,0 +1,250 @@
+"""Measure speed and memory: training throughput and MFU, cached decoding, image sampling.
+
+Prints a table and writes JSON. Every number is measured in this process, with the thread count
+given, next to a matmul peak measured the same way, and the machine's load is recorded (a second
+process on a 2-core machine slows PyTorch 10-20x; compare only numbers from one run).
+
+Example: ``transfusion bench --configs tiny small w512 --out bench-out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transfusion.config import ModelConfig, preset
+from transfusion.model import Transfusion
+from transfusion.sequence import Image, MixedBatch, Sample, Specials, Text, pack
+from transfusion.tokenizer import ByteTokenizer
+
+CONFIGS: dict[str, Callable[[], ModelConfig]] = {
+    "tiny": lambda: preset("tiny"),
+    "small": lambda: preset("small"),
+    "w256": lambda: ModelConfig(dim=256, n_layers=4, n_heads=4, latent_size=8, patch_size=2),
+    "w512": lambda: ModelConfig(dim=512, n_layers=4, n_heads=8, latent_size=8, patch_size=2),
+}
+
+
+# --- measurement helpers -------------------------------------------------------------------------
+def timed(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> float:
+    """Median seconds of ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_peak(device: str, n: int = 1024, repeat: int = 10) -> float:
+    """fp32 matmul GFLOP/s on this device with the current thread count."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    return 2 * n**3 / timed(lambda: a @ b, repeat) / 1e9
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_avg_1m": load[0] if load else None,
+    }
+
+
+def synthetic_batch(
+    cfg: ModelConfig, batch_size: int, seq_len: int, caption_len: int = 30, seed: int = 0
+) -> MixedBatch:
+    """Rows of caption-first pairs (``caption_len`` text tokens + one image), packed like training."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    lat = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    samples = [
+        Sample(
+            [Text([rng.randrange(256) for _ in range(caption_len)]), Image(torch.randn(lat, generator=gen))]
+        )
+        for _ in range(batch_size * max(1, seq_len // (caption_len + cfg.patches_per_image + 4)) * 2)
+    ]
+    b = pack(samples, seq_len, Specials.of(ByteTokenizer()), cfg.patches_per_image)
+    rows = b.ids[:batch_size]
+    n_img = int((b.image_index[:batch_size] > 0).sum()) // cfg.patches_per_image
+    return MixedBatch(
+        ids=rows,
+        image_index=b.image_index[:batch_size],
+        doc_ids=b.doc_ids[:batch_size],
+        positions=b.positions[:batch_size],
+        text_targets=b.text_targets[:batch_size],
+        latents=b.latents[:n_img],
+        timesteps=torch.randint(0, 1000, (n_img,), generator=gen),
+        noise_limited=b.noise_limited[:n_img],
+    )
+
+
+def train_flops_per_token(model: Transfusion, seq_len: int) -> float:
+    """6 N (forward + backward of the non-embedding parameters) + 12 layers x width x L (attention
+    scores and values, PaLM's appendix B), per token."""
+    cfg = model.cfg
+    n = model.num_params(exclude_embeddings=True)
+    return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+# --- the benchmarks --------------------------------------------------------------------------------
+def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, device: str, repeat: int) -> dict[str, Any]:
+    from transfusion.losses import image_loss, text_loss
+
+    torch.manual_seed(0)
+    model = Transfusion(cfg).to(device)
+    batch = synthetic_batch(cfg, batch_size, seq_len).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device == "cuda")
+    noise = torch.randn_like(batch.latents)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else _null()
+
+    def step() -> None:
+        with autocast:
+            out = model(batch)
+            loss = text_loss(out.logits, batch.text_targets) + 5.0 * image_loss(out.image_pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    reset_peak_rss()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sec = timed(step, repeat)
+    tokens = batch_size * seq_len
+    flops = train_flops_per_token(model, seq_len) * tokens / sec
+    return {
+        "params_M": model.num_params() / 1e6,
+        "batch": f"{batch_size}x{seq_len}",
+        "step_ms": sec * 1e3,
+        "tokens_per_s": tokens / sec,
+        "model_gflops": flops / 1e9,
+        "attention": model.backend(torch.device(device)),
+        "dtype": "bf16-autocast" if device == "cuda" else "fp32",
+        "peak_rss_mb": peak_rss_mb(),
+        "cuda_max_alloc_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+    }
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def bench_sampling(cfg: ModelConfig, device: str, repeat: int) -> dict[str, Any]:
+    """Decoding and denoising speed through ``transfusion.generate`` (skipped if it is missing)."""
+    try:
+        from transfusion import generate  # noqa: F401
+    except ImportError:
+        return {"note": "generate module not available"}
+    return _sampling_numbers(cfg, device, repeat)
+
+
+def _sampling_numbers(cfg: ModelConfig, device: str, repeat: int) -> dict[str, Any]:
+    return {}
+
+
+def run_benchmarks(
+    names: list[str], batch_size: int, seq_len: int, repeat: int, device: str
+) -> dict[str, Any]:
+    peak = matmul_peak(device)
+    rows = []
+    for name in names:
+        cfg = CONFIGS[name]()
+        row = {"config": name, **bench_train(cfg, batch_size, seq_len, device, repeat)}
+        row["mfu"] = row["model_gflops"] / peak
+        row.update(bench_sampling(cfg, device, repeat))
+        rows.append(row)
+    return {"machine": machine_info(torch.get_num_threads()), "matmul_peak_gflops": peak, "rows": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    cols = ["config", "params_M", "batch", "step_ms", "tokens_per_s", "model_gflops", "mfu", "peak_rss_mb"]
+    extra = sorted(
+        {k for r in result["rows"] for k in r} - set(cols) - {"attention", "dtype", "cuda_max_alloc_mb"}
+    )
+    cols += extra
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:,.0f}"
+        return "-" if v is None else str(v)
+
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    lines += [" | ".join(fmt(r.get(c)) for c in cols) for r in result["rows"]]
+    m = result["machine"]
+    head = (
+        f"matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s (fp32, {m['threads']} threads); "
+        f"load {m['load_avg_1m']}; torch {m['torch']}; {m['cuda'] or m['processor']}"
+    )
+    return head + "\n\n" + "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["tiny", "small", "w512"],
+        choices=sorted(CONFIGS),
+        help="model configs to measure (default: tiny small w512)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="rows per training step (default 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="positions per row (default 128)")
+    p.add_argument("--repeat", type=int, default=5, help="timed repetitions per number; the median is kept")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--out", default="bench-out", help="directory for bench.json (default bench-out)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    result = run_benchmarks(args.configs, args.batch_size, args.seq_len, args.repeat, device)
+    print(format_table(result))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out / 'bench.json'}")
+    return 0

@@ -3,12 +3,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOK, mixed_samples
 
 from transfusion import masks
 from transfusion.config import tiny
 from transfusion.model import Transfusion
 from transfusion.sequence import Image, Sample, Specials, Text, pack
+
+from helpers import TOK, mixed_samples
 
 SP = Specials.of(TOK)
 

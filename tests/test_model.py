@@ -1,11 +1,12 @@
 import pytest
 import torch
-from helpers import TOK, latent, mixed_samples
 
 from transfusion.config import PRESETS, ModelConfig, preset, tiny
 from transfusion.model import Transfusion
 from transfusion.patching import patchify, unpatchify
 from transfusion.sequence import Image, Sample, Specials, Text, pack
+
+from helpers import TOK, latent, mixed_samples
 
 SP = Specials.of(TOK)
 

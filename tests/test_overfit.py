@@ -2,12 +2,13 @@
 
 import torch
 
-from helpers import TOK, mixed_samples
 from transfusion.config import DiffusionConfig, tiny
 from transfusion.diffusion import make_schedule
 from transfusion.losses import training_loss
 from transfusion.model import Transfusion
 from transfusion.sequence import Specials, pack
+
+from helpers import TOK, mixed_samples
 
 
 def test_tiny_model_overfits_one_mixed_batch():
@@ -21,7 +22,7 @@ def test_tiny_model_overfits_one_mixed_batch():
     model = Transfusion(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     first = last = None
-    for step in range(300):
+    for _ in range(300):
         losses = training_loss(model, batch, schedule, dcfg, torch.Generator().manual_seed(0))
         opt.zero_grad()
         losses.total.backward()

@@ -1,9 +1,10 @@
 import pytest
 import torch
-from helpers import TOK, latent, mixed_samples
 
 from transfusion.config import tiny
 from transfusion.sequence import IGNORE, Image, Sample, Specials, Text, pack, sample_length
+
+from helpers import TOK, latent, mixed_samples
 
 SP = Specials.of(TOK)
 CFG = tiny()

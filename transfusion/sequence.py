@@ -187,12 +187,14 @@ def pack(
     *,
     num_rows: int | None = None,
     allow_truncation: bool = False,
+    one_per_row: bool = False,
 ) -> MixedBatch:
     """Lay samples into rows of ``seq_len`` positions; several samples share a row when they fit.
 
     A sample longer than a row is an error, or with ``allow_truncation`` is cut at a text boundary
     (``truncate``) and counted in ``batch.stats['truncated']``. ``num_rows`` pads the batch with
-    empty rows (or raises if the samples need more).
+    empty rows (or raises if the samples need more). ``one_per_row`` puts sample i alone in row i
+    (prompts for batched decoding).
     """
     if not samples:
         raise ValueError("pack() needs at least one sample")
@@ -208,7 +210,8 @@ def pack(
                 )
             samples[i] = truncate(s, seq_len, patches_per_image)
             truncated += 1
-    rows = assign_rows([sample_length(s, patches_per_image) for s in samples], seq_len)
+    lengths = [sample_length(s, patches_per_image) for s in samples]
+    rows = [[i] for i in range(len(samples))] if one_per_row else assign_rows(lengths, seq_len)
     if num_rows is not None:
         if len(rows) > num_rows:
             raise ValueError(f"the samples need {len(rows)} rows of {seq_len}, more than num_rows={num_rows}")

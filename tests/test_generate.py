@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from helpers import TOK, latent
 from transfusion.config import DiffusionConfig, tiny
 from transfusion.diffusion import guided
 from transfusion.generate import Decoder, GenerationConfig, KVCache, caption, sample_token, text_to_image
 from transfusion.model import Transfusion
 from transfusion.sequence import Image, Sample, Specials, Text, pack
+
+from helpers import TOK, latent
 
 SP = Specials.of(TOK)
 

@@ -1,0 +1,141 @@
+"""The training loader: records -> paired samples -> encoded latents -> packed ``MixedBatch``es.
+
+Every batch has exactly ``train.batch_size`` rows of ``train.seq_len`` positions. Index i of the
+source is read by rank ``i % world_size``; sample i is paired with a generator seeded by (seed, i), so
+the stream of batches is a pure function of the position, and ``state_dict()`` (the next index, the
+sample carried over to the next batch, the counters) is all exact resume needs. Images of a batch are
+encoded together, through ``encode_images`` (the VAE, scaled for diffusion) or a latent cache.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from PIL import Image as PILImage
+from torch import Tensor
+
+from transfusion.config import Config
+from transfusion.data.pairing import pair
+from transfusion.data.sources import make_source
+from transfusion.sequence import Image, MixedBatch, Sample, Specials, pack, sample_length
+
+EncodeFn = Callable[[list[PILImage.Image]], Tensor]
+
+
+class BatchLoader:
+    def __init__(
+        self,
+        cfg: Config,
+        tokenizer: Any,
+        encode_images: EncodeFn,
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "train",
+        source: Any = None,
+        latent_cache: Any = None,
+    ):
+        self.cfg, self.tok, self.encode = cfg, tokenizer, encode_images
+        self.rank, self.world = rank, world_size
+        self.source = source if source is not None else make_source(cfg.data, split)
+        self.map_style = hasattr(self.source, "__getitem__") and hasattr(self.source, "__len__")
+        self.cache = latent_cache
+        self.sp = Specials.of(tokenizer)
+        self.n_patches = cfg.model.patches_per_image
+        self.next_index = rank  # the next source index this rank reads
+        self.carry: int | None = None  # index of a sample that did not fit the last batch
+        self.stats: Counter[str] = Counter()
+        self._iter: Iterator[Any] | None = None
+        self._seed_tag = f"{cfg.data.seed}-{split}"
+
+    # --- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_index": self.next_index, "carry": self.carry, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_index, self.carry = int(state["next_index"]), state["carry"]
+        self.stats = Counter(state.get("stats", {}))
+        self._iter = None
+
+    # --- reading --------------------------------------------------------------------------------------
+    def _record(self, i: int) -> Any:
+        if self.map_style:
+            return self.source[i % len(self.source)]
+        if self._iter is None:  # iterable source: skip to this rank's position
+            self._iter = iter(self.source)
+            for _ in range(i):
+                next(self._iter)
+            self._iter_pos = i
+        while self._iter_pos < i:
+            next(self._iter)
+            self._iter_pos += 1
+        try:
+            rec = next(self._iter)
+        except StopIteration:  # an epoch ended: start over
+            self._iter, self._iter_pos = iter(self.source), 0
+            return self._record(i)
+        self._iter_pos += 1
+        return rec
+
+    def _sample(self, i: int) -> tuple[Sample, Any] | None:
+        try:
+            record = self._record(i)
+        except (OSError, ValueError) as e:
+            if self.cfg.data.strict:
+                raise
+            self.stats["data_errors"] += 1
+            import warnings
+
+            warnings.warn(f"skipping item {i}: {e}", stacklevel=2)
+            return None
+        if record is None:
+            self.stats["skipped"] += 1
+            return None
+        rng = random.Random(f"{self._seed_tag}-{i}")
+        return pair(record, self.tok.encode, self.cfg.data, rng), record
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> MixedBatch:
+        B, L = self.cfg.train.batch_size, self.cfg.train.seq_len
+        chosen: list[tuple[int, Sample, Any]] = []
+        rows_used, room = 0, 0
+        while True:
+            if self.carry is not None:
+                i, self.carry = self.carry, None
+            else:
+                i = self.next_index
+                self.next_index += self.world
+            got = self._sample(i)
+            if got is None:
+                continue
+            sample, record = got
+            n = min(sample_length(sample, self.n_patches), L)
+            if n > room:
+                if rows_used == B:
+                    self.carry = i  # starts the next batch
+                    break
+                rows_used, room = rows_used + 1, L
+            room -= n
+            chosen.append((i, sample, record))
+        self._fill_latents(chosen)
+        batch = pack([s for _, s, _ in chosen], L, self.sp, self.n_patches, num_rows=B, allow_truncation=True)
+        self.stats["samples"] += len(chosen)
+        self.stats["truncated"] += batch.stats["truncated"]
+        return batch
+
+    def _fill_latents(self, chosen: list[tuple[int, Sample, Any]]) -> None:
+        todo = [(i, seg, rec) for i, s, rec in chosen for seg in s.segments if isinstance(seg, Image)]
+        if not todo:
+            return
+        if self.cache is not None:
+            latents = torch.stack([self.cache[i % len(self.cache)] for i, _, _ in todo])
+        else:
+            with torch.no_grad():
+                latents = self.encode([rec.image for _, _, rec in todo]).float().cpu()
+        for (_, seg, _), z in zip(todo, latents):
+            seg.latent = z

@@ -1,0 +1,46 @@
+"""The paper's rules for turning a record into a training ``Sample``.
+
+- A captioned image is ordered caption-first with probability ``caption_first_prob`` (0.8), else
+  image-first; an image-first image is noise-limited (t <= 500) so the model mostly learns to describe
+  recognisable images (PAPER.md).
+- With probability ``cond_dropout`` (0.1) the caption of a caption-first pair is dropped, leaving the
+  image alone after BOS: the unconditional branch classifier-free guidance needs.
+- ``text_only_ratio`` / ``image_only_ratio`` of captioned records are used as text alone / image alone.
+
+All randomness comes from the ``random.Random`` passed in, which the loader seeds per (seed, index), so
+sample i is the same whatever the order or number of processes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from transfusion.config import DataConfig
+from transfusion.data.base import Record
+from transfusion.sequence import Image, Sample, Text
+
+PLACEHOLDER = torch.empty(0)
+"""Image latents are filled in by the loader once it knows which samples fit a batch."""
+
+
+def pair(record: Record, tokenize, cfg: DataConfig, rng: random.Random) -> Sample:
+    """A Sample whose Image segments hold ``PLACEHOLDER`` latents, in the order of ``record.image``."""
+    has_image, has_text = record.image is not None, bool(record.text)
+    if has_image and has_text:
+        u = rng.random()
+        if u < cfg.text_only_ratio:
+            has_image = False
+        elif u < cfg.text_only_ratio + cfg.image_only_ratio:
+            has_text = False
+    if not has_image:
+        return Sample([Text(tokenize(record.text or ""))])
+    if not has_text:
+        return Sample([Image(PLACEHOLDER)])
+    caption = Text(tokenize(record.text))
+    if rng.random() < cfg.caption_first_prob:
+        if rng.random() < cfg.cond_dropout:
+            return Sample([Image(PLACEHOLDER)])  # conditioning dropped: unconditional image
+        return Sample([caption, Image(PLACEHOLDER)])
+    return Sample([Image(PLACEHOLDER, noise_limited=True), caption])

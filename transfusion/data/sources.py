@@ -1,0 +1,304 @@
+"""Data sources: each yields ``Record``s (image, text, or both). ``make_source(cfg, split)`` picks one.
+
+- ``shapes``: the built-in synthetic scenes (``data/shapes.py``), rendered on the fly.
+- ``fashion_mnist``: Debian's ``dataset-fashion-mnist`` package, captions from class names.
+- ``folder``: images with captions in ``.txt`` files of the same stem.
+- ``jsonl``: a manifest, one ``{"image": path, "caption": text}`` per line (paths relative to it).
+- ``text``: plain-text files (a file, or a folder of ``.txt``), documents split at blank lines.
+- ``webdataset``: tar shards (optional extra), ``jpg``/``png``/``webp`` + ``txt`` per key.
+
+Unreadable items (a zero-byte or truncated image, a non-image, a caption that is not UTF-8, an image
+smaller than the configured size) are skipped and counted by reason, with a warning naming the file;
+with ``strict`` the first one stops the run with that message. Map-style sources return None for a
+skipped index, so indices stay stable for exact resume.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from transfusion.config import DataConfig
+from transfusion.data.base import Record
+
+FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_CLASSES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
+FASHION_TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class BadItem(ValueError):
+    """An unreadable data item; ``reason`` names the kind of problem."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def fit_image(img: Image.Image, size: int, name: str) -> Image.Image:
+    """RGB, shorter side resized to ``size``, centre-cropped; smaller images are refused."""
+    img = img.convert("RGB")
+    w, h = img.size
+    if min(w, h) < size:
+        raise BadItem("too_small", f"{name}: image is {w}x{h}, smaller than the configured {size}x{size}")
+    scale = size / min(w, h)
+    if scale != 1:
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def read_image(path: Path, size: int) -> Image.Image:
+    try:
+        if path.stat().st_size == 0:
+            raise BadItem("empty", f"{path}: empty file")
+        with Image.open(path) as im:
+            im.load()
+            return fit_image(im, size, str(path))
+    except BadItem:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadItem("unreadable", f"{path}: not a readable image ({e})") from None
+
+
+def read_caption(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadItem("not_utf8", f"{path}: caption is not UTF-8") from None
+
+
+class _Skipping:
+    """Counting and warning about skipped items, or stopping at the first one when strict."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.skipped: Counter[str] = Counter()
+
+    def skip(self, err: BadItem) -> None:
+        if self.strict:
+            raise ValueError(f"{err} (strict mode; drop --strict to skip and count such items)")
+        self.skipped[err.reason] += 1
+        warnings.warn(f"skipping {err}", stacklevel=3)
+
+
+class ShapesSource:
+    def __init__(self, cfg: DataConfig, split: str):
+        from transfusion.data.shapes import ShapesDataset
+
+        seed = cfg.seed if split == "train" else cfg.seed + 1_000_003  # held-out scenes never overlap
+        self.ds = ShapesDataset(cfg.image_size, seed, cfg.max_objects)
+        self.skipped: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Record | None:
+        return self.ds[i]
+
+    def describe(self) -> str:
+        return self.ds.describe()
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+class FashionMNIST:
+    """Fashion-MNIST from Debian's package; 'train' = the 60k training set minus its last 5k
+    ('val'), 'test' = the 10k test set."""
+
+    def __init__(self, cfg: DataConfig, split: str):
+        dirs = [Path(cfg.path)] if cfg.path else [Path(d) for d in FASHION_DIRS]
+        found = next((d for d in dirs if (d / "train-images-idx3-ubyte.gz").is_file()), None)
+        if found is None:
+            raise ValueError(
+                "Fashion-MNIST not found; install Debian's package: apt-get install dataset-fashion-mnist "
+                f"(looked in {', '.join(map(str, dirs))})"
+            )
+        prefix = "t10k" if split == "test" else "train"
+        images = _read_idx(found / f"{prefix}-images-idx3-ubyte.gz")
+        labels = _read_idx(found / f"{prefix}-labels-idx1-ubyte.gz")
+        if split == "train":
+            images, labels = images[:-5000], labels[:-5000]
+        elif split == "val":
+            images, labels = images[-5000:], labels[-5000:]
+        self.images, self.labels, self.size, self.seed = images, labels, cfg.image_size, cfg.seed
+        self.skipped: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Record:
+        label = int(self.labels[i])
+        img = Image.fromarray(self.images[i]).convert("RGB")
+        if self.size != 28:
+            img = img.resize((self.size, self.size), Image.BICUBIC)
+        name = FASHION_CLASSES[label]
+        template = random.Random(f"fmnist-{self.seed}-{i}").choice(FASHION_TEMPLATES)
+        return Record(img, template.format(name), {"label": label, "class": name})
+
+    def describe(self) -> str:
+        return f"fashion_mnist(size={self.size})"
+
+
+class ImageTextFiles(_Skipping):
+    """Image-caption pairs from a folder (sidecar .txt captions) or a JSONL manifest."""
+
+    def __init__(self, cfg: DataConfig, split: str):
+        super().__init__(cfg.strict)
+        if not cfg.path:
+            raise ValueError(f"data source {cfg.source!r} needs data.path")
+        root = Path(cfg.path)
+        if not root.exists():
+            raise ValueError(f"data.path {root} does not exist")
+        self.size = cfg.image_size
+        self.items: list[tuple[Path, str | Path | None]] = []
+        if cfg.source == "folder":
+            for p in sorted(root.rglob("*")):
+                if p.is_file() and p.suffix.lower() != ".txt":
+                    side = p.with_suffix(".txt")
+                    self.items.append((p, side if side.is_file() else None))
+        else:
+            for n, line in enumerate(root.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    path = row.get("image", row.get("path"))
+                    text = row.get("caption", row.get("text"))
+                except (json.JSONDecodeError, AttributeError):
+                    raise ValueError(f"{root}:{n}: not a JSON object with 'image' and 'caption'") from None
+                if not path:
+                    raise ValueError(f"{root}:{n}: missing 'image'")
+                p = Path(path)
+                self.items.append((p if p.is_absolute() else root.parent / p, text))
+        if not self.items:
+            raise ValueError(f"no images found under {root}")
+        self.path = root
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Record | None:
+        path, caption = self.items[i]
+        try:
+            image = read_image(path, self.size)
+            text = read_caption(caption) if isinstance(caption, Path) else caption
+        except BadItem as e:
+            self.skip(e)
+            return None
+        return Record(image, text or None, {"source": str(path)})
+
+    def describe(self) -> str:
+        return f"files({self.path}, {len(self.items)} items, size={self.size})"
+
+
+class TextFiles(_Skipping):
+    """Text-only documents from a .txt file or a folder of them, split at blank lines."""
+
+    def __init__(self, cfg: DataConfig, split: str):
+        super().__init__(cfg.strict)
+        if not cfg.path:
+            raise ValueError("data source 'text' needs data.path (a .txt file or a folder of them)")
+        root = Path(cfg.path)
+        files = sorted(root.rglob("*.txt")) if root.is_dir() else [root]
+        self.docs: list[str] = []
+        for f in files:
+            try:
+                text = read_caption(f)
+            except BadItem as e:
+                self.skip(e)
+                continue
+            self.docs += [d.strip() for d in text.split("\n\n") if d.strip()]
+        if not self.docs:
+            raise ValueError(f"no text found in {root}")
+        self.path = root
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> Record:
+        return Record(None, self.docs[i], {"source": str(self.path)})
+
+    def describe(self) -> str:
+        return f"text({self.path}, {len(self.docs)} documents)"
+
+
+class WebDatasetSource(_Skipping):
+    """Tar shards read in order through the ``webdataset`` package (an iterable source)."""
+
+    def __init__(self, cfg: DataConfig, split: str):
+        super().__init__(cfg.strict)
+        try:
+            import webdataset  # noqa: F401
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                "the webdataset source needs: pip install 'transfusion[webdataset]'"
+            ) from e
+        if not cfg.path:
+            raise ValueError(
+                "data source 'webdataset' needs data.path (a shard pattern such as data-{000..009}.tar)"
+            )
+        self.urls, self.size = cfg.path, cfg.image_size
+
+    def __iter__(self):
+        import io
+
+        import webdataset as wds
+
+        for sample in wds.WebDataset(self.urls, shardshuffle=False):
+            key = sample.get("__key__", "?")
+            blob = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+            try:
+                if blob is None:
+                    raise BadItem("unreadable", f"{key}: no image in the sample")
+                try:
+                    with Image.open(io.BytesIO(blob)) as im:
+                        im.load()
+                        image = fit_image(im, self.size, key)
+                except (UnidentifiedImageError, OSError) as e:
+                    raise BadItem("unreadable", f"{key}: not a readable image ({e})") from None
+                try:
+                    text = sample["txt"].decode("utf-8").strip() if "txt" in sample else None
+                except UnicodeDecodeError:
+                    raise BadItem("not_utf8", f"{key}: caption is not UTF-8") from None
+            except BadItem as e:
+                self.skip(e)
+                yield None
+                continue
+            yield Record(image, text, {"source": key})
+
+    def describe(self) -> str:
+        return f"webdataset({self.urls})"
+
+
+def make_source(cfg: DataConfig, split: str = "train") -> Any:
+    """The dataset ``cfg.source`` names, for split 'train', 'val' or 'test'."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    if cfg.source == "shapes":
+        return ShapesSource(cfg, split)
+    if cfg.source == "fashion_mnist":
+        return FashionMNIST(cfg, split)
+    if cfg.source in ("folder", "jsonl"):
+        return ImageTextFiles(cfg, split)
+    if cfg.source == "text":
+        return TextFiles(cfg, split)
+    return WebDatasetSource(cfg, split)

@@ -1,0 +1,214 @@
+"""The image autoencoder: pixels (N, 3, S, S) in [-1, 1] <-> latents (N, C, S/f, S/f).
+
+``KLVAE`` is a small convolutional KL-regularised autoencoder (the paper trains its own with 8 latent
+channels). The transformer never sees raw latents: ``to_diffusion`` shifts and scales them to roughly
+unit variance with ``scale``/``shift`` computed from data after training (``compute_latent_stats``)
+and stored in the VAE's config. ``DiffusersVAE`` wraps a diffusers ``AutoencoderKL`` from a local
+directory behind the same interface. ``load_vae`` reads either.
+
+Shape legend: N images, S image side, f downsampling factor, C latent channels, c feature channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from transfusion.config import VAEConfig
+
+WEIGHTS, CONFIG = "vae.safetensors", "vae.json"
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(8, c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(min(8, c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class KLVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        stages = {4: 2, 8: 3}[cfg.downsample]
+        widths = [cfg.base_channels * min(2**i, 4) for i in range(stages + 1)]
+        enc: list[nn.Module] = [nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)]
+        for i in range(stages):
+            enc += [
+                ResBlock(widths[i], widths[i]),
+                nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1),
+            ]
+        enc += [ResBlock(widths[-1], widths[-1]), nn.GroupNorm(8, widths[-1]), nn.SiLU()]
+        enc += [nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)]
+        self.encoder = nn.Sequential(*enc)
+        dec: list[nn.Module] = [
+            nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1),
+            ResBlock(widths[-1], widths[-1]),
+        ]
+        for i in reversed(range(stages)):
+            dec += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(widths[i + 1], widths[i], 3, padding=1),
+            ]
+            dec += [ResBlock(widths[i], widths[i])]
+        dec += [nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def encode_dist(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images (N, 3, S, S) -> mean, logvar (N, C, S/f, S/f)."""
+        mean, logvar = self.encoder(images).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(
+        self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        mean, logvar = self.encode_dist(images)
+        if not sample:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return mean + (0.5 * logvar).exp() * noise
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.decoder(latents)  # (N, 3, S, S), roughly in [-1, 1]
+
+    def to_diffusion(self, z: Tensor) -> Tensor:
+        return (z - self.config.shift) * self.config.scale
+
+    def from_diffusion(self, z: Tensor) -> Tensor:
+        return z / self.config.scale + self.config.shift
+
+    def loss(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(total, reconstruction MSE, KL per latent element); total = MSE + kl_weight * KL."""
+        mean, logvar = self.encode_dist(images)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        recon = self.decode(mean + (0.5 * logvar).exp() * noise)
+        mse = F.mse_loss(recon, images)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        return mse + self.config.kl_weight * kl, mse, kl
+
+
+class DiffusersVAE(nn.Module):
+    """A diffusers ``AutoencoderKL`` from a local directory, with our interface. Its own
+    ``scaling_factor``/``shift_factor`` give the diffusion scaling."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        try:
+            from diffusers import AutoencoderKL
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                "loading a diffusers VAE needs: pip install 'transfusion[diffusers]'"
+            ) from e
+        self.inner = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        c = self.inner.config
+        down = 2 ** (len(c.block_out_channels) - 1)
+        self.config = VAEConfig(
+            image_size=int(c.sample_size) - int(c.sample_size) % down,
+            in_channels=c.in_channels,
+            latent_channels=c.latent_channels,
+            downsample=down if down in (4, 8) else 8,
+            scale=float(c.scaling_factor),
+            shift=float(getattr(c, "shift_factor", None) or 0.0),
+            path=str(path),
+        )
+
+    def encode(
+        self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        dist = self.inner.encode(images).latent_dist
+        return dist.sample(generator) if sample else dist.mean
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.inner.decode(latents).sample
+
+    def to_diffusion(self, z: Tensor) -> Tensor:
+        return (z - self.config.shift) * self.config.scale
+
+    def from_diffusion(self, z: Tensor) -> Tensor:
+        return z / self.config.scale + self.config.shift
+
+
+Autoencoder = KLVAE | DiffusersVAE
+
+
+@torch.no_grad()
+def compute_latent_stats(vae: KLVAE, images: Tensor, batch_size: int = 64) -> tuple[float, float]:
+    """(scale, shift) so that (z - shift) * scale has zero mean and unit variance over ``images``."""
+    zs = torch.cat([vae.encode(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    shift = zs.mean().item()
+    return 1.0 / max(zs.std().item(), 1e-6), shift
+
+
+def psnr(a: Tensor, b: Tensor, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB, computed per image and averaged; images in [-1, 1] have
+    data_range 2. PSNR = 10 log10(range^2 / MSE)."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp(min=1e-12)  # (N,)
+    return float((10 * torch.log10(data_range**2 / mse)).mean())
+
+
+def pil_to_tensor(images: list[Image.Image]) -> Tensor:
+    """PIL RGB images -> (N, 3, S, S) float in [-1, 1]."""
+    arrs = [np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def tensor_to_pil(images: Tensor) -> list[Image.Image]:
+    arr = (
+        ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    )
+    return [Image.fromarray(a) for a in arr]
+
+
+def vae_hash(vae: nn.Module) -> str:
+    """Content hash of the weights and the diffusion scaling: a latent cache is valid only for it."""
+    h = hashlib.sha256()
+    for k, v in sorted(vae.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().float().numpy().tobytes())
+    h.update(f"{vae.config.scale:.10g}/{vae.config.shift:.10g}".encode())
+    return h.hexdigest()[:16]
+
+
+def save_vae(vae: KLVAE, directory: str | Path) -> Path:
+    from transfusion.checkpoint import atomic_write_text, save_tensors
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors(directory / WEIGHTS, vae.state_dict())
+    meta = {"config": dataclasses.asdict(vae.config), "hash": vae_hash(vae)}
+    atomic_write_text(directory / CONFIG, json.dumps(meta, indent=2))
+    return directory
+
+
+def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> Any:
+    """Our VAE (vae.json + vae.safetensors) or a diffusers AutoencoderKL directory (config.json)."""
+    directory = Path(directory)
+    if (directory / CONFIG).is_file():
+        meta = json.loads((directory / CONFIG).read_text())
+        cfg = VAEConfig(**{**meta["config"], "path": str(directory)})
+        vae = KLVAE(cfg)
+        vae.load_state_dict(load_file(directory / WEIGHTS))
+        return vae.to(device).eval()
+    hf = directory / "config.json"
+    if hf.is_file() and json.loads(hf.read_text()).get("_class_name") == "AutoencoderKL":
+        return DiffusersVAE(directory).to(device).eval()
+    raise ValueError(
+        f"{directory} holds no VAE: expected {CONFIG} (transfusion train-vae) or a diffusers AutoencoderKL"
+    )

@@ -48,6 +48,27 @@ def combine(text: Tensor, image: Tensor, loss_weight: float) -> Tensor:
     return text + loss_weight * image
 
 
+def draw_noise(
+    batch: MixedBatch, cfg: DiffusionConfig, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Timesteps (N,) and noise (N, C, H, W) for the batch's images, on the CPU.
+
+    An image with a seed draws both from its own generator, so they follow the sample wherever it is
+    trained; the others draw from ``generator``. Fixed timesteps (t >= 0) are kept. Images placed
+    before their caption draw t <= noise_limit."""
+    N, shape = batch.num_images, tuple(batch.latents.shape[1:])
+    max_t = torch.where(batch.noise_limited.cpu(), cfg.noise_limit, cfg.num_train_timesteps - 1)
+    seeds = batch.noise_seeds.cpu() if batch.noise_seeds is not None else torch.full((N,), -1)
+    t = diffusion.sample_timesteps(N, cfg.num_train_timesteps, generator, max_t=max_t)
+    noise = torch.randn((N, *shape), generator=generator)
+    for i in (seeds >= 0).nonzero().flatten().tolist():
+        g = torch.Generator().manual_seed(int(seeds[i]))
+        t[i] = diffusion.sample_timesteps(1, cfg.num_train_timesteps, g, max_t=max_t[i : i + 1])[0]
+        noise[i] = torch.randn(shape, generator=g)
+    fixed = batch.timesteps.cpu()
+    return torch.where(fixed >= 0, fixed, t), noise
+
+
 def training_loss(
     model: nn.Module,
     batch: MixedBatch,
@@ -63,16 +84,8 @@ def training_loss(
     N = batch.num_images
     if N:
         device = batch.latents.device
-        max_t = torch.where(
-            batch.noise_limited,
-            torch.tensor(cfg.noise_limit, device=device),
-            torch.tensor(cfg.num_train_timesteps - 1, device=device),
-        )
-        drawn = diffusion.sample_timesteps(N, cfg.num_train_timesteps, generator, max_t=max_t.cpu()).to(
-            device
-        )
-        t = torch.where(batch.timesteps >= 0, batch.timesteps, drawn)
-        noise = torch.randn(batch.latents.shape, generator=generator, dtype=batch.latents.dtype).to(device)
+        t, noise = draw_noise(batch, cfg, generator)
+        t, noise = t.to(device), noise.to(device=device, dtype=batch.latents.dtype)
         x_t, target = diffusion.training_target(cfg.objective, batch.latents, noise, t, schedule)
         batch = batch.replace(latents=x_t, timesteps=t)
     out = model(batch)

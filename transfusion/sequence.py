@@ -47,6 +47,9 @@ class Image:
     latent: Tensor
     noise_limited: bool = False
     t: int | None = None
+    seed: int | None = None
+    """Seeds this image's timestep and noise in training, so they depend on the sample, not on the
+    batch or process it lands in (exact resume, and DDP equal to one process)."""
 
 
 @dataclass
@@ -91,6 +94,7 @@ class MixedBatch:
     latents: Tensor  # (N, C, H, W) float: clean (or, once noised, noisy) latents
     timesteps: Tensor  # (N,) long: the diffusion step of each image, -1 = to be sampled
     noise_limited: Tensor  # (N,) bool: image-first images (t <= noise limit)
+    noise_seeds: Tensor | None = None  # (N,) long: per-image seed for t and noise, -1 = none
     stats: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -226,6 +230,7 @@ def pack(
     latents: list[Tensor] = []
     timesteps: list[int] = []
     limited: list[bool] = []
+    seeds: list[int] = []
 
     for b, row in enumerate(rows):
         p, k = 0, 0
@@ -243,6 +248,7 @@ def pack(
                 latents.append(seg.latent)
                 timesteps.append(-1 if seg.t is None else int(seg.t))
                 limited.append(seg.noise_limited)
+                seeds.append(-1 if seg.seed is None else int(seg.seed))
         # padding is a sample of its own so that its rows of the mask are never empty
         doc_ids[b, p:] = len(row)
         positions[b, p:] = torch.arange(L - p)
@@ -273,5 +279,6 @@ def pack(
         latents=lat,
         timesteps=torch.tensor(timesteps, dtype=torch.long),
         noise_limited=torch.tensor(limited, dtype=torch.bool),
+        noise_seeds=torch.tensor(seeds, dtype=torch.long),
         stats={"truncated": truncated, "samples": len(samples), "rows": B},
     )

@@ -37,10 +37,11 @@ def pair(record: Record, tokenize, cfg: DataConfig, rng: random.Random) -> Sampl
     if not has_image:
         return Sample([Text(tokenize(record.text or ""))])
     if not has_text:
-        return Sample([Image(PLACEHOLDER)])
+        return Sample([Image(PLACEHOLDER, seed=rng.getrandbits(62))])
     caption = Text(tokenize(record.text))
+    seed = rng.getrandbits(62)
     if rng.random() < cfg.caption_first_prob:
         if rng.random() < cfg.cond_dropout:
-            return Sample([Image(PLACEHOLDER)])  # conditioning dropped: unconditional image
-        return Sample([caption, Image(PLACEHOLDER)])
-    return Sample([Image(PLACEHOLDER, noise_limited=True), caption])
+            return Sample([Image(PLACEHOLDER, seed=seed)])  # conditioning dropped: unconditional image
+        return Sample([caption, Image(PLACEHOLDER, seed=seed)])
+    return Sample([Image(PLACEHOLDER, noise_limited=True, seed=seed), caption])

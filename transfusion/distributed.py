@@ -1,0 +1,100 @@
+"""torchrun support: process-group set-up, rank-0 printing, DDP / FSDP2 wrapping.
+
+Launch with ``torchrun --nproc_per_node=N -m transfusion train ...``; torchrun sets RANK, WORLD_SIZE
+and LOCAL_RANK, and ``init()`` joins the group (NCCL on CUDA, gloo on CPU). Without torchrun every
+function here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun; pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args: Any, **kw: Any) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kw)
+
+
+def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
+    """DDP (default) or FSDP2 ``fully_shard`` on each block and the root; unchanged in one process."""
+    if not info.enabled:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on the CPU (every rank must call it under FSDP2; rank 0 uses them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    inner = model.module if hasattr(model, "module") else model
+    if dist.is_initialized():
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(inner, options=opts)
+    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_across(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item() / dist.get_world_size())

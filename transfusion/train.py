@@ -1,0 +1,491 @@
+"""Train a Transfusion model: one process on a CPU or GPU, or many under torchrun (DDP or FSDP2).
+
+``train(config, out_dir, ...)`` is a plain loop, read top to bottom: AdamW (PAPER.md: betas 0.9/0.95,
+eps 1e-8, weight decay 0.1 on matrices), linear warm-up then cosine decay to ``min_lr``, gradient
+accumulation and clipping, optional EMA, bf16 autocast on CUDA and fp32 on CPU, periodic validation,
+sample grids and checkpoints. A run directory holds::
+
+    config.json             the configuration it ran with
+    metrics.jsonl           one JSON object per logging step
+    checkpoints/step_N/     model.safetensors, ema.safetensors, meta.json, state.pt, loader.json
+    latest                  the name of the newest complete checkpoint
+    samples/step_N.png      sample grids with their prompts (when sample_every > 0)
+    vae/                    the image autoencoder the latents came from
+
+Resume (``--resume``) restores weights, optimizer, schedule, EMA, the data position and counters; with
+deterministic settings on the CPU the resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from transfusion import checkpoint as ckpt
+from transfusion import distributed as D
+from transfusion.config import Config, load_config, preset
+from transfusion.data.loader import BatchLoader
+from transfusion.diffusion import make_schedule
+from transfusion.losses import training_loss
+from transfusion.model import Transfusion
+from transfusion.tokenizer import ByteTokenizer
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+# --- pieces the loop uses ------------------------------------------------------------------------
+def lr_at(step: int, cfg: Any) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Any, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (dim >= 2) only, never on norms or biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
+    )
+
+
+def check_consistency(cfg: Config) -> None:
+    """The pieces of a config that must agree, with what to change."""
+    m, v = cfg.model, cfg.vae
+    if v.latent_channels != m.latent_channels:
+        raise ValueError(
+            f"vae.latent_channels {v.latent_channels} != model.latent_channels {m.latent_channels}"
+        )
+    if v.latent_size != m.latent_size:
+        raise ValueError(
+            f"the VAE makes {v.latent_size}x{v.latent_size} latents (image {v.image_size} / {v.downsample}) but "
+            f"model.latent_size is {m.latent_size}; set model.latent_size={v.latent_size}"
+        )
+    if cfg.data.image_size != v.image_size:
+        raise ValueError(f"data.image_size {cfg.data.image_size} != vae.image_size {v.image_size}")
+    if cfg.train.seq_len > m.max_seq_len:
+        raise ValueError(f"train.seq_len {cfg.train.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
+
+
+def load_or_make_vae(vae_arg: str | None, cfg: Config, out: Path, is_main: bool, resume: bool) -> Any:
+    """The run's VAE: ``out/vae`` when resuming, a trained directory, or 'random' (tests only)."""
+    from transfusion.vae import KLVAE, load_vae, save_vae
+
+    if (out / "vae").is_dir() and (resume or vae_arg is None):
+        return load_vae(out / "vae")
+    if vae_arg == "random":
+        torch.manual_seed(cfg.train.seed)
+        vae = KLVAE(cfg.vae).eval()
+        if is_main:
+            print("warning: --vae random: an untrained autoencoder; for tests and smoke runs only")
+    elif vae_arg:
+        vae = load_vae(vae_arg)
+    else:
+        raise ValueError("give --vae DIR (a trained VAE: transfusion train-vae --out DIR) or --vae random")
+    if is_main:
+        if isinstance(vae, KLVAE):
+            save_vae(vae, out / "vae")
+        else:
+            ckpt.copy_dir_atomic(Path(vae_arg), out / "vae")
+    return vae
+
+
+def image_encoder(vae: Any, device: torch.device):
+    from transfusion.vae import pil_to_tensor
+
+    vae = vae.to(device).eval()
+
+    @torch.no_grad()
+    def encode(images: list) -> torch.Tensor:
+        return vae.to_diffusion(vae.encode(pil_to_tensor(images).to(device))).float().cpu()
+
+    return encode
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module, loader: BatchLoader, cfg: Config, schedule: Any, batches: int, device
+) -> dict:
+    """Mean text and image loss over the first ``batches`` held-out batches (fixed noise)."""
+    was = model.training
+    model.eval()
+    loader.load_state_dict({"next_index": loader.rank, "carry": None})
+    text = image = 0.0
+    for i in range(batches):
+        b = next(loader).to(device)
+        losses = training_loss(model, b, schedule, cfg.diffusion, torch.Generator().manual_seed(i))
+        text, image = text + losses.text.item(), image + losses.image.item()
+    model.train(was)
+    return {"val_text_loss": D.mean_across(text / batches), "val_image_loss": D.mean_across(image / batches)}
+
+
+def save_sample_grid(
+    model: Transfusion, vae: Any, tokenizer: Any, cfg: Config, path: Path, prompts: list[str]
+) -> None:
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    from transfusion.generate import Decoder, GenerationConfig, text_to_image
+    from transfusion.vae import tensor_to_pil
+
+    dec = Decoder(model, tokenizer, cfg.diffusion)
+    sampler = "flow" if cfg.diffusion.objective == "flow" else "ddim"
+    gen = GenerationConfig(
+        steps=min(50, cfg.diffusion.sample_steps), sampler=sampler, cfg_scale=cfg.diffusion.cfg_scale
+    )
+    latents = torch.stack(text_to_image(dec, prompts, gen, seeds=list(range(len(prompts)))))
+    with torch.no_grad():
+        images = tensor_to_pil(
+            vae.decode(vae.from_diffusion(latents.to(next(vae.parameters()).device))).cpu()
+        )
+    cell = 96
+    grid = PILImage.new("RGB", (cell * len(images), cell + 28), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (im, p) in enumerate(zip(images, prompts)):
+        grid.paste(im.resize((cell, cell), PILImage.NEAREST), (i * cell, 0))
+        draw.text((i * cell + 2, cell + 2), p[:16], fill="black")
+        draw.text((i * cell + 2, cell + 14), p[16:32], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    model.train()
+
+
+class _Signals:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.previous = {}
+
+    def __enter__(self) -> _Signals:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.stop = True
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+def save_training_checkpoint(
+    out: Path, step: int, model, ema, opt, cfg: Config, tokenizer, loader_states: list, counters: dict, info
+) -> None:
+    """Everything to resume, written into a temporary directory that is renamed into place; then
+    ``latest`` is updated and checkpoints beyond the last ``keep_last`` are removed."""
+    weights = D.full_state_dict(model)
+    opt_state = _optimizer_state(model, opt, info)
+    if not info.is_main:
+        return
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    tmp = root / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    ckpt.save_tensors(tmp / ckpt.MODEL_FILE, weights)
+    if ema is not None:
+        ckpt.save_tensors(tmp / ckpt.EMA_FILE, ema)
+    meta = {
+        "config": cfg.to_dict(),
+        "tokenizer": tokenizer.to_dict(),
+        "step": step,
+        "vae": "../../vae",
+        **counters,
+    }
+    ckpt.atomic_write_text(tmp / ckpt.META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+    ckpt.atomic_write_text(tmp / "loader.json", json.dumps(loader_states))
+    torch.save({"optimizer": opt_state}, tmp / "state.pt")
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    ckpt.atomic_write_text(out / "latest", f"checkpoints/{name}\n")
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in done[: -cfg.train.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _optimizer_state(model, opt, info) -> dict:
+    if info.enabled and not hasattr(model, "module"):  # FSDP2: gather the full optimizer state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return opt.state_dict()
+
+
+def load_training_checkpoint(path: Path, model, ema, opt, info) -> tuple[int, list, dict]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / ckpt.META_FILE).read_text())
+    weights = load_file(path / ckpt.MODEL_FILE)
+    state = torch.load(path / "state.pt", weights_only=True)
+    if info.enabled and not hasattr(model, "module"):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(model, weights, options=opts)
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=opts)
+    else:
+        inner = model.module if hasattr(model, "module") else model
+        inner.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+    if ema is not None and (path / ckpt.EMA_FILE).is_file():
+        for k, v in load_file(path / ckpt.EMA_FILE).items():
+            ema[k].copy_(v)
+    loader_states = json.loads((path / "loader.json").read_text())
+    counters = {k: meta.get(k, 0) for k in ("bad_steps_total", "tokens_seen")}
+    return int(meta["step"]), loader_states, counters
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    vae: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train to ``cfg.train.steps``; ``stop_after`` ends the process early (as an interruption would)."""
+    check_consistency(cfg)
+    tc = cfg.train
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    latest = ckpt.resolve_checkpoint(out) if resume and (out / "latest").is_file() else None
+    if not resume and (out / "latest").is_file():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    info = D.init(tc.device)
+    device = info.device
+    torch.manual_seed(tc.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        ckpt.atomic_write_text(out / "config.json", cfg.to_json())
+
+    # model, optimizer, EMA
+    tokenizer = ByteTokenizer()
+    model = Transfusion(cfg.model).to(device)
+    model.train()
+    wrapped = D.wrap_model(model, tc.parallel, info)
+    opt = make_optimizer(wrapped if tc.parallel == "fsdp" else model, tc, fused=device.type == "cuda")
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if tc.ema_decay > 0 else None
+    use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    # data
+    vae_model = load_or_make_vae(vae, cfg, out, info.is_main, resume)
+    encode = image_encoder(vae_model, device)
+    loader = BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "train")
+    val_loader = (
+        BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "val") if tc.eval_every else None
+    )
+    schedule = make_schedule(cfg.diffusion)
+
+    step, counters = 0, {"bad_steps_total": 0, "tokens_seen": 0}
+    if latest is not None:
+        step, loader_states, counters = load_training_checkpoint(latest, wrapped, ema, opt, info)
+        loader.load_state_dict(loader_states[info.rank])
+        D.print0(f"resumed from {latest} at step {step}")
+        _truncate_metrics(out / "metrics.jsonl", step)
+
+    log = open(out / "metrics.jsonl", "a") if info.is_main else None  # noqa: SIM115
+    bar = tqdm(
+        total=tc.steps,
+        initial=step,
+        desc="train",
+        disable=not (progress and info.is_main),
+        dynamic_ncols=True,
+    )
+    bad_in_row, started, window_tokens, window_start = 0, time.time(), 0, time.time()
+    last_saved = step if latest is not None else -1
+
+    def save() -> None:
+        nonlocal last_saved
+        states = D.all_gather_object(loader.state_dict())
+        save_training_checkpoint(out, step, wrapped, ema, opt, cfg, tokenizer, states, counters, info)
+        last_saved = step
+
+    with _Signals() as signals:
+        while step < tc.steps:
+            # one optimizer step: grad_accum micro-batches
+            lr = lr_at(step, tc)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            text_loss = image_loss = 0.0
+            for micro in range(tc.grad_accum):
+                batch = next(loader).to(device)
+                sync = (
+                    nullcontext()
+                    if micro == tc.grad_accum - 1 or not hasattr(wrapped, "no_sync")
+                    else wrapped.no_sync()
+                )
+                with sync, autocast:
+                    losses = training_loss(wrapped, batch, schedule, cfg.diffusion)
+                    (losses.total / tc.grad_accum).backward()
+                text_loss += losses.text.item() / tc.grad_accum
+                image_loss += losses.image.item() / tc.grad_accum
+                window_tokens += batch.ids.numel() * info.world_size
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), tc.grad_clip)
+            finite = math.isfinite(text_loss + image_loss) and bool(torch.isfinite(grad_norm))
+            finite = D.mean_across(float(finite)) == 1.0
+            if finite:
+                opt.step()
+                bad_in_row = 0
+                if ema is not None:
+                    with torch.no_grad():
+                        for k, v in model.state_dict().items():
+                            ema[k].lerp_(v.float(), 1 - tc.ema_decay)
+            else:
+                bad_in_row += 1
+                counters["bad_steps_total"] += 1
+                D.print0(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
+                if bad_in_row > tc.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{bad_in_row} non-finite steps in a row (train.max_bad_steps={tc.max_bad_steps}); "
+                        f"the last good checkpoint is in {out}; lower train.lr or check the data"
+                    )
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            counters["tokens_seen"] += tc.batch_size * tc.seq_len * tc.grad_accum * info.world_size
+            bar.update(1)
+
+            if step % tc.log_every == 0 or step == tc.steps:
+                elapsed = time.time() - window_start
+                record = {
+                    "step": step,
+                    "text_loss": D.mean_across(text_loss),
+                    "image_loss": D.mean_across(image_loss),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "bad_steps_total": counters["bad_steps_total"],
+                    "data_skipped": int(loader.stats.get("skipped", 0) + loader.stats.get("data_errors", 0)),
+                    "truncated": int(loader.stats.get("truncated", 0)),
+                    "elapsed_s": time.time() - started,
+                }
+                window_tokens, window_start = 0, time.time()
+                if val_loader is not None and step % tc.eval_every == 0:
+                    record.update(validate(wrapped, val_loader, cfg, schedule, 2, device))
+                bar.set_postfix(
+                    text=f"{record['text_loss']:.3f}", image=f"{record['image_loss']:.3f}", lr=f"{lr:.1e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )  # fmt: skip
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+            if tc.sample_every and step % tc.sample_every == 0 and info.is_main and not info.enabled:
+                save_sample_grid(
+                    model, vae_model, tokenizer, cfg, out / "samples" / f"step_{step:07d}.png", SAMPLE_PROMPTS
+                )
+            if step % tc.ckpt_every == 0 or step == tc.steps or signals.stop:
+                save()
+            if signals.stop or (stop_after is not None and step >= stop_after):
+                break
+    bar.close()
+    if log:
+        log.close()
+    if last_saved != step:
+        save()
+    D.cleanup()
+    return {"step": step, "out": str(out), "interrupted": signals.stop, **counters}
+
+
+SAMPLE_PROMPTS = [
+    "a red circle",
+    "two blue squares",
+    "a green triangle to the left of a yellow circle",
+    "a cyan square",
+]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step, so the curve of a resumed run has no duplicates."""
+    if not path.is_file():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# --- command line -----------------------------------------------------------------------------------------
+def build_config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config) if args.config else Config()
+    if args.preset:
+        cfg.model = preset(args.preset)
+        if args.preset == "tiny":  # tiny latents (4x4) come from 16x16 images
+            cfg.vae.image_size = cfg.data.image_size = cfg.model.latent_size * cfg.vae.downsample
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.source={args.data}")
+    if args.data_path:
+        overrides.append(f"data.path={json.dumps(args.data_path)}")
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    return cfg.override(overrides)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run directory (created; holds config, metrics, checkpoints)")
+    p.add_argument("--preset", default=None, help="model preset: tiny, small, 0.16B, 0.37B, 0.76B, 1.4B, 7B")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a JSON or TOML config file (sections model, diffusion, vae, data, train)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=1e-3 (repeatable)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="data source: shapes (default), fashion_mnist, folder, jsonl, text, webdataset",
+    )
+    p.add_argument("--data-path", default=None, help="path for file-based data sources")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="trained VAE directory (transfusion train-vae), or 'random' for smoke tests",
+    )
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (train.steps)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    result = train(cfg, args.out, vae=args.vae, resume=args.resume, progress=not args.no_progress)
+    D.print0(f"stopped at step {result['step']}; checkpoints in {Path(args.out) / 'checkpoints'}")
+    return 130 if result["interrupted"] else 0

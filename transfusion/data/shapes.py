@@ -233,11 +233,12 @@ def judge_image(detected: Scene, spec: dict[str, Any]) -> bool:
     return True
 
 
-def judge_caption(text: str, scene: Scene) -> bool:
-    """True when a caption names every object of the scene with its colour and count, nothing else,
-    and any relation it states holds."""
+def judge_caption(text: str, scene: Scene, require_colors: bool = False) -> bool:
+    """True when a caption names every object of the scene with its count, nothing else, every colour
+    it states is right (with ``require_colors``, it must state them all), and any relation it states
+    holds."""
     spec = parse_caption(text)
-    if spec is None or any(o["color"] is None for o in spec["objects"]):
+    if spec is None or (require_colors and any(o["color"] is None for o in spec["objects"])):
         return False
     return judge_image(scene, spec)
 

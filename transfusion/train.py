@@ -117,6 +117,23 @@ def image_encoder(vae: Any, device: torch.device):
     return encode
 
 
+def open_latent_cache(cfg: Config, source: Any, vae: Any, encode: Any, info: Any) -> Any:
+    """Build (rank 0) or reuse the latent cache named by data.latent_cache; every rank then reads it."""
+    import torch.distributed as dist
+
+    from transfusion.data.latent_cache import LatentCache, build_latent_cache
+    from transfusion.vae import vae_hash
+
+    if not hasattr(source, "__len__") or len(source) > 5_000_000:
+        raise ValueError("data.latent_cache needs a finite map-style source (folder, jsonl, fashion_mnist)")
+    digest = vae_hash(vae)
+    if info.is_main:
+        build_latent_cache(source, encode, digest, cfg.data.latent_cache, len(source))
+    if dist.is_initialized():
+        dist.barrier()
+    return LatentCache(cfg.data.latent_cache, digest)
+
+
 @torch.no_grad()
 def validate(
     model: torch.nn.Module, loader: BatchLoader, cfg: Config, schedule: Any, batches: int, device
@@ -303,6 +320,8 @@ def train(
     vae_model = load_or_make_vae(vae, cfg, out, info.is_main, resume)
     encode = image_encoder(vae_model, device)
     loader = BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "train")
+    if cfg.data.latent_cache:
+        loader.cache = open_latent_cache(cfg, loader.source, vae_model, encode, info)
     val_loader = (
         BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "val") if tc.eval_every else None
     )

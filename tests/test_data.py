@@ -1,0 +1,238 @@
+"""Data sources, the paper's pairing rules, the loader's exact resume, the latent cache, bad input."""
+
+import io
+import json
+import random
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from transfusion.config import Config, DataConfig, TrainConfig, tiny
+from transfusion.data.base import Record
+from transfusion.data.latent_cache import LatentCache, build_latent_cache
+from transfusion.data.loader import BatchLoader
+from transfusion.data.pairing import pair
+from transfusion.data.sources import FashionMNIST, make_source
+from transfusion.sequence import Image as ImageSeg
+from transfusion.sequence import Text
+from transfusion.vae import pil_to_tensor
+
+from helpers import TOK
+
+
+def fake_encode(images):
+    """A stand-in encoder: 16x16 pixels -> 4x4 latents with 8 channels."""
+    x = pil_to_tensor(images)
+    return F.avg_pool2d(x, 4).repeat(1, 3, 1, 1)[:, :8]
+
+
+def png_bytes(size=(20, 20), color=(200, 10, 10)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_folder_and_jsonl_sources(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes((40, 20)))
+    (tmp_path / "a.txt").write_text("a red thing")
+    (tmp_path / "b.png").write_bytes(png_bytes())
+    src = make_source(DataConfig(source="folder", path=str(tmp_path), image_size=16))
+    recs = [src[i] for i in range(len(src))]
+    assert [r.text for r in recs] == ["a red thing", None]
+    assert all(r.image.size == (16, 16) for r in recs)  # shorter side resized, centre-cropped
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        json.dumps({"image": "a.png", "caption": "one"})
+        + "\n"
+        + json.dumps({"path": "b.png", "text": "two"})
+        + "\n"
+    )
+    src = make_source(DataConfig(source="jsonl", path=str(manifest), image_size=16))
+    assert [src[i].text for i in range(2)] == ["one", "two"]
+    with pytest.raises(ValueError, match="data.path"):
+        make_source(DataConfig(source="folder"))
+
+
+def test_bad_inputs_are_skipped_and_counted_or_stop_when_strict(tmp_path):
+    good = png_bytes()
+    (tmp_path / "ok.png").write_bytes(good)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "notimage.png").write_bytes(b"this is text, not a picture")
+    (tmp_path / "small.png").write_bytes(png_bytes((8, 8)))
+    (tmp_path / "badcap.png").write_bytes(good)
+    (tmp_path / "badcap.txt").write_bytes(b"\xff\xfe caption")
+    src = make_source(DataConfig(source="folder", path=str(tmp_path), image_size=16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs = {src.items[i][0].name: src[i] for i in range(len(src))}
+    assert recs["ok.png"] is not None
+    for name in ("empty.png", "truncated.png", "notimage.png", "small.png", "badcap.png"):
+        assert recs[name] is None, name
+        assert any(name in str(w.message) for w in caught), name
+    assert dict(src.skipped) == {"empty": 1, "unreadable": 2, "too_small": 1, "not_utf8": 1}
+    strict = make_source(DataConfig(source="folder", path=str(tmp_path), image_size=16, strict=True))
+    with pytest.raises(ValueError, match="empty.png"):
+        [strict[i] for i in range(len(strict))]
+
+
+def test_text_source(tmp_path):
+    (tmp_path / "doc.txt").write_text("first paragraph\n\nsecond one\n")
+    src = make_source(DataConfig(source="text", path=str(tmp_path)))
+    assert [src[i].text for i in range(len(src))] == ["first paragraph", "second one"]
+    assert src[0].image is None
+
+
+def test_webdataset_source(tmp_path):
+    pytest.importorskip("webdataset")
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, data in [
+            ("s1.png", png_bytes()),
+            ("s1.txt", b"a red square"),
+            ("s2.png", b"junk"),
+            ("s2.txt", b"x"),
+        ]:
+            info = tarfile.TarInfo(key)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    src = make_source(DataConfig(source="webdataset", path=str(shard), image_size=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recs = list(src)
+    assert recs[0].text == "a red square" and recs[0].image.size == (16, 16)
+    assert recs[1] is None and src.skipped["unreadable"] == 1
+
+
+def test_fashion_mnist_from_debian_package():
+    try:
+        src = FashionMNIST(DataConfig(source="fashion_mnist", image_size=32), "train")
+    except ValueError as e:
+        assert "apt-get install dataset-fashion-mnist" in str(e)
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    assert len(src) == 55000
+    r = src[0]
+    assert r.image.size == (32, 32) and r.image.mode == "RGB"
+    assert r.meta["class"] in r.text and r.meta["label"] == 9  # the first training item is an ankle boot
+    assert len(FashionMNIST(DataConfig(source="fashion_mnist"), "test")) == 10000
+
+
+def test_pairing_ratios_and_noise_limit():
+    cfg = DataConfig(caption_first_prob=0.8, cond_dropout=0.1, text_only_ratio=0.1, image_only_ratio=0.05)
+    rec = Record(Image.new("RGB", (16, 16)), "a caption")
+    kinds = []
+    for i in range(4000):
+        s = pair(rec, TOK.encode, cfg, random.Random(f"t-{i}"))
+        segs = [type(x).__name__ for x in s.segments]
+        if segs == ["Image", "Text"]:
+            assert s.segments[0].noise_limited
+            kinds.append("image_first")
+        elif segs == ["Text", "Image"]:
+            assert not s.segments[1].noise_limited
+            kinds.append("caption_first")
+        elif segs == ["Image"]:
+            kinds.append("image_only")
+        else:
+            kinds.append("text_only")
+    f = {k: kinds.count(k) / len(kinds) for k in set(kinds)}
+    paired = 1 - 0.1 - 0.05
+    assert f["text_only"] == pytest.approx(0.1, abs=0.015)
+    assert f["image_first"] == pytest.approx(paired * 0.2, abs=0.02)
+    assert f["caption_first"] == pytest.approx(paired * 0.8 * 0.9, abs=0.02)
+    assert f["image_only"] == pytest.approx(0.05 + paired * 0.8 * 0.1, abs=0.015)
+    a = pair(rec, TOK.encode, cfg, random.Random("same"))
+    b = pair(rec, TOK.encode, cfg, random.Random("same"))
+    assert [type(x) for x in a.segments] == [type(x) for x in b.segments]
+
+
+def loader_cfg():
+    cfg = Config(model=tiny(), train=TrainConfig(batch_size=3, seq_len=64))
+    cfg.data.image_size = 16
+    return cfg
+
+
+def same(b1, b2):
+    return (
+        torch.equal(b1.ids, b2.ids)
+        and torch.equal(b1.latents, b2.latents)
+        and torch.equal(b1.noise_seeds, b2.noise_seeds)
+    )
+
+
+def test_loader_batches_resume_and_sharding():
+    cfg = loader_cfg()
+    straight = BatchLoader(cfg, TOK, fake_encode)
+    batches = [next(straight) for _ in range(6)]
+    assert all(b.ids.shape == (3, 64) for b in batches)
+    assert all(b.latents.shape[1:] == (8, 4, 4) for b in batches if b.num_images)
+    first = BatchLoader(cfg, TOK, fake_encode)
+    for _ in range(3):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # JSON-able
+    resumed = BatchLoader(cfg, TOK, fake_encode)
+    resumed.load_state_dict(state)
+    assert all(same(next(resumed), b) for b in batches[3:])
+    # two ranks read disjoint indices that together cover the stream
+    r0, r1 = BatchLoader(cfg, TOK, fake_encode, 0, 2), BatchLoader(cfg, TOK, fake_encode, 1, 2)
+    next(r0), next(r1)
+    assert r0.next_index % 2 == 0 and r1.next_index % 2 == 1
+
+
+def test_latent_cache_roundtrip_invalidation_and_crash(tmp_path):
+    src = make_source(DataConfig(source="shapes", image_size=16))
+    out = tmp_path / "cache"
+    build_latent_cache(
+        src, fake_encode, "hash-a", out, count=40, batch_size=16, shard_size=16, progress=False
+    )
+    cache = LatentCache(out, "hash-a")
+    assert len(cache) == 40 and len(cache.meta["shards"]) == 3
+    for i in (0, 17, 39):
+        torch.testing.assert_close(cache[i], fake_encode([src[i].image])[0])
+    with pytest.raises(ValueError, match="rebuild"):
+        LatentCache(out, "hash-b")
+    build_latent_cache(src, lambda ims: fake_encode(ims) + 1, "hash-b", out, count=40, progress=False)
+    torch.testing.assert_close(LatentCache(out, "hash-b")[0], fake_encode([src[0].image])[0] + 1)
+
+    calls = {"n": 0}
+
+    def crashing(images):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("killed")
+        return fake_encode(images)
+
+    with pytest.raises(RuntimeError):
+        build_latent_cache(
+            src, crashing, "hash-c", tmp_path / "c2", count=40, batch_size=16, shard_size=16, progress=False
+        )
+    assert not (tmp_path / "c2" / "index.json").exists()
+    with pytest.raises(ValueError, match="not a complete latent cache"):
+        LatentCache(tmp_path / "c2", "hash-c")
+    build_latent_cache(src, fake_encode, "hash-c", tmp_path / "c2", count=40, progress=False)
+    assert len(LatentCache(tmp_path / "c2", "hash-c")) == 40
+
+
+def test_loader_reads_latents_from_the_cache(tmp_path):
+    cfg = loader_cfg()
+    src = make_source(cfg.data)
+    build_latent_cache(src, fake_encode, "h", tmp_path / "c", count=200, progress=False)
+    a = BatchLoader(cfg, TOK, fake_encode)
+    b = BatchLoader(cfg, TOK, lambda ims: 1 / 0, latent_cache=LatentCache(tmp_path / "c", "h"))
+    for _ in range(3):
+        assert same(next(a), next(b))
+
+
+def test_images_are_segments_with_seeds():
+    rec = Record(Image.new("RGB", (16, 16)), "x")
+    s = pair(rec, TOK.encode, DataConfig(caption_first_prob=1.0, cond_dropout=0.0), random.Random(0))
+    assert (
+        isinstance(s.segments[0], Text)
+        and isinstance(s.segments[1], ImageSeg)
+        and s.segments[1].seed is not None
+    )
+    assert np.isfinite(s.segments[1].seed)

@@ -1,0 +1,112 @@
+"""The autoencoder: shapes, training lowers the loss, PSNR, scale/shift, save/load, diffusers adapter."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from transfusion import cli
+from transfusion.config import VAEConfig
+from transfusion.data.shapes import ShapesDataset
+from transfusion.vae import (
+    KLVAE,
+    compute_latent_stats,
+    load_vae,
+    pil_to_tensor,
+    psnr,
+    tensor_to_pil,
+    vae_hash,
+)
+from transfusion.vae_train import train_vae
+
+
+@pytest.mark.parametrize("down", [4, 8])
+def test_shapes(down):
+    vae = KLVAE(VAEConfig(image_size=32, downsample=down, base_channels=8))
+    z = vae.encode(torch.randn(2, 3, 32, 32))
+    assert z.shape == (2, 8, 32 // down, 32 // down)
+    assert vae.decode(z).shape == (2, 3, 32, 32)
+
+
+def test_psnr_closed_form():
+    a = torch.zeros(3, 3, 8, 8)
+    b = a + 0.1  # MSE 0.01, range 2: 10 log10(4 / 0.01) = 26.0206 dB
+    assert psnr(a, b) == pytest.approx(10 * math.log10(4 / 0.01), rel=1e-6)
+    c = torch.cat([a[:1] + 0.1, a[:1] + 0.2])  # per-image, then averaged
+    assert psnr(a[:2], c) == pytest.approx((10 * math.log10(400) + 10 * math.log10(100)) / 2, rel=1e-6)
+
+
+def test_pil_roundtrip():
+    imgs = [ShapesDataset(16)[i].image for i in range(3)]
+    back = tensor_to_pil(pil_to_tensor(imgs))
+    assert all(list(a.getdata()) == list(b.getdata()) for a, b in zip(imgs, back))
+
+
+def test_training_lowers_loss_sets_stats_and_saves(tmp_path):
+    ds = ShapesDataset(16, seed=0)
+    train = pil_to_tensor([ds[i].image for i in range(256)])
+    val = pil_to_tensor([ShapesDataset(16, seed=9)[i].image for i in range(32)])
+    cfg = VAEConfig(image_size=16, base_channels=8)
+    result = train_vae(cfg, train, val, tmp_path / "vae", steps=80, batch_size=16, lr=3e-3, progress=False)
+    assert result["last_mse"] < 0.5 * result["first_mse"]
+    vae = result["vae"]
+    z = vae.to_diffusion(vae.encode(train[:256]))
+    assert abs(z.mean().item()) < 0.05 and z.std().item() == pytest.approx(1.0, abs=0.05)
+    torch.testing.assert_close(vae.from_diffusion(z), vae.encode(train[:256]), atol=1e-4, rtol=1e-4)
+    metrics = json.loads((tmp_path / "vae" / "metrics.json").read_text())
+    assert metrics["psnr_val"] == pytest.approx(result["psnr_val"]) and metrics["psnr_val"] > 10
+    loaded = load_vae(tmp_path / "vae")
+    assert loaded.config.scale == pytest.approx(vae.config.scale)
+    torch.testing.assert_close(loaded.decode(loaded.encode(val)), vae.decode(vae.encode(val)))
+    h = vae_hash(loaded)
+    with torch.no_grad():
+        loaded.decoder[0].weight[0, 0, 0, 0] += 1.0
+    assert vae_hash(loaded) != h
+
+
+def test_compute_latent_stats():
+    vae = KLVAE(VAEConfig(image_size=16, base_channels=8))
+    scale, shift = compute_latent_stats(vae, torch.randn(20, 3, 16, 16))
+    z = vae.encode(torch.randn(20, 3, 16, 16))
+    assert scale > 0 and math.isfinite(shift)
+    assert ((z - shift) * scale).std().item() == pytest.approx(1.0, abs=0.3)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="holds no VAE"):
+        load_vae(tmp_path)
+
+
+def test_diffusers_adapter_roundtrip(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=0.5,
+    ).eval()  # fmt: skip
+    ref.save_pretrained(tmp_path / "hf")
+    ours = load_vae(tmp_path / "hf")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z_ref = ref.encode(x).latent_dist.mean
+        torch.testing.assert_close(ours.encode(x), z_ref)
+        torch.testing.assert_close(ours.to_diffusion(z_ref), z_ref * 0.5)
+        torch.testing.assert_close(ours.decode(z_ref), ref.decode(z_ref).sample)
+    assert ours.config.latent_channels == 4 and ours.config.downsample == 4
+
+
+def test_cli(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train-vae", "--help"])
+    assert e.value.code == 0
+    out = tmp_path / "v"
+    args = ["train-vae", "--out", str(out), "--image-size", "16", "--base-channels", "8", "--steps", "5",
+            "--train-images", "64", "--val-images", "8"]  # fmt: skip
+    assert cli.main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["psnr_val"] > 0
+    assert (out / "vae.safetensors").is_file() and (out / "vae.json").is_file()
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["train-vae", "--out", str(tmp_path / "file"), "--steps", "1"]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -138,3 +138,43 @@ def test_prompt_errors(decoder):
         decoder.generate([["x" * 400]], GenerationConfig())
     with pytest.raises(ValueError, match="sampler"):
         decoder.generate([["x"]], GenerationConfig(sampler="flow"))
+
+
+def test_cli_happy_path_and_errors(tmp_path, capsys):
+    import json
+
+    from transfusion import cli
+    from transfusion.checkpoint import save_model
+    from transfusion.config import Config, VAEConfig
+    from transfusion.vae import KLVAE, save_vae
+
+    cfg = Config(model=tiny(), vae=VAEConfig(image_size=16, base_channels=8))
+    ckpt = tmp_path / "ckpt"
+    save_model(ckpt, Transfusion(cfg.model), cfg, TOK, {"step": 1, "vae": "vae"})
+    save_vae(KLVAE(cfg.vae), ckpt / "vae")
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", "a red circle", "--num-images", "2",
+                     "--steps", "3", "--out", str(out)]) == 0  # fmt: skip
+    record = json.loads((out / "output.json").read_text())
+    assert len(record["outputs"]) == 2 and (out / record["outputs"][0][0]["image"]).is_file()
+    assert (out / "output.md").read_text().startswith("# a red circle")
+    img = out / record["outputs"][0][0]["image"]
+    capsys.readouterr()
+    assert cli.main(["caption", "--checkpoint", str(ckpt), str(img), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith(str(img))
+    # errors: one line, exit 2, no traceback
+    cases = [
+        ["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "x"],
+        ["caption", "--checkpoint", str(ckpt), str(tmp_path / "nope.png")],
+        ["caption", "--checkpoint", str(ckpt), str(out / "output.json")],
+        ["generate", "--checkpoint", str(ckpt), "--prompt", "x" * 300],
+    ]
+    for args in cases:
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    from PIL import Image as PILImage
+
+    PILImage.new("RGB", (8, 8)).save(tmp_path / "tiny.png")
+    assert cli.main(["caption", "--checkpoint", str(ckpt), str(tmp_path / "tiny.png")]) == 2
+    assert "smaller than" in capsys.readouterr().err

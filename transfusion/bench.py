@@ -10,6 +10,7 @@ Example: ``transfusion bench --configs tiny small w512 --out bench-out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -174,19 +175,58 @@ class _null:
 
 def bench_sampling(cfg: ModelConfig, device: str, repeat: int) -> dict[str, Any]:
     """Decoding and denoising speed through ``transfusion.generate`` (skipped if it is missing)."""
-    try:
-        from transfusion import generate  # noqa: F401
-    except ImportError:
-        return {"note": "generate module not available"}
     return _sampling_numbers(cfg, device, repeat)
 
 
 def _sampling_numbers(cfg: ModelConfig, device: str, repeat: int) -> dict[str, Any]:
-    return {}
+    """Cached text decoding, whole-image sampling, and one denoising step against prefixes of
+    16, 256 and 1024 positions (it should stay nearly flat: only the attention reads grow)."""
+    from transfusion.config import DiffusionConfig
+    from transfusion.generate import Decoder, GenerationConfig, KVCache, text_to_image
+
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, 1024 + cfg.patches_per_image + 8))
+    torch.manual_seed(0)
+    model = Transfusion(cfg).to(device).eval()
+    tok = ByteTokenizer()
+    dec = Decoder(model, tok, DiffusionConfig())
+    row: dict[str, Any] = {}
+    n_new = 64
+    text = GenerationConfig(max_new_tokens=n_new, temperature=0.0, max_images=0)
+    sec = timed(lambda: dec.generate([["a red circle to the"]], text), max(1, repeat // 2), warmup=1)
+    row["decode_tokens_per_s"] = n_new / sec
+    for steps in (250, 50):
+        for scale in (1.0, 3.0):
+            gen = GenerationConfig(steps=steps, sampler="ddim", cfg_scale=scale)
+            sec = timed(lambda gen=gen: text_to_image(dec, ["a red circle"], gen), 1, warmup=0)
+            row[f"image_s_{steps}steps{'_cfg' if scale != 1.0 else ''}"] = sec
+    x = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size, device=device)
+    t = torch.tensor([500])
+    for prefix in (16, 256, 1024):
+        cache = KVCache(model, 1, prefix + cfg.patches_per_image + 2, torch.device(device), torch.float32)
+        rows = torch.tensor([0])
+        with torch.no_grad():
+            dec._prefill(
+                cache,
+                rows,
+                [
+                    Sample(
+                        [
+                            Text(
+                                [ord("a")] * (prefix - 2),
+                            ),
+                            Text([tok.boi_id]),
+                        ],
+                        eos=False,
+                    )
+                ],
+            )
+            sec = timed(lambda c=cache, r=rows: dec._image_pred(c, r, x, t, commit=False), repeat * 4)
+        row[f"denoise_step_ms_prefix{prefix}"] = sec * 1e3
+    return row
 
 
 def run_benchmarks(
-    names: list[str], batch_size: int, seq_len: int, repeat: int, device: str
+    names: list[str], batch_size: int, seq_len: int, repeat: int, device: str, sampling: bool = True
 ) -> dict[str, Any]:
     peak = matmul_peak(device)
     rows = []
@@ -194,7 +234,8 @@ def run_benchmarks(
         cfg = CONFIGS[name]()
         row = {"config": name, **bench_train(cfg, batch_size, seq_len, device, repeat)}
         row["mfu"] = row["model_gflops"] / peak
-        row.update(bench_sampling(cfg, device, repeat))
+        if sampling:
+            row.update(bench_sampling(cfg, device, repeat))
         rows.append(row)
     return {"machine": machine_info(torch.get_num_threads()), "matmul_peak_gflops": peak, "rows": rows}
 
@@ -234,6 +275,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions per number; the median is kept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--no-sampling", action="store_true", help="only the training numbers")
     p.add_argument("--out", default="bench-out", help="directory for bench.json (default bench-out)")
 
 
@@ -241,7 +283,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    result = run_benchmarks(args.configs, args.batch_size, args.seq_len, args.repeat, device)
+    result = run_benchmarks(
+        args.configs, args.batch_size, args.seq_len, args.repeat, device, not args.no_sampling
+    )
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

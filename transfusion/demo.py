@@ -122,7 +122,7 @@ def run_demo(
         f"[2/4] Transfusion ({cfg.model.dim} wide, {cfg.model.n_layers} layers): {steps} steps of {per_step:.2f} s"
     )
     t0 = time.time()
-    train(cfg, out / "model", vae=str(out / "vae"), progress=True)
+    train(cfg, out / "model", vae=str(out / "vae"), progress=True, max_seconds=remaining_train * 1.1)
     timings["transfusion training"] = time.time() - t0
 
     # 3. evaluation

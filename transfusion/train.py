@@ -289,8 +289,10 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Train to ``cfg.train.steps``; ``stop_after`` ends the process early (as an interruption would)."""
+    """Train to ``cfg.train.steps``; ``stop_after`` ends the process early (as an interruption would),
+    ``max_seconds`` ends it (with a checkpoint) once the wall-clock budget is spent."""
     check_consistency(cfg)
     tc = cfg.train
     out = Path(out_dir)
@@ -425,7 +427,10 @@ def train(
                 )
             if step % tc.ckpt_every == 0 or step == tc.steps or signals.stop:
                 save()
-            if signals.stop or (stop_after is not None and step >= stop_after):
+            out_of_time = max_seconds is not None and time.time() - started > max_seconds
+            if signals.stop or out_of_time or (stop_after is not None and step >= stop_after):
+                if out_of_time:
+                    D.print0(f"time budget of {max_seconds:.0f} s spent at step {step}")
                 break
     bar.close()
     if log:

@@ -13,6 +13,12 @@ def test_bench_smoke(tmp_path, capsys):
     assert "matmul peak" in table and "tiny" in table
     result = json.loads((out / "bench.json").read_text())
     row = result["rows"][0]
-    for key in ("tokens_per_s", "mfu", "decode_tokens_per_s", "image_s_50steps_cfg", "denoise_step_ms_prefix1024"):
+    for key in (
+        "tokens_per_s",
+        "mfu",
+        "decode_tokens_per_s",
+        "image_s_50steps_cfg",
+        "denoise_step_ms_prefix1024",
+    ):
         assert row[key] > 0, key
     assert result["machine"]["threads"] >= 1 and row["attention"] in ("sdpa", "flex")

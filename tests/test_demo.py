@@ -10,9 +10,18 @@ from transfusion import cli
 @pytest.mark.slow
 def test_demo_small_budget(tmp_path):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--minutes", "1", "--prompts-per-kind", "2", "--captions", "6"]) == 0
+    assert (
+        cli.main(["demo", "--out", str(out), "--minutes", "1", "--prompts-per-kind", "2", "--captions", "6"])
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("geneval_overall", "caption_accuracy", "caption_cider_d", "text_bits_per_byte", "fd_project_classifier"):
+    for key in (
+        "geneval_overall",
+        "caption_accuracy",
+        "caption_cider_d",
+        "text_bits_per_byte",
+        "fd_project_classifier",
+    ):
         assert isinstance(metrics[key], float), key
     assert 0 <= metrics["geneval_overall"] <= 1 and metrics["text_bits_per_byte"] > 0
     page = (out / "report.html").read_text()

@@ -1,0 +1,198 @@
+"""Side by side with lucidrains' ``transfusion-pytorch``: training and sampling speed, one run, alternating.
+
+The other library is installed by this script into its own environment (``bench-venv/``, with the
+same torch) and is never a dependency of ours. Both models are measured in the same session,
+alternating A/B/A/B, with the same threads, the same batch of samples and the same latent shape, and
+the ratio is printed. How the configurations are matched (and where they cannot be) is written into
+the JSON and ``benchmarks/RESULTS.md``:
+
+- same width (256), heads (4 x 64), vocabulary (256 bytes), latent (16 tokens of 32 values: 8x8x8
+  latents cut into 2x2 patches), batch (8 samples of 30 text tokens + one image);
+- theirs uses flow matching, adaptive-LayerNorm time conditioning and its own layout tokens; ours uses
+  DDPM epsilon and a linear patcher. We match parameter count (within 5%) by depth, and the number of
+  denoising steps and the guidance setting when sampling.
+
+Usage: ``python benchmarks/compare_transfusion_pytorch.py [--rounds 3] [--out bench-out]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / "bench-venv"
+WIDTH, HEADS, TEXT, PATCHES, PATCH_DIM, BATCH = 256, 4, 30, 16, 32, 8
+
+THEIRS = r"""
+import json, sys, time, torch
+from torch import randint, randn
+from transfusion_pytorch import Transfusion
+torch.manual_seed(0)
+torch.set_num_threads(int(sys.argv[1]))
+depth, steps, sample_steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model = Transfusion(num_text_tokens=256, dim_latent=32, modality_default_shape=(16,),
+                    transformer=dict(dim=256, depth=depth, dim_head=64, heads=4))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+batch = [[randint(0, 256, (30,)), randn(16, 32)] for _ in range(8)]
+def step():
+    loss = model(batch)
+    loss.backward(); opt.step(); opt.zero_grad()
+for _ in range(2): step()
+t = time.perf_counter()
+for _ in range(steps): step()
+dt = (time.perf_counter() - t) / steps
+# one transformer forward per denoising step: time the model's own flow sampler on one image
+model.eval()
+t = time.perf_counter()
+with torch.no_grad():
+    model.sample(max_length=48, modality_steps=sample_steps, cache_kv=True)
+sample_s = time.perf_counter() - t
+n = sum(p.numel() for p in model.parameters())
+print(json.dumps({"params": n, "step_s": dt, "positions": 8 * (30 + 16 + 3), "sample_s": sample_s}))
+"""
+
+
+def ours(threads: int, depth: int, steps: int, sample_steps: int) -> dict:
+    import torch
+
+    from transfusion.config import DiffusionConfig, ModelConfig
+    from transfusion.generate import Decoder, GenerationConfig, text_to_image
+    from transfusion.losses import image_loss, text_loss
+    from transfusion.model import Transfusion
+    from transfusion.sequence import Image, Sample, Specials, Text, pack
+    from transfusion.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    cfg = ModelConfig(dim=WIDTH, n_layers=depth, n_heads=HEADS, latent_size=8, patch_size=2)
+    model = Transfusion(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    samples = [
+        Sample([Text(torch.randint(0, 256, (TEXT,)).tolist()), Image(torch.randn(8, 8, 8))])
+        for _ in range(BATCH)
+    ]
+    batch = pack(
+        samples, TEXT + PATCHES + 4, Specials.of(ByteTokenizer()), cfg.patches_per_image, one_per_row=True
+    )
+    batch = batch.replace(timesteps=torch.randint(0, 1000, (BATCH,)))
+    noise = torch.randn_like(batch.latents)
+
+    def step() -> None:
+        out = model(batch)
+        loss = text_loss(out.logits, batch.text_targets) + 5 * image_loss(out.image_pred, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(2):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t) / steps
+    dec = Decoder(model.eval(), ByteTokenizer(), DiffusionConfig())
+    t = time.perf_counter()
+    text_to_image(dec, ["a red circle"], GenerationConfig(steps=sample_steps, sampler="ddim", cfg_scale=1.0))
+    sample_s = time.perf_counter() - t
+    return {
+        "params": model.num_params(),
+        "step_s": dt,
+        "positions": int(batch.ids.numel()),
+        "sample_s": sample_s,
+    }
+
+
+def ensure_venv() -> Path:
+    py = VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        import torch
+
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}"], check=True
+        )
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "transfusion-pytorch==0.20.0"], check=True)
+    return py
+
+
+def theirs(py: Path, threads: int, depth: int, steps: int, sample_steps: int) -> dict:
+    r = subprocess.run([str(py), "-c", THEIRS, str(threads), str(depth), str(steps), str(sample_steps)],
+                       capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+    if r.returncode:
+        raise RuntimeError(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per round")
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--their-depth", type=int, default=4)
+    p.add_argument("--out", default="bench-out")
+    args = p.parse_args()
+    py = ensure_venv()
+    ref = theirs(py, args.threads, args.their_depth, 1, 2)
+    # our depth that matches their parameter count best
+    from transfusion.config import ModelConfig
+    from transfusion.model import Transfusion
+
+    def count(depth: int) -> int:
+        import torch
+
+        with torch.device("meta"):
+            return Transfusion(
+                ModelConfig(dim=WIDTH, n_layers=depth, n_heads=HEADS, latent_size=8)
+            ).num_params()
+
+    depth = min(range(1, 40), key=lambda d: abs(count(d) - ref["params"]))
+    rows = []
+    for _ in range(args.rounds):
+        a = theirs(py, args.threads, args.their_depth, args.steps, args.sample_steps)
+        b = ours(args.threads, depth, args.steps, args.sample_steps)
+        rows.append({"theirs": a, "ours": b})
+
+    def med(side: str, key: str) -> float:
+        vals = sorted(r[side][key] for r in rows)
+        return vals[len(vals) // 2]
+
+    result = {
+        "load_avg_1m": os.getloadavg()[0],
+        "threads": args.threads,
+        "their_params": ref["params"],
+        "our_params": count(depth),
+        "our_depth": depth,
+        "their_depth": args.their_depth,
+        "their_tokens_per_s": med("theirs", "positions") / med("theirs", "step_s"),
+        "our_tokens_per_s": med("ours", "positions") / med("ours", "step_s"),
+        "their_sample_s": med("theirs", "sample_s"),
+        "our_sample_s": med("ours", "sample_s"),
+        "sample_steps": args.sample_steps,
+        "rounds": rows,
+    }
+    result["train_speedup"] = result["our_tokens_per_s"] / result["their_tokens_per_s"]
+    result["sample_speedup"] = result["their_sample_s"] / result["our_sample_s"]
+    print(
+        f"parameters: theirs {result['their_params'] / 1e6:.2f}M (depth {args.their_depth}), ours {result['our_params'] / 1e6:.2f}M (depth {depth})"
+    )
+    print("| | transfusion-pytorch | ours | ratio |\n| --- | --- | --- | --- |")
+    print(
+        f"| training tokens/s | {result['their_tokens_per_s']:.0f} | {result['our_tokens_per_s']:.0f} | {result['train_speedup']:.2f}x |"
+    )
+    print(
+        f"| one image, {args.sample_steps} steps (s) | {result['their_sample_s']:.2f} | {result['our_sample_s']:.2f} | {result['sample_speedup']:.2f}x |"
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare_transfusion_pytorch.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -178,3 +178,13 @@ def test_cli_happy_path_and_errors(tmp_path, capsys):
     PILImage.new("RGB", (8, 8)).save(tmp_path / "tiny.png")
     assert cli.main(["caption", "--checkpoint", str(ckpt), str(tmp_path / "tiny.png")]) == 2
     assert "smaller than" in capsys.readouterr().err
+
+
+def test_flow_model_samples_with_the_flow_sampler():
+    model = Transfusion(tiny()).eval()
+    torch.nn.init.normal_(model.patcher.proj_out.weight, std=0.05)
+    dec = Decoder(model, TOK, DiffusionConfig(objective="flow", sampler="flow"))
+    img = text_to_image(dec, ["a"], GenerationConfig(sampler="flow", steps=4, cfg_scale=2.0))[0]
+    assert img.shape == (8, 4, 4) and torch.isfinite(img).all()
+    with pytest.raises(ValueError, match="flow"):
+        text_to_image(dec, ["a"], GenerationConfig(sampler="ddpm", steps=4))

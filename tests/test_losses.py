@@ -3,12 +3,13 @@
 import torch
 import torch.nn.functional as F
 
-from helpers import TOK, latent
 from transfusion.config import DiffusionConfig, tiny
 from transfusion.diffusion import make_schedule
 from transfusion.losses import draw_noise, image_loss, text_loss, training_loss
 from transfusion.model import Transfusion
 from transfusion.sequence import IGNORE, Image, Sample, Specials, Text, pack
+
+from helpers import TOK, latent
 
 
 def test_text_loss_ignores_masked_positions():

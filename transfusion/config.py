@@ -132,6 +132,10 @@ class DiffusionConfig:
     """Denoising steps at generation time (PAPER.md: 250 of the 1000 trained)."""
     cfg_scale: float = 3.0
     """Classifier-free guidance weight (PAPER.md: 3 in the ablations, 5 against Chameleon)."""
+    sample_clip: float | None = 4.0
+    """DDPM/DDIM sampling clips the predicted clean latent to +-sample_clip (latents have unit
+    variance). Without it the first step from t = 999, where the cosine schedule's alpha-bar is 2e-9,
+    divides the noise prediction's error by sqrt(alpha-bar) and samples diverge. None disables it."""
 
     def __post_init__(self) -> None:
         _positive("num_train_timesteps", self.num_train_timesteps)

@@ -246,6 +246,12 @@ class TrainConfig:
     parallel: str = "ddp"
     """Under torchrun: 'ddp' or 'fsdp' (FSDP2 fully_shard)."""
     compile: bool = False
+    init_from: str | None = None
+    """A local Hugging Face Llama / Qwen2 directory whose text weights and tokenizer start the model."""
+    freeze_text: bool = False
+    """Train only the image side (plus ``train_layers`` and the new BOI/EOI rows); needs init_from."""
+    train_layers: list[int] | None = None
+    """With freeze_text: trunk layers that still train (negative indices count from the end)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "keep_last"):
@@ -256,6 +262,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16"))
         _choice("parallel", self.parallel, ("ddp", "fsdp"))
+        if self.freeze_text and not self.init_from:
+            raise ValueError("train.freeze_text needs train.init_from (a pretrained LLM directory)")
 
 
 @dataclass

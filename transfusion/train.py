@@ -64,6 +64,35 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, fused: bool = False) -> tor
     )
 
 
+PRETRAINED_IMAGE_SIDE = (
+    "latent_channels",
+    "latent_size",
+    "patch_size",
+    "patcher",
+    "unet_channels",
+    "attention",
+)
+
+
+def build_model(cfg: Config) -> tuple[Transfusion, Any, Any]:
+    """(model, tokenizer, freeze or None). With ``train.init_from`` the text side and the tokenizer
+    come from a local Llama / Qwen2 directory; ``train.freeze_text`` then trains the image side only."""
+    tc = cfg.train
+    if not tc.init_from:
+        return Transfusion(cfg.model), ByteTokenizer(), None
+    from transfusion.pretrained import freeze_text, load_pretrained, trainable_parameters_summary
+
+    model, _, tokenizer = load_pretrained(
+        tc.init_from, {k: getattr(cfg.model, k) for k in PRETRAINED_IMAGE_SIDE}
+    )
+    freeze = None
+    if tc.freeze_text:
+        new_rows = tc.parallel != "fsdp"  # FSDP2 replaces parameters: the row mask cannot follow them
+        freeze = freeze_text(model, tc.train_layers, train_embeddings_new_rows=new_rows, tokenizer=tokenizer)
+        D.print0(trainable_parameters_summary(model))
+    return model, tokenizer, freeze
+
+
 def check_consistency(cfg: Config) -> None:
     """The pieces of a config that must agree, with what to change."""
     m, v = cfg.model, cfg.vae
@@ -293,6 +322,11 @@ def train(
 ) -> dict[str, Any]:
     """Train to ``cfg.train.steps``; ``stop_after`` ends the process early (as an interruption would),
     ``max_seconds`` ends it (with a checkpoint) once the wall-clock budget is spent."""
+    if cfg.train.init_from:  # the checkpoint fixes the text side of the model config
+        from transfusion.pretrained import load_pretrained
+
+        overrides = {k: getattr(cfg.model, k) for k in PRETRAINED_IMAGE_SIDE}
+        cfg.model = load_pretrained(cfg.train.init_from, overrides)[1]
     check_consistency(cfg)
     tc = cfg.train
     out = Path(out_dir)
@@ -309,11 +343,13 @@ def train(
         ckpt.atomic_write_text(out / "config.json", cfg.to_json())
 
     # model, optimizer, EMA
-    tokenizer = ByteTokenizer()
-    model = Transfusion(cfg.model).to(device)
+    model, tokenizer, freeze = build_model(cfg)
+    model = model.to(device)
     model.train()
     wrapped = D.wrap_model(model, tc.parallel, info)
     opt = make_optimizer(wrapped if tc.parallel == "fsdp" else model, tc, fused=device.type == "cuda")
+    if freeze is not None:
+        freeze.attach(opt)  # frozen rows out of weight decay, before any optimizer state is loaded
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if tc.ema_decay > 0 else None
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -473,6 +509,12 @@ def build_config(args: argparse.Namespace) -> Config:
         overrides.append(f"data.path={json.dumps(args.data_path)}")
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
+    if args.init_from:
+        overrides.append(f"train.init_from={json.dumps(args.init_from)}")
+    if args.freeze_text:
+        overrides.append("train.freeze_text=true")
+    if args.train_layers:
+        overrides.append(f"train.train_layers=[{args.train_layers}]")
     return cfg.override(overrides)
 
 
@@ -504,6 +546,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (train.steps)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    p.add_argument(
+        "--init-from", default=None, help="start from a local Hugging Face Llama / Qwen2 directory"
+    )
+    p.add_argument("--freeze-text", action="store_true", help="with --init-from: train only the image side")
+    p.add_argument(
+        "--train-layers", default=None, help="with --freeze-text: layers that still train, e.g. 10,11 or -1"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -1,190 +1,368 @@
-"""The decoder: cached decoding equals a full recompute; batching and guidance change nothing."""
+"""The decoder: cached decoding equals a full recompute; batching and guidance change nothing; the CLI."""
+
+import dataclasses
+import json
 
 import pytest
 import torch
 
-from transfusion.config import DiffusionConfig, tiny
-from transfusion.diffusion import guided
+from transfusion import cli
+from transfusion.config import Config, DiffusionConfig, VAEConfig, tiny
+from transfusion.diffusion import guided, make_sampler, make_schedule
 from transfusion.generate import Decoder, GenerationConfig, KVCache, caption, sample_token, text_to_image
 from transfusion.model import Transfusion
 from transfusion.sequence import Image, Sample, Specials, Text, pack
+from transfusion.tokenizer import ByteTokenizer
 
 from helpers import TOK, latent
 
 SP = Specials.of(TOK)
+CPU = torch.device("cpu")
+
+
+class IdTokenizer(ByteTokenizer):
+    """Decodes to the token ids themselves, so text outputs compare token for token."""
+
+    def decode(self, ids: list[int], errors: str = "replace") -> str:
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny matrices: a second thread only contends (conftest restores it)
+
+
+def random_head(model: Transfusion) -> Transfusion:
+    """The image output layer starts at zero (DiT); random weights make the predictions non-trivial."""
+    with torch.no_grad():
+        for p in model.patcher.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, 0.05)
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def decoder():
     torch.manual_seed(0)
-    model = Transfusion(tiny()).eval()
-    torch.nn.init.normal_(model.patcher.proj_out.weight, std=0.05)  # non-trivial noise predictions
-    return Decoder(model, TOK, DiffusionConfig())
+    return Decoder(random_head(Transfusion(tiny())), TOK, DiffusionConfig())
 
 
 def full_forward(model, sample):
-    b = pack([sample], 128, SP, model.cfg.patches_per_image)
-    b = b.replace(timesteps=b.timesteps.clamp(min=0))
+    """The training path: pack one sample, run ``model(batch)``; returns (output, batch, sample length)."""
+    b = pack([sample], 96, SP, model.cfg.patches_per_image)
     with torch.no_grad():
-        return model(b), b
+        out = model(b.replace(timesteps=b.timesteps.clamp(min=0)))
+    return out, b, int((b.doc_ids[0] == 0).sum())
 
 
-def test_cached_decoding_equals_full_recompute(decoder):
+def close(a, b, tol=1e-5):
+    """Equal within tol relative to the larger magnitude: untrained models' samples grow large."""
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1.0)
+    torch.testing.assert_close(a / scale, b / scale, atol=tol, rtol=0)
+
+
+def test_cached_steps_equal_full_recompute(decoder):
     model = decoder.model
-    cfg = model.cfg
-    z1, x_t, z2 = latent(cfg), latent(cfg), latent(cfg)
+    z1, x_t, z2 = latent(model.cfg), latent(model.cfg), latent(model.cfg)
     prompt = [Text(TOK.encode("draw")), Image(z1, t=0), Text(TOK.encode("then"))]
-    cache = KVCache(model, 1, 128, torch.device("cpu"), torch.float32)
+    cache = KVCache(model, 1, 64, CPU, torch.float32)
     row = torch.tensor([0])
     with torch.no_grad():
         logits = decoder._prefill(cache, row, [Sample(prompt, eos=False)])
-        ref, b = full_forward(model, Sample(prompt, eos=False))
-        L = int((b.doc_ids[0] == 0).sum())
+        ref, _, L = full_forward(model, Sample(prompt, eos=False))
         torch.testing.assert_close(logits[0], ref.logits[0, L - 1], atol=1e-5, rtol=1e-5)
         # a denoising step: only the patches, against the cached prefix, not committed
         decoder._text_step(cache, row, [SP.boi])
         before = int(cache.lens[0])
         pred = decoder._image_pred(cache, row, x_t[None], torch.tensor([300]), commit=False)
         assert int(cache.lens[0]) == before
-        ref, _ = full_forward(model, Sample([*prompt, Image(x_t, t=300)], eos=False))
+        ref, _, _ = full_forward(model, Sample([*prompt, Image(x_t, t=300)], eos=False))
         torch.testing.assert_close(pred[0], ref.image_pred[1], atol=1e-5, rtol=1e-5)
         # the clean image committed at t = 0, then EOI and more text
         decoder._image_pred(cache, row, z2[None], torch.tensor([0]), commit=True)
-        logits = decoder._text_step(cache, row, [SP.eoi])
+        decoder._text_step(cache, row, [SP.eoi])
         logits = decoder._text_step(cache, row, [ord("x")])
-        ref, b = full_forward(model, Sample([*prompt, Image(z2, t=0), Text([ord("x")])], eos=False))
-        L = int((b.doc_ids[0] == 0).sum())
+        ref, _, L = full_forward(model, Sample([*prompt, Image(z2, t=0), Text([ord("x")])], eos=False))
         torch.testing.assert_close(logits[0], ref.logits[0, L - 1], atol=1e-5, rtol=1e-5)
 
 
-def test_batched_equals_one_at_a_time(decoder):
-    cfg = decoder.model.cfg
+def reference_decode(
+    model,
+    objective: str,
+    prompt: str,
+    seed: int,
+    steps: int,
+    scale: float,
+    max_new_tokens: int,
+    max_images: int,
+):
+    """A forced image, then greedy decoding (more images on BOI), with no cache at all: every step
+    packs the whole sequence and runs ``model(batch)``; the unconditional branch of guidance is
+    ``Sample([Image])`` (BOS BOI), as training drops the conditioning. Returns the generated segments."""
+    clip = None if objective == "flow" else DiffusionConfig().sample_clip  # as the decoder does
+    sampler = make_sampler(
+        "flow" if objective == "flow" else "ddpm",
+        make_schedule(DiffusionConfig()),
+        steps,
+        objective,
+        clip_x0=clip,
+    )
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    segments: list = [Text(TOK.encode(prompt))]
+
+    def draw() -> None:
+        x = torch.randn(cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g)
+        for i, t in enumerate(sampler.timesteps):
+            cond = full_forward(model, Sample([*segments, Image(x, t=t)], eos=False))[0].image_pred[-1:]
+            uncond = full_forward(model, Sample([Image(x, t=t)], eos=False))[0].image_pred
+            x = sampler.step(guided(cond, uncond, scale), i, x[None], g)[0]
+        segments.append(Image(x, t=0))
+
+    draw()
+    ids: list[int] = []
+    n_text, n_images = 0, 1
+    while n_text < max_new_tokens:
+        out, _, L = full_forward(model, Sample([*segments, Text(ids)], eos=False))
+        logits = out.logits[0, L - 1]
+        logits[[SP.bos, SP.eoi, SP.pad]] = float("-inf")  # never predicted in training
+        if n_images >= max_images:
+            logits[SP.boi] = float("-inf")
+        token = int(logits.argmax())
+        if token == SP.eos:
+            break
+        if token == SP.boi:
+            segments += [Text(ids)] if ids else []
+            ids = []
+            draw()
+            n_images += 1
+            continue
+        ids.append(token)
+        n_text += 1
+    return segments[1:] + ([Text(ids)] if ids else [])
+
+
+@pytest.mark.parametrize("patcher, objective", [("linear", "ddpm"), ("linear", "flow"), ("unet", "flow")])
+def test_generate_equals_uncached_reference(patcher, objective):
+    """(Flow samples stay O(1), so they compare tightly; DDPM samples of an untrained model blow up.)"""
+    torch.manual_seed(1)
+    model = random_head(Transfusion(tiny(patcher=patcher, unet_channels=16)))
+    with torch.no_grad():  # a direction every token carries, read by BOI's logit: greedy draws again
+        model.tok_emb.weight[:, 0] += 1.0
+        model.lm_head.weight[SP.boi, 0] = 3.0
+    dec = Decoder(model, IdTokenizer(), DiffusionConfig(objective=objective))
+    gen = GenerationConfig(max_new_tokens=4, temperature=0.0, steps=3, cfg_scale=3.0, max_images=2)
+    out = dec.generate([["a red circle"]], gen, seeds=[7], force_image=[True])[0]
+    ref = reference_decode(
+        model, objective, "a red circle", 7, steps=3, scale=3.0, max_new_tokens=4, max_images=2
+    )
+    # the second image is drawn against the first as committed to the cache (clean, t = 0)
+    assert [type(s) for s in out] == [torch.Tensor, torch.Tensor, str]
+    assert [type(s) for s in ref] == [Image, Image, Text]
+    close(out[0], ref[0].latent)
+    close(out[1], ref[1].latent)
+    assert out[2] == " ".join(map(str, ref[2].ids))
+
+
+def test_batched_equals_one_at_a_time():
+    torch.manual_seed(2)
+    model = random_head(Transfusion(tiny()))
+    with torch.no_grad():  # a direction every token carries, read by BOI's logit: BOI is sampled often
+        model.tok_emb.weight[:, 0] += 1.0
+        model.lm_head.weight[SP.boi, 0] = 0.6
+    dec = Decoder(model, TOK, DiffusionConfig())
+    cfg = model.cfg
     prompts = [["a red circle"], [latent(cfg)], ["two"], ["x", latent(cfg), "y z"]]
-    force = [True, False, True, False]
-    gen = GenerationConfig(max_new_tokens=6, steps=8, temperature=0.0, cfg_scale=3.0, max_images=1)
-    seeds = [11, 12, 13, 14]
-    batched = decoder.generate(prompts, gen, seeds, force)
+    force = [True, False, False, True]
+    gen = GenerationConfig(max_new_tokens=6, steps=3, temperature=1.0, top_p=0.9, cfg_scale=3.0, max_images=2)
+    seeds = [1, 2, 3, 4]
+    starts: list[int] = []
+    batched = dec.generate(prompts, gen, seeds, force, progress=starts.append)
+    assert len(set(starts)) > 1, "rows should enter diffusion mode at different ticks"
+    assert sum(isinstance(s, torch.Tensor) for out in batched for s in out) >= 4
     for i in range(len(prompts)):
-        alone = decoder.generate([prompts[i]], gen, [seeds[i]], [force[i]])[0]
-        assert len(alone) == len(batched[i])
+        alone = dec.generate([prompts[i]], gen, [seeds[i]], [force[i]])[0]
+        assert [type(s) for s in alone] == [type(s) for s in batched[i]]
         for a, b in zip(alone, batched[i]):
             if isinstance(a, str):
                 assert a == b
-            else:  # an untrained model's samples grow large: compare relative to their scale
-                scale = a.abs().max().clamp(min=1.0)
-                torch.testing.assert_close(a / scale, b / scale, atol=1e-5, rtol=1e-5)
-    assert isinstance(batched[0][0], torch.Tensor) and batched[0][0].shape == (8, 4, 4)
+            else:
+                close(a, b)
 
 
-def test_guidance_batch_equals_two_passes(decoder):
+def test_guidance_one_batch_equals_two_passes(decoder):
     model = decoder.model
-    cfg = model.cfg
-    cache = KVCache(model, 2, 128, torch.device("cpu"), torch.float32)
-    uncond = KVCache(model, 2, 2 + cfg.patches_per_image, torch.device("cpu"), torch.float32)
+    cache = KVCache(model, 2, 64, CPU, torch.float32)
+    twins = KVCache(model, 2, 2, CPU, torch.float32)
     rows = torch.tensor([0, 1])
     with torch.no_grad():
-        decoder._prefill(
-            cache,
-            rows,
-            [Sample([Text(TOK.encode(c)), Text([SP.boi])], eos=False) for c in ("ab", "longer one")],
-        )
-        decoder._prefill(uncond, rows, [Sample([Text([SP.boi])], eos=False)] * 2)
-        x = torch.stack([latent(cfg), latent(cfg)])
+        prompts = [Sample([Text(TOK.encode(c)), Text([SP.boi])], eos=False) for c in ("ab", "longer one")]
+        decoder._prefill(cache, rows, prompts)
+        decoder._prefill(twins, rows, [Sample([Text([SP.boi])], eos=False)] * 2)
+        x = torch.stack([latent(model.cfg), latent(model.cfg)])
         t = torch.tensor([700, 20])
-        both = decoder._image_pred_pair(cache, uncond, rows, x, t)
+        both = decoder._image_pred_pair(cache, decoder._unconditional_prefix(), rows, x, t)
         cond = decoder._image_pred(cache, rows, x, t, commit=False)
-        unc = decoder._image_pred(uncond, rows, x, t, commit=False)
+        uncond = decoder._image_pred(twins, rows, x, t, commit=False)
     torch.testing.assert_close(both[:2], cond, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(both[2:], unc, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(guided(both[:2], both[2:], 3.0), unc + 3 * (cond - unc), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[2:], uncond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        guided(both[:2], both[2:], 3.0), guided(cond, uncond, 3.0), atol=1e-4, rtol=1e-5
+    )
 
 
-def test_forced_image_then_text_and_greedy_determinism(decoder):
+def test_forced_image_is_one_image_then_text_and_greedy_is_deterministic(decoder):
     gen = GenerationConfig(max_new_tokens=5, steps=4, temperature=0.0, cfg_scale=1.0, max_images=1)
-    out = decoder.generate([["cat"]], gen, force_image=[True])[0]
+    ticks: list[int] = []
+    out = decoder.generate([["cat"]], gen, force_image=[True], progress=ticks.append)
+    out = out[0]
     assert isinstance(out[0], torch.Tensor) and out[0].shape == (8, 4, 4)
-    assert all(isinstance(s, str) for s in out[1:])  # max_images=1: only text after the image
+    assert len(out) == 2 and isinstance(out[1], str)  # max_images=1: only text after the image
+    assert ticks == [1] * 4
     again = decoder.generate([["cat"]], gen, force_image=[True])[0]
     torch.testing.assert_close(out[0], again[0], atol=0, rtol=0)
-    assert out[1:] == again[1:]
-    imgs = text_to_image(decoder, ["a", "b"], GenerationConfig(steps=3, cfg_scale=2.0))
-    assert len(imgs) == 2 and not torch.allclose(imgs[0], imgs[1])
-    caps = caption(decoder, [latent(decoder.model.cfg)], GenerationConfig(max_new_tokens=4, temperature=0))
-    assert isinstance(caps[0], str)
+    assert out[1] == again[1]
+    images = text_to_image(decoder, ["a", "b"], GenerationConfig(steps=3, cfg_scale=2.0))
+    assert len(images) == 2 and images[0].shape == (8, 4, 4) and not torch.allclose(images[0], images[1])
+    texts = caption(decoder, [latent(decoder.model.cfg)], GenerationConfig(max_new_tokens=4, temperature=0))
+    assert isinstance(texts[0], str)
 
 
-def test_eos_stops_and_top_k_one_is_greedy():
+def test_top_k_one_equals_greedy(decoder):
     logits = torch.tensor([0.1, 3.0, 0.2, -1.0])
     g = torch.Generator().manual_seed(0)
-    greedy = GenerationConfig(temperature=0.0)
-    assert sample_token(logits, greedy, g) == 1
-    assert all(sample_token(logits, GenerationConfig(temperature=1.0, top_k=1), g) == 1 for _ in range(20))
-    assert all(sample_token(logits, GenerationConfig(temperature=1.0, top_p=0.5), g) == 1 for _ in range(20))
-    # a model whose LM head always says EOS stops at once
-    model = Transfusion(tiny()).eval()
-    with torch.no_grad():
+    assert sample_token(logits, GenerationConfig(temperature=0.0), g) == 1
+    assert all(sample_token(logits, GenerationConfig(top_k=1), g) == 1 for _ in range(20))
+    assert all(sample_token(logits, GenerationConfig(top_p=0.5), g) == 1 for _ in range(20))
+    prompts = [["hello"], [latent(decoder.model.cfg), "is"]]
+    greedy = decoder.generate(prompts, GenerationConfig(max_new_tokens=8, temperature=0.0, max_images=0))
+    top1 = decoder.generate(prompts, GenerationConfig(max_new_tokens=8, top_k=1, max_images=0), seeds=[5, 6])
+    assert greedy == top1
+
+
+def test_stopping_eos_max_new_tokens_and_context():
+    model = Transfusion(tiny(max_seq_len=16)).eval()
+    ids = IdTokenizer()
+    dec = Decoder(model, ids, DiffusionConfig())
+    gen = GenerationConfig(max_new_tokens=5, max_images=0)
+    (out,) = dec.generate([["hi"]], gen)
+    assert len(out[0].split()) == 5  # exactly max_new_tokens
+    (out,) = dec.generate([["0123456789"]], dataclasses.replace(gen, max_new_tokens=50))
+    assert len(out[0].split()) == 16 - 11  # BOS + 10 prompt bytes: the context ends the row, no error
+    with torch.no_grad():  # a model whose LM head says EOI, then EOS: EOI is never sampled, EOS stops
         model.lm_head.weight.zero_()
+        model.lm_head.weight[SP.eoi] = 2.0
         model.lm_head.weight[SP.eos] = 1.0
-        model.norm.weight.fill_(1.0)
-    dec = Decoder(model, TOK, DiffusionConfig())
-    torch.nn.init.constant_(model.tok_emb.weight, 1.0)
-    assert dec.generate([["hi"]], GenerationConfig(temperature=0.0))[0] == []
+        model.tok_emb.weight.fill_(1.0)
+    assert dec.generate([["hi"]], GenerationConfig(temperature=0.0)) == [[]]
 
 
-def test_prompt_errors(decoder):
+def test_user_errors(decoder):
     with pytest.raises(ValueError, match="expects"):
         decoder.generate([[torch.zeros(3, 4, 4)]], GenerationConfig())
     with pytest.raises(ValueError, match="context"):
-        decoder.generate([["x" * 400]], GenerationConfig())
+        decoder.generate([["x" * 300]], GenerationConfig())
+    with pytest.raises(ValueError, match="for its image"):  # the prompt fits, its image does not
+        decoder.generate([["x" * 250]], GenerationConfig(), force_image=[True])
     with pytest.raises(ValueError, match="sampler"):
         decoder.generate([["x"]], GenerationConfig(sampler="flow"))
-
-
-def test_cli_happy_path_and_errors(tmp_path, capsys):
-    import json
-
-    from transfusion import cli
-    from transfusion.checkpoint import save_model
-    from transfusion.config import Config, VAEConfig
-    from transfusion.vae import KLVAE, save_vae
-
-    cfg = Config(model=tiny(), vae=VAEConfig(image_size=16, base_channels=8))
-    ckpt = tmp_path / "ckpt"
-    save_model(ckpt, Transfusion(cfg.model), cfg, TOK, {"step": 1, "vae": "vae"})
-    save_vae(KLVAE(cfg.vae), ckpt / "vae")
-    out = tmp_path / "gen"
-    assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", "a red circle", "--num-images", "2",
-                     "--steps", "3", "--out", str(out)]) == 0  # fmt: skip
-    record = json.loads((out / "output.json").read_text())
-    assert len(record["outputs"]) == 2 and (out / record["outputs"][0][0]["image"]).is_file()
-    assert (out / "output.md").read_text().startswith("# a red circle")
-    img = out / record["outputs"][0][0]["image"]
-    capsys.readouterr()
-    assert cli.main(["caption", "--checkpoint", str(ckpt), str(img), "--max-new-tokens", "3"]) == 0
-    assert capsys.readouterr().out.startswith(str(img))
-    # errors: one line, exit 2, no traceback
-    cases = [
-        ["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "x"],
-        ["caption", "--checkpoint", str(ckpt), str(tmp_path / "nope.png")],
-        ["caption", "--checkpoint", str(ckpt), str(out / "output.json")],
-        ["generate", "--checkpoint", str(ckpt), "--prompt", "x" * 300],
-    ]
-    for args in cases:
-        assert cli.main(args) == 2, args
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    from PIL import Image as PILImage
-
-    PILImage.new("RGB", (8, 8)).save(tmp_path / "tiny.png")
-    assert cli.main(["caption", "--checkpoint", str(ckpt), str(tmp_path / "tiny.png")]) == 2
-    assert "smaller than" in capsys.readouterr().err
+    for bad in ({"temperature": -1}, {"top_p": 0.0}, {"top_k": -2}, {"steps": 0}, {"max_new_tokens": -1}):
+        with pytest.raises(ValueError):
+            GenerationConfig(**bad)
 
 
 def test_flow_model_samples_with_the_flow_sampler():
-    model = Transfusion(tiny()).eval()
-    torch.nn.init.normal_(model.patcher.proj_out.weight, std=0.05)
-    dec = Decoder(model, TOK, DiffusionConfig(objective="flow", sampler="flow"))
-    img = text_to_image(dec, ["a"], GenerationConfig(sampler="flow", steps=4, cfg_scale=2.0))[0]
-    assert img.shape == (8, 4, 4) and torch.isfinite(img).all()
+    model = random_head(Transfusion(tiny()))
+    dec = Decoder(model, TOK, DiffusionConfig(objective="flow"))
+    assert dec.settings().sampler == "flow"  # the default follows the objective
+    image = text_to_image(dec, ["a"], GenerationConfig(steps=4, cfg_scale=2.0))[0]
+    assert image.shape == (8, 4, 4) and torch.isfinite(image).all()
     with pytest.raises(ValueError, match="flow"):
         text_to_image(dec, ["a"], GenerationConfig(sampler="ddpm", steps=4))
+
+
+# --- the command line -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny checkpoints saved by ``checkpoint.save_model``: one with a VAE beside it, one without."""
+    from transfusion.checkpoint import save_model
+    from transfusion.vae import KLVAE, save_vae
+
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = Config(model=tiny(), vae=VAEConfig(image_size=16, base_channels=8))
+    torch.manual_seed(0)
+    model = random_head(Transfusion(cfg.model))
+    save_model(root / "with_vae", model, cfg, TOK, {"step": 1, "vae": "vae"})
+    save_vae(KLVAE(cfg.vae), root / "with_vae" / "vae")
+    save_model(root / "no_vae", model, cfg, TOK, {"step": 1})
+    return root
+
+
+def test_cli_generate_and_caption(checkpoints, tmp_path, capsys):
+    out = tmp_path / "gen"
+    args = ["--prompt", "a red circle", "--num-images", "2", "--steps", "3", "--out", str(out)]
+    assert cli.main(["generate", "--checkpoint", str(checkpoints / "with_vae"), *args]) == 0
+    record = json.loads((out / "output.json").read_text())
+    assert len(record["outputs"]) == 2 and record["settings"]["steps"] == 3
+    png = out / record["outputs"][0][0]["image"]
+    assert png.suffix == ".png" and png.is_file()
+    assert (out / "output.md").read_text().startswith("# a red circle")
+    capsys.readouterr()
+    assert (
+        cli.main(
+            ["caption", "--checkpoint", str(checkpoints / "with_vae"), str(png), "--max-new-tokens", "3"]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{png}\t") and len(captured.out.splitlines()) == 1
+    from PIL import Image as PILImage
+
+    PILImage.new("RGB", (24, 20)).save(tmp_path / "wide.png")  # another size: resized, with a note
+    assert (
+        cli.main(["caption", "--checkpoint", str(checkpoints / "with_vae"), str(tmp_path / "wide.png")]) == 0
+    )
+    assert "resized" in capsys.readouterr().err
+
+
+def test_cli_without_vae_saves_latents(checkpoints, tmp_path, capsys):
+    out = tmp_path / "gen"
+    args = ["--checkpoint", str(checkpoints / "no_vae"), "--prompt", "x", "--steps", "2", "--out", str(out)]
+    assert cli.main(["generate", *args]) == 0
+    assert "latents" in capsys.readouterr().out
+    name = json.loads((out / "output.json").read_text())["outputs"][0][0]["image"]
+    from safetensors.torch import load_file
+
+    assert load_file(out / name)["latent"].shape == (8, 4, 4)
+
+
+def test_cli_errors_are_one_line(checkpoints, tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    ckpt = str(checkpoints / "with_vae")
+    (tmp_path / "notes.png").write_text("not an image")
+    PILImage.new("RGB", (8, 8)).save(tmp_path / "tiny.png")
+    cases = {
+        "does not exist": ["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "x"],
+        "no such image": ["caption", "--checkpoint", ckpt, str(tmp_path / "nope.png")],
+        "not a readable image": ["caption", "--checkpoint", ckpt, str(tmp_path / "notes.png")],
+        "smaller than": ["caption", "--checkpoint", ckpt, str(tmp_path / "tiny.png")],
+        "context": ["generate", "--checkpoint", ckpt, "--prompt", "x" * 300],
+        "no VAE": ["caption", "--checkpoint", str(checkpoints / "no_vae"), str(tmp_path / "tiny.png")],
+        "num-images": ["generate", "--checkpoint", ckpt, "--prompt", "x", "--num-images", "0"],
+    }
+    for expected, args in cases.items():
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and expected in err, err
+
+
+def test_sample_clip_keeps_ddpm_samples_bounded(decoder):
+    """Without clipping x0, the first step from t = 999 (alpha-bar 2e-9) amplifies an untrained
+    model's noise error by 1/sqrt(alpha-bar); with DiffusionConfig.sample_clip it stays bounded."""
+    gen = GenerationConfig(steps=10, sampler="ddim", cfg_scale=1.0)
+    clipped = Decoder(decoder.model, TOK, DiffusionConfig(sample_clip=4.0))
+    raw = Decoder(decoder.model, TOK, DiffusionConfig(sample_clip=None))
+    a = text_to_image(clipped, ["x"], gen)[0]
+    b = text_to_image(raw, ["x"], gen)[0]
+    assert a.abs().max() <= 4.0 + 1e-4 < b.abs().max()

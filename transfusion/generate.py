@@ -6,65 +6,94 @@ pure noise are appended and denoised over the sampler's steps; each step runs on
 against the cached prefix and overwrites the image in place, so the model attends to the current
 noisy image and the clean prefix, never to earlier noisy versions. The clean image (t = 0) is then
 run once more and its keys/values committed to the cache, EOI follows, and LM mode resumes. Any
-number of images can appear in one output.
+number of images can appear in one output (PAPER.md, Decoding).
 
-Batching: every prompt is a row with its own cache length and its own random generator (so a row's
-output does not depend on what else is in the batch). Each tick advances all rows: rows in LM mode
-as one batch of single-token queries, rows in diffusion mode as one batch of n-patch queries. The
-cache is a preallocated (rows, heads, capacity, head dim) tensor per layer, right-padded; keys past
-a row's length are masked through the same attention rule as training (``masks.dense_mask``, with
-padding as a separate sample). Classifier-free guidance adds one unconditional twin row per
-diffusing row (prefix: BOS BOI, the conditioning dropped as in training) to the same batch.
+Cache: one preallocated (rows, Hk, capacity, Dh) key and value tensor per layer. Row r holds its
+positions 0 .. lens[r] - 1 in slots 0 .. lens[r] - 1 (right-padded; RoPE position = slot), and new
+queries always attend to ``past[:, :, :S]`` with S the longest row of the sub-batch. A step
+computes only its q new positions; what grows with the prefix is memory traffic: attention reading
+the cached keys/values, and copying them (``Attention`` concatenates past and new keys; a sub-batch
+of rows, or the guidance batch, is gathered from the cache).
 
-Shape legend: R rows in a sub-batch, q query positions, S cached positions, D width, n patches,
-C/H/W latent shape.
+Batching: every prompt is a row with its own length, its own mode and its own random generator (so a
+row's output does not depend on what else is in the batch). Each tick advances every row: rows in
+LM mode as one batch of single-token queries, rows in diffusion mode as one batch of n-patch
+queries. Keys past a row's length are masked by the training rule (``masks.dense_mask``, padding
+being a sample of its own). Classifier-free guidance adds one unconditional twin per diffusing row
+to the same batch; every twin shares one cached prefix, BOS BOI: the conditioning dropped, as
+training drops it (``Sample([Image])``).
+
+Shape legend: R rows in a (sub-)batch, q new query positions (1 for a token, n for an image), S
+cached positions, D width, V vocabulary, Hk key/value heads, Dh head width, n patches per image,
+C/H/W latent channels/height/width.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from transfusion import masks
 from transfusion.config import DiffusionConfig
 from transfusion.diffusion import Sampler, guided, make_sampler, make_schedule
+from transfusion.layers import KV
 from transfusion.model import Transfusion
-from transfusion.sequence import Image, Sample, Specials, Text, pack
+from transfusion.sequence import Image, Sample, Specials, Text, pack, sample_length
 
 Segment = str | Tensor
-"""A prompt or output segment: text, or an image as a scaled latent (C, H, W)."""
+"""A prompt or output segment: text, or an image as a latent (C, H, W) scaled for diffusion
+(``vae.to_diffusion(vae.encode(pixels))``; ``vae.decode(vae.from_diffusion(z))`` gives pixels)."""
 
 
 @dataclass
 class GenerationConfig:
+    """How to sample. None for sampler/steps/cfg_scale means the checkpoint's ``DiffusionConfig``."""
+
     max_new_tokens: int = 64
-    """Limit on generated text tokens per row (images do not count)."""
+    """Limit on generated text tokens per row (BOI, EOI and image patches do not count)."""
     temperature: float = 1.0
-    """0 means greedy."""
+    """Softmax temperature of text sampling; 0 means greedy."""
     top_k: int = 0
+    """Sample among the k most likely tokens; 0 keeps all."""
     top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this much probability; 1 keeps all."""
     max_images: int = 4
+    """Images per row at most; once reached, BOI cannot be sampled."""
     force_image: bool = False
     """Append BOI to every prompt: the output starts with an image (text-to-image)."""
     stop_after_image: bool = False
-    sampler: str = "ddpm"
-    steps: int = 250
-    cfg_scale: float = 3.0
-    """1 disables guidance (no unconditional branch)."""
+    """End a row when its first image is finished (no EOI, no text after it)."""
+    sampler: str | None = None
+    """'ddpm' (ancestral), 'ddim' or 'flow' (Euler); None: DiffusionConfig.sampler ('flow' for flow models)."""
+    steps: int | None = None
+    """Denoising steps; None: DiffusionConfig.sample_steps (250 of the 1000 trained, PAPER.md)."""
+    cfg_scale: float | None = None
+    """Classifier-free guidance weight; 1 runs no unconditional branch; None: DiffusionConfig.cfg_scale (3)."""
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.max_images < 0:
+            raise ValueError(f"max_images must be >= 0, got {self.max_images}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.cfg_scale is not None and self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
 
 
 class KVCache:
-    """Per-layer keys and values for B rows, preallocated to ``capacity`` positions."""
+    """Per-layer keys and values of R rows, (R, Hk, capacity, Dh), preallocated; ``lens`` (R,)."""
 
     def __init__(
         self, model: Transfusion, rows: int, capacity: int, device: torch.device, dtype: torch.dtype
@@ -73,38 +102,63 @@ class KVCache:
         shape = (rows, cfg.kv_heads, capacity, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.lens = torch.zeros(rows, dtype=torch.long)
+        self.lens = torch.zeros(rows, dtype=torch.long)  # on the CPU: lengths steer Python control flow
         self.capacity = capacity
 
-    def past(self, rows: Tensor, upto: int) -> list[tuple[Tensor, Tensor]]:
+    def past(self, rows: Tensor, upto: int) -> list[KV]:
+        """The first ``upto`` slots of ``rows``: views when rows are all rows in order, else copies."""
         if len(rows) == self.k[0].shape[0] and bool((rows == torch.arange(len(rows))).all()):
-            return [(k[:, :, :upto], v[:, :, :upto]) for k, v in zip(self.k, self.v)]  # views, no copy
+            return [(k[:, :, :upto], v[:, :, :upto]) for k, v in zip(self.k, self.v)]
         idx = rows.to(self.k[0].device)
         return [(k[idx, :, :upto], v[idx, :, :upto]) for k, v in zip(self.k, self.v)]
 
-    def commit(self, rows: Tensor, new_kv: list[tuple[Tensor, Tensor]], counts: Tensor) -> None:
-        """Append the first ``counts[i]`` new positions of sub-batch row i to cache row rows[i]."""
-        for i, r in enumerate(rows.tolist()):
-            start, c = int(self.lens[r]), int(counts[i])
-            if start + c > self.capacity:
-                raise ValueError(f"output exceeds the model's context of {self.capacity} positions")
+    def commit(self, rows: Tensor, new_kv: list[KV], counts: Tensor) -> None:
+        """Append the first ``counts[i]`` of the q new positions of sub-batch row i to cache row rows[i]."""
+        q = new_kv[0][0].shape[2]
+        start = self.lens[rows]
+        if int((start + counts).max()) > self.capacity:
+            raise ValueError(f"output exceeds the cache's {self.capacity} positions")
+        if bool((counts == q).all()):  # every row appends all q positions: one indexed write per layer
+            r = rows.to(self.k[0].device)[:, None]  # (R, 1)
+            slots = (start[:, None] + torch.arange(q)[None, :]).to(r.device)  # (R, q)
             for layer, (k, v) in enumerate(new_kv):
-                self.k[layer][r, :, start : start + c] = k[i, :, :c]
-                self.v[layer][r, :, start : start + c] = v[i, :, :c]
-            self.lens[r] += c
+                self.k[layer][r, :, slots] = k.transpose(1, 2)  # (R, q, Hk, Dh)
+                self.v[layer][r, :, slots] = v.transpose(1, 2)
+        else:  # ragged (prefill): row by row
+            for i, row in enumerate(rows.tolist()):
+                s, c = int(start[i]), int(counts[i])
+                for layer, (k, v) in enumerate(new_kv):
+                    self.k[layer][row, :, s : s + c] = k[i, :, :c]
+                    self.v[layer][row, :, s : s + c] = v[i, :, :c]
+        self.lens[rows] += counts
 
 
 @dataclass
 class _Row:
+    """One prompt's decoding state. In diffusion mode ``image`` holds the current x_t."""
+
     generator: torch.Generator
     out: list[Segment] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # text tokens since the last image
     n_text: int = 0
     n_images: int = 0
-    logits: Tensor | None = None  # next-token logits, in LM mode
-    image: Tensor | None = None  # the noisy image, in diffusion mode
-    step: int = 0
+    logits: Tensor | None = None  # (V,) next-token logits, in LM mode
+    image: Tensor | None = None  # (C, H, W) the noisy image, in diffusion mode
+    step: int = 0  # index into sampler.timesteps
     done: bool = False
+
+
+@dataclass
+class _Batch:
+    """One ``generate`` call: its rows, caches and settings."""
+
+    rows: list[_Row]
+    cache: KVCache
+    uncond: KVCache | None  # one row: BOS BOI, shared by every row's unconditional twin
+    sampler: Sampler
+    scale: float
+    gen: GenerationConfig
+    progress: Callable[[int], None] | None
 
 
 def sample_token(logits: Tensor, gen: GenerationConfig, generator: torch.Generator) -> int:
@@ -118,211 +172,266 @@ def sample_token(logits: Tensor, gen: GenerationConfig, generator: torch.Generat
     if gen.top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > gen.top_p  # keep the smallest set reaching top_p
+        drop = probs.cumsum(-1) - probs >= gen.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Decoder:
-    """Holds a model, its tokenizer and diffusion settings; ``generate`` runs prompts to outputs."""
+    """A model, its tokenizer and diffusion settings; ``generate`` continues prompts."""
 
-    def __init__(self, model: Transfusion, tokenizer: object, diffusion: DiffusionConfig):
-        self.model, self.tok, self.dcfg = model.eval(), tokenizer, diffusion
+    def __init__(self, model: Transfusion, tokenizer: object, diffusion: DiffusionConfig | None = None):
+        self.model, self.tok = model.eval(), tokenizer
+        self.dcfg = diffusion or DiffusionConfig()
         self.sp = Specials.of(tokenizer)
-        self.schedule = make_schedule(diffusion)
+        self.schedule = make_schedule(self.dcfg)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        cfg = model.cfg
+        self.n = cfg.patches_per_image
+        self.latent_shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        # tokens training never predicts (BOS opens, EOI follows patches, PAD pads): not sampled
+        banned = {self.sp.bos, self.sp.eoi, self.sp.pad} - {self.sp.eos, self.sp.boi}
+        self.banned = torch.tensor(sorted(banned), dtype=torch.long)
 
-    # --- the model, run on chunks of new positions against the cache -------------------------
-    def _run(self, cache: KVCache, rows: Tensor, x: Tensor, is_image: bool) -> tuple[Tensor, list]:
-        """x (R, q, D) new positions for cache rows ``rows``; returns hidden (R, q, D) and new (k, v)."""
-        R, q, _ = x.shape
-        lens = cache.lens[rows]
-        S = int(lens.max())
-        k_doc = (torch.arange(S)[None, :] >= lens[:, None]).long()  # 0: the row's prefix, 1: padding
-        k_doc = torch.cat([k_doc, torch.zeros(R, q, dtype=torch.long)], dim=1).to(self.device)
-        k_img = torch.zeros(R, S + q, dtype=torch.long, device=self.device)
-        k_img[:, S:] = int(is_image)  # the new patches form one image: bidirectional among themselves
-        q_doc = torch.zeros(R, q, dtype=torch.long, device=self.device)
-        mask = masks.dense_mask(k_doc, k_img, q_doc, k_img[:, S:], q_offset=S)
-        positions = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)  # (R, q)
-        return self.model.trunk(x, positions, mask, cache.past(rows, S))
+    def settings(self, gen: GenerationConfig | None = None) -> GenerationConfig:
+        """``gen`` with sampler, steps and cfg_scale filled in from the diffusion config where None."""
+        gen, d = gen or GenerationConfig(), self.dcfg
+        return dataclasses.replace(
+            gen,
+            sampler=gen.sampler or ("flow" if d.objective == "flow" else d.sampler),
+            steps=gen.steps or d.sample_steps,
+            cfg_scale=d.cfg_scale if gen.cfg_scale is None else gen.cfg_scale,
+        )
 
-    def _text_step(self, cache: KVCache, rows: Tensor, tokens: list[int]) -> Tensor:
-        x = self.model.tok_emb(torch.tensor(tokens, device=self.device)[:, None])  # (R, 1, D)
-        h, kv = self._run(cache, rows, x, is_image=False)
-        cache.commit(rows, kv, torch.ones(len(rows), dtype=torch.long))
-        return self.model.lm_head(h[:, -1]).float()  # (R, V)
-
-    def _image_pred(self, cache: KVCache, rows: Tensor, images: Tensor, t: Tensor, commit: bool) -> Tensor:
-        patches, ctx = self.model.patcher.encode(images.to(self.dtype), t.to(self.device))  # (R, n, D)
-        h, kv = self._run(cache, rows, patches, is_image=True)
-        if commit:
-            cache.commit(rows, kv, torch.full((len(rows),), patches.shape[1], dtype=torch.long))
-        return self.model.patcher.decode(h, ctx).float()  # (R, C, H, W)
-
-    def _prefill(self, cache: KVCache, rows: Tensor, samples: list[Sample]) -> Tensor:
-        """Run whole prompts (packed one per row) into the cache; returns last-position logits (R, V)."""
-        cfg = self.model.cfg
-        lengths = [len(_flat(s, self.sp, cfg.patches_per_image)) for s in samples]
-        if max(lengths) > cache.capacity:
-            raise ValueError(
-                f"prompt needs {max(lengths)} positions but the model's context is {cache.capacity}; shorten it"
-            )
-        b = pack(samples, max(lengths), self.sp, cfg.patches_per_image, one_per_row=True).to(self.device)
-        x, ctx = self.model.embed(b.ids, b.patch_mask, b.latents.to(self.dtype), b.timesteps.clamp(min=0))
-        mask = masks.dense_mask(b.doc_ids, b.image_index)
-        h, kv = self.model.trunk(x, b.positions, mask)
-        cache.commit(rows, kv, torch.tensor(lengths))
-        last = torch.tensor(lengths, device=self.device) - 1
-        return self.model.lm_head(h[torch.arange(len(samples), device=self.device), last]).float()
-
-    # --- the loop -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
         self,
         prompts: list[list[Segment]],
-        gen: GenerationConfig,
+        gen: GenerationConfig | None = None,
         seeds: list[int] | None = None,
         force_image: list[bool] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[list[Segment]]:
-        """Continue every prompt; returns each row's output segments (text and image latents).
+        """Continue every prompt; returns each row's output segments (text, and image latents on the CPU).
 
         ``seeds`` gives each row its own generator (default 0, 1, ...); ``force_image`` overrides
-        ``gen.force_image`` per row, so one batch can mix captioning and text-to-image rows."""
-        cfg = self.model.cfg
-        force = [gen.force_image] * len(prompts) if force_image is None else list(force_image)
-        seeds = list(range(len(prompts))) if seeds is None else seeds
-        if len(seeds) != len(prompts):
-            raise ValueError("give one seed per prompt")
-        sampler = make_sampler(gen.sampler, self.schedule, gen.steps, self.dcfg.objective)
-        guide = gen.cfg_scale != 1.0
+        ``gen.force_image`` per row, so one batch can mix captioning and text-to-image rows;
+        ``progress(k)`` is called after each denoising tick with the k rows it advanced."""
+        gen = self.settings(gen)
         B = len(prompts)
-        rows = [_Row(torch.Generator().manual_seed(s)) for s in seeds]
-        cache = KVCache(self.model, B, cfg.max_seq_len, self.device, self.dtype)
-        # one unconditional twin per row for guidance: BOS BOI, then the image being drawn
-        uncond = KVCache(self.model, B, 2 + cfg.patches_per_image, self.device, self.dtype) if guide else None
+        force = [gen.force_image] * B if force_image is None else [bool(f) for f in force_image]
+        seeds = list(range(B)) if seeds is None else list(seeds)
+        if len(seeds) != B or len(force) != B:
+            raise ValueError(f"give one seed and one force_image flag per prompt ({B} prompts)")
+        if B == 0:
+            return []
+        clip = None if gen.sampler == "flow" else getattr(self.dcfg, "sample_clip", None)
+        sampler = make_sampler(gen.sampler, self.schedule, gen.steps, self.dcfg.objective, clip_x0=clip)
+        scale = gen.cfg_scale
 
         samples = [self._prompt_sample(p, f) for p, f in zip(prompts, force)]
-        logits = self._prefill(cache, torch.arange(B), samples)
+        lengths = [sample_length(s, self.n) for s in samples]
+        limit = self.model.cfg.max_seq_len
+        for i, (length, f) in enumerate(zip(lengths, force)):
+            if length + f * (self.n + 1) > limit:
+                extra = f" and {self.n + 1} for its image" if f else ""
+                raise ValueError(
+                    f"prompt {i} needs {length} positions{extra}, but the model's context is {limit}; shorten it"
+                )
+        # every row fits: its prompt, its text (the last token is never fed) and its images
+        images = max(gen.max_images, int(any(force)))
+        capacity = min(limit, max(lengths) + gen.max_new_tokens + images * (self.n + 2))
+        rows = [_Row(torch.Generator().manual_seed(int(s))) for s in seeds]
+        cache = KVCache(self.model, B, capacity, self.device, self.dtype)
+        guide = scale != 1.0 and images > 0  # no images, no unconditional branch
+        uncond = self._unconditional_prefix() if guide else None
+        batch = _Batch(rows, cache, uncond, sampler, scale, gen, progress)
+
+        logits = self._prefill(cache, torch.arange(B), samples)  # (B, V)
         for i, row in enumerate(rows):
             if force[i]:
-                self._start_image(row, uncond, i)
+                self._start_image(row)
             else:
                 row.logits = logits[i]
-
         while not all(r.done for r in rows):
-            # LM rows: sample a token each, then feed them through the model together
-            feed: list[tuple[int, int]] = []
-            for i, row in enumerate(rows):
-                if row.done or row.image is not None:
-                    continue
-                logits = row.logits
-                if row.n_images >= gen.max_images:  # no more images: BOI cannot be sampled
-                    logits = logits.clone()
-                    logits[self.sp.boi] = float("-inf")
-                token = sample_token(logits, gen, row.generator)
-                row.n_text += 1
-                if token == self.sp.eos or row.n_text > gen.max_new_tokens:
-                    row.done = True
-                    self._flush_text(row)
-                    continue
-                if token != self.sp.boi:
-                    row.tokens.append(token)
-                feed.append((i, token))
-            if feed:
-                idx = torch.tensor([i for i, _ in feed])
-                out = self._text_step(cache, idx, [t for _, t in feed])
-                for j, (i, token) in enumerate(feed):
-                    row = rows[i]
-                    if token == self.sp.boi:
-                        self._flush_text(row)
-                        self._start_image(row, uncond, i)
-                    else:
-                        row.logits = out[j]
-            # diffusion rows: one denoising step each, as one batch (with their unconditional twins)
-            active = [i for i, r in enumerate(rows) if not r.done and r.image is not None]
-            if active:
-                self._denoise_step(cache, uncond, rows, active, sampler, gen)
+            self._lm_tick(batch)
+            self._diffusion_tick(batch)
         return [r.out for r in rows]
 
-    def _denoise_step(
-        self,
-        cache: KVCache,
-        uncond: KVCache | None,
-        rows: list[_Row],
-        active: list[int],
-        sampler: Sampler,
-        gen: GenerationConfig,
-    ) -> None:
+    # --- one tick of each mode ----------------------------------------------------------------
+    def _lm_tick(self, b: _Batch) -> None:
+        """Every row in LM mode samples a token; those that go on feed it through the model together."""
+        feed: list[tuple[int, int]] = []
+        for i, row in enumerate(b.rows):
+            if row.done or row.image is not None:
+                continue
+            room = b.cache.capacity - int(b.cache.lens[i])  # positions left in this row
+            if room == 0 or row.n_text >= b.gen.max_new_tokens:
+                self._end(row)
+                continue
+            logits = row.logits.clone()
+            logits[self.banned.to(logits.device)] = float("-inf")
+            if row.n_images >= b.gen.max_images or room < self.n + 2:  # BOI needs BOI + n patches + EOI
+                logits[self.sp.boi] = float("-inf")
+            token = sample_token(logits, b.gen, row.generator)
+            if token == self.sp.eos:
+                self._end(row)
+                continue
+            if token != self.sp.boi:
+                row.tokens.append(token)
+                row.n_text += 1
+                if row.n_text >= b.gen.max_new_tokens or room == 1:  # the last token needs no forward
+                    self._end(row)
+                    continue
+            feed.append((i, token))
+        if not feed:
+            return
+        logits = self._text_step(b.cache, torch.tensor([i for i, _ in feed]), [t for _, t in feed])
+        for j, (i, token) in enumerate(feed):
+            if token == self.sp.boi:
+                self._flush_text(b.rows[i])
+                self._start_image(b.rows[i])
+            else:
+                b.rows[i].logits = logits[j]
+
+    def _diffusion_tick(self, b: _Batch) -> None:
+        """The denoising loop, one step per tick for every row in diffusion mode, as one batch.
+
+        Each row runs its n patches at its own timestep against its cached prefix; with guidance,
+        its unconditional twin (prefix BOS BOI) runs in the same batch. The step's result overwrites
+        the row's image; nothing is committed to the cache until the image is clean."""
+        active = [i for i, row in enumerate(b.rows) if row.image is not None]
+        if not active:
+            return
         idx = torch.tensor(active)
-        x = torch.stack([rows[i].image for i in active])  # (R, C, H, W)
-        t = torch.tensor([sampler.timesteps[rows[i].step] for i in active])
-        if uncond is None:
-            pred = self._image_pred(cache, idx, x, t, commit=False)
-        else:  # conditional and unconditional branches as one batch, each with its own prefix
-            both = self._image_pred_pair(cache, uncond, idx, x, t)
-            pred = guided(both[: len(active)], both[len(active) :], gen.cfg_scale)
+        x = torch.stack([b.rows[i].image for i in active])  # (R, C, H, W)
+        t = torch.tensor([b.sampler.timesteps[b.rows[i].step] for i in active])  # (R,)
+        if b.uncond is None:
+            pred = self._image_pred(b.cache, idx, x, t, commit=False)  # (R, C, H, W)
+        else:
+            both = self._image_pred_pair(b.cache, b.uncond, idx, x, t)  # (2R, C, H, W)
+            pred = guided(both[: len(active)], both[len(active) :], b.scale)
         for j, i in enumerate(active):
-            row = rows[i]
-            row.image = sampler.step(pred[j : j + 1], row.step, row.image[None], row.generator)[0]
+            row = b.rows[i]
+            row.image = b.sampler.step(pred[j : j + 1], row.step, row.image[None], row.generator)[0]
             row.step += 1
-            if row.step == len(sampler.timesteps):
-                self._finish_image(cache, i, row, gen)
+        if b.progress is not None:
+            b.progress(len(active))
+        finished = [i for i in active if b.rows[i].step == len(b.sampler)]
+        if finished:
+            self._finish_images(b, finished)
 
-    def _image_pred_pair(self, cache: KVCache, uncond: KVCache, idx: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        """One forward over R conditional rows and their R unconditional twins (shorter prefixes)."""
-        R = len(idx)
-        patches, ctx = self.model.patcher.encode(
-            torch.cat([x, x]).to(self.dtype), torch.cat([t, t]).to(self.device)
-        )
-        lens = torch.cat([cache.lens[idx], uncond.lens[idx]])
-        S = int(lens.max())
-        past = [
-            (_pad_cat(kc, ku, S), _pad_cat(vc, vu, S))
-            for (kc, vc), (ku, vu) in zip(cache.past(idx, S), uncond.past(idx, int(uncond.lens[idx].max())))
-        ]
-        q = patches.shape[1]
-        k_doc = torch.cat(
-            [(torch.arange(S)[None, :] >= lens[:, None]).long(), torch.zeros(2 * R, q, dtype=torch.long)], 1
-        )
-        k_img = torch.zeros(2 * R, S + q, dtype=torch.long)
-        k_img[:, S:] = 1
-        k_doc, k_img = k_doc.to(self.device), k_img.to(self.device)
-        mask = masks.dense_mask(
-            k_doc, k_img, torch.zeros(2 * R, q, dtype=torch.long, device=self.device), k_img[:, S:], S
-        )
-        positions = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)
-        h, _ = self.model.trunk(patches, positions, mask, past)
-        return self.model.patcher.decode(h, ctx).float()  # (2R, C, H, W)
-
-    def _start_image(self, row: _Row, uncond: KVCache | None, i: int) -> None:
-        cfg = self.model.cfg
-        shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        row.image = torch.randn(shape, generator=row.generator).to(self.device)
+    def _start_image(self, row: _Row) -> None:
+        """Diffusion mode: pure noise x_T from the row's own generator (the same noise on any device)."""
+        row.image = torch.randn(self.latent_shape, generator=row.generator).to(self.device)
         row.step = 0
         row.logits = None
-        if uncond is not None:
-            uncond.lens[i] = 0
-            self._text_step(uncond, torch.tensor([i]), [self.sp.bos])
-            self._text_step(uncond, torch.tensor([i]), [self.sp.boi])
 
-    def _finish_image(self, cache: KVCache, i: int, row: _Row, gen: GenerationConfig) -> None:
-        """Write the clean image (t = 0) into the cache, then EOI; back to LM mode."""
-        clean = row.image
-        self._image_pred(cache, torch.tensor([i]), clean[None], torch.zeros(1, dtype=torch.long), commit=True)
-        row.out.append(clean.cpu())
-        row.image = None
-        row.n_images += 1
-        row.logits = self._text_step(cache, torch.tensor([i]), [self.sp.eoi])[0]
-        if gen.stop_after_image:
-            row.done = True
+    def _finish_images(self, b: _Batch, finished: list[int]) -> None:
+        """Each clean image joins its row's output. Rows that go on write it into the cache at t = 0,
+        then EOI, and are back in LM mode."""
+        go_on = []
+        for i in finished:
+            row = b.rows[i]
+            row.out.append(row.image.cpu())
+            row.n_images += 1
+            if b.gen.stop_after_image:
+                row.image, row.done = None, True
+            else:
+                go_on.append(i)
+        if not go_on:
+            return
+        idx = torch.tensor(go_on)
+        clean = torch.stack([b.rows[i].image for i in go_on])  # (R, C, H, W)
+        self._image_pred(b.cache, idx, clean, torch.zeros(len(go_on), dtype=torch.long), commit=True)
+        logits = self._text_step(b.cache, idx, [self.sp.eoi] * len(go_on))  # (R, V)
+        for j, i in enumerate(go_on):
+            b.rows[i].image, b.rows[i].logits = None, logits[j]
+
+    def _end(self, row: _Row) -> None:
+        self._flush_text(row)
+        row.done = True
 
     def _flush_text(self, row: _Row) -> None:
         if row.tokens:
             row.out.append(self.tok.decode(row.tokens))
             row.tokens = []
+
+    # --- the model, run on new positions against the cache --------------------------------------
+    def _forward(self, x: Tensor, lens: Tensor, past: list[KV], is_image: bool) -> tuple[Tensor, list[KV]]:
+        """New positions x (R, q, D) after each row's ``lens`` (R,) cached ones in ``past`` (R, Hk, S, Dh).
+
+        Returns final-normed hidden states (R, q, D) and the new positions' (k, v) per layer."""
+        R, q, _ = x.shape
+        S = past[0][0].shape[2]
+        pad = torch.arange(S)[None, :] >= lens[:, None]  # (R, S) slots past a row's length
+        k_doc = torch.cat([pad.long(), torch.zeros(R, q, dtype=torch.long)], 1).to(self.device)  # (R, S + q)
+        k_img = torch.zeros(R, S + q, dtype=torch.long, device=self.device)
+        k_img[:, S:] = int(is_image)  # the new patches form one image: bidirectional among themselves
+        mask = masks.dense_mask(k_doc, k_img, k_doc[:, S:], k_img[:, S:], q_offset=S)  # (R, 1, q, S + q)
+        positions = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)  # (R, q) continue each row
+        return self.model.trunk(x, positions, mask, past)
+
+    def _run(self, cache: KVCache, rows: Tensor, x: Tensor, is_image: bool) -> tuple[Tensor, list[KV]]:
+        lens = cache.lens[rows]
+        return self._forward(x, lens, cache.past(rows, int(lens.max())), is_image)
+
+    def _text_step(self, cache: KVCache, rows: Tensor, tokens: list[int]) -> Tensor:
+        """Feed one token per row and commit it; returns next-token logits (R, V)."""
+        x = self.model.tok_emb(torch.tensor(tokens, device=self.device)[:, None])  # (R, 1, D)
+        h, kv = self._run(cache, rows, x, is_image=False)
+        cache.commit(rows, kv, torch.ones(len(rows), dtype=torch.long))
+        return self.model.lm_head(h[:, -1]).float()
+
+    def _image_pred(self, cache: KVCache, rows: Tensor, images: Tensor, t: Tensor, commit: bool) -> Tensor:
+        """Images (R, C, H, W) at timesteps t (R,) as the rows' next n positions; returns the
+        prediction (R, C, H, W). ``commit`` writes their keys/values (for clean images, t = 0)."""
+        patches, ctx = self.model.patcher.encode(images.to(self.dtype), t.to(self.device))  # (R, n, D)
+        h, kv = self._run(cache, rows, patches, is_image=True)
+        if commit:
+            cache.commit(rows, kv, torch.full((len(rows),), self.n, dtype=torch.long))
+        return self.model.patcher.decode(h, ctx).float()
+
+    def _image_pred_pair(
+        self, cache: KVCache, uncond: KVCache, rows: Tensor, images: Tensor, t: Tensor
+    ) -> Tensor:
+        """One forward over R conditional rows and their R unconditional twins: (2R, C, H, W), the
+        conditional predictions first. ``uncond`` is a one-row cache shared by every twin."""
+        R = len(rows)
+        lens = torch.cat([cache.lens[rows], uncond.lens[:1].expand(R)])  # (2R,)
+        S = int(lens.max())
+        twin = uncond.past(torch.zeros(1, dtype=torch.long), int(uncond.lens[0]))
+
+        def stack(cond: Tensor, unc: Tensor) -> Tensor:  # (R, Hk, S, Dh) + (1, Hk, s, Dh) -> (2R, Hk, S, Dh)
+            return torch.cat([cond, F.pad(unc, (0, 0, 0, S - unc.shape[2])).expand(R, -1, -1, -1)])
+
+        past = [(stack(kc, ku), stack(vc, vu)) for (kc, vc), (ku, vu) in zip(cache.past(rows, S), twin)]
+        x, tt = torch.cat([images, images]).to(self.dtype), torch.cat([t, t]).to(self.device)
+        patches, ctx = self.model.patcher.encode(x, tt)  # (2R, n, D)
+        h, _ = self._forward(patches, lens, past, is_image=True)
+        return self.model.patcher.decode(h, ctx).float()
+
+    def _prefill(self, cache: KVCache, rows: Tensor, samples: list[Sample]) -> Tensor:
+        """Run whole prompts (packed one per row) into the cache; returns last-position logits (R, V)."""
+        lengths = [sample_length(s, self.n) for s in samples]
+        if max(lengths) > cache.capacity:
+            raise ValueError(
+                f"prompt needs {max(lengths)} positions but the context is {cache.capacity}; shorten it"
+            )
+        b = pack(samples, max(lengths), self.sp, self.n, one_per_row=True).to(self.device)
+        x, _ = self.model.embed(b.ids, b.patch_mask, b.latents.to(self.dtype), b.timesteps.clamp(min=0))
+        h, kv = self.model.trunk(x, b.positions, masks.dense_mask(b.doc_ids, b.image_index))
+        cache.commit(rows, kv, torch.tensor(lengths))
+        last = torch.tensor(lengths, device=self.device) - 1
+        return self.model.lm_head(h[torch.arange(len(samples), device=self.device), last]).float()
+
+    def _unconditional_prefix(self) -> KVCache:
+        """BOS BOI in a one-row cache: what training shows before an image whose text was dropped."""
+        uncond = KVCache(self.model, 1, 2, self.device, self.dtype)
+        self._prefill(uncond, torch.zeros(1, dtype=torch.long), [Sample([Text([self.sp.boi])], eos=False)])
+        return uncond
 
     def _prompt_sample(self, prompt: list[Segment], force_image: bool) -> Sample:
         segs: list[Text | Image] = []
@@ -330,13 +439,11 @@ class Decoder:
             if isinstance(seg, str):
                 segs.append(Text(self.tok.encode(seg)))
             elif isinstance(seg, Tensor):
-                cfg = self.model.cfg
-                want = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-                if tuple(seg.shape) != want:
+                if tuple(seg.shape) != self.latent_shape:
                     raise ValueError(
-                        f"prompt image latent has shape {tuple(seg.shape)}, the model expects {want}"
+                        f"prompt image latent has shape {tuple(seg.shape)}, the model expects {self.latent_shape}"
                     )
-                segs.append(Image(seg.float(), t=0))
+                segs.append(Image(seg.detach().float().cpu(), t=0))  # a clean image, as written after EOI
             else:
                 raise TypeError(f"prompt segments are str or latent tensors, got {type(seg).__name__}")
         if force_image:
@@ -344,30 +451,18 @@ class Decoder:
         return Sample(segs, bos=True, eos=False)
 
 
-def _flat(sample: Sample, sp: Specials, n: int) -> list[int]:
-    from transfusion.sequence import layout
-
-    return layout(sample, sp, n)[0]
-
-
-def _pad_cat(a: Tensor, b: Tensor, S: int) -> Tensor:
-    """Stack two (R, Hk, s, Dh) caches along rows, right-padding the shorter one to S positions."""
-
-    def pad(x: Tensor) -> Tensor:
-        return torch.nn.functional.pad(x, (0, 0, 0, S - x.shape[2]))
-
-    return torch.cat([pad(a), pad(b)])
-
-
 # --- conveniences -------------------------------------------------------------------------------
 def text_to_image(
-    decoder: Decoder, captions: list[str], gen: GenerationConfig | None = None, seeds: list[int] | None = None
+    decoder: Decoder,
+    captions: list[str],
+    gen: GenerationConfig | None = None,
+    seeds: list[int] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[Tensor]:
-    """One latent (C, H, W) per caption."""
-    gen = gen or GenerationConfig()
-    gen = GenerationConfig(**{**gen.__dict__, "force_image": True, "stop_after_image": True, "max_images": 1})
-    outs = decoder.generate([[c] for c in captions], gen, seeds)
-    return [next(s for s in out if isinstance(s, Tensor)) for out in outs]
+    """One latent (C, H, W) per caption: BOI forced after it, the row ends with the image."""
+    gen = dataclasses.replace(gen or GenerationConfig(), force_image=True, stop_after_image=True)
+    outs = decoder.generate([[c] for c in captions], gen, seeds, progress=progress)
+    return [out[0] for out in outs]
 
 
 def caption(
@@ -376,8 +471,7 @@ def caption(
     gen: GenerationConfig | None = None,
     seeds: list[int] | None = None,
 ) -> list[str]:
-    """A caption per image latent: image-first prompts, text until EOS (no images drawn)."""
-    gen = gen or GenerationConfig(temperature=0.0)
-    gen = GenerationConfig(**{**gen.__dict__, "force_image": False, "max_images": 0})
+    """A caption per image latent: image-first prompts, text until EOS (greedy by default, no images)."""
+    gen = dataclasses.replace(gen or GenerationConfig(temperature=0.0), force_image=False, max_images=0)
     outs = decoder.generate([[z] for z in latents], gen, seeds)
     return ["".join(s for s in out if isinstance(s, str)).strip() for out in outs]

@@ -1,7 +1,9 @@
-"""Generate text, images or both from a prompt with a trained checkpoint.
+"""Generate images, text or both from a prompt with a trained checkpoint.
 
-Writes every image as a PNG (decoded through the checkpoint's VAE), plus ``output.json`` and
-``output.md`` with the interleaved output. Example::
+Writes every image as a PNG decoded through the checkpoint's VAE (or, for a checkpoint without one,
+its latent as a ``.safetensors`` file), plus ``output.json`` and ``output.md`` with the interleaved
+output. By default BOI is forced after the prompt (text-to-image); ``--text`` lets the model decide
+when to draw. Example::
 
     transfusion generate --checkpoint runs/demo/model --prompt "a red circle" --num-images 4
 """
@@ -11,59 +13,74 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from transfusion.generate import Decoder, GenerationConfig
 
 
-def load_for_inference(checkpoint: str, device: str = "cpu"):
-    """(model, config, tokenizer, vae or None) from a checkpoint or run directory."""
+def load_for_inference(checkpoint: str, device: str = "cpu") -> tuple[Any, Any | None]:
+    """(``checkpoint.Loaded``, VAE or None) from a checkpoint or run directory. The VAE is the
+    directory meta.json names under "vae" (relative to the checkpoint); None if there is none."""
     from transfusion.checkpoint import load_model
     from transfusion.vae import load_vae
 
     loaded = load_model(checkpoint, device)
-    vae = None
-    if loaded.meta.get("vae"):
-        vae_dir = (loaded.path / loaded.meta["vae"]).resolve()
-        if vae_dir.is_dir():
-            vae = load_vae(vae_dir, device)
-    return loaded, vae
+    vae_dir = vae_directory(loaded)
+    return loaded, (load_vae(vae_dir, device) if vae_dir is not None and vae_dir.is_dir() else None)
 
 
-def add_generation_options(p: argparse.ArgumentParser) -> None:
+def vae_directory(loaded: Any) -> Path | None:
+    """The VAE directory a checkpoint's meta.json names (it may be missing on disk), or None."""
+    name = loaded.meta.get("vae")
+    return (loaded.path / name).resolve() if name else None
+
+
+def add_generation_options(p: argparse.ArgumentParser, images: bool = True) -> None:
+    """Options shared by ``generate`` and ``caption`` (which draws no images: no diffusion options)."""
     p.add_argument(
         "--checkpoint", required=True, help="a checkpoint directory, or a run directory (its latest)"
     )
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's, 250)")
+    if images:
+        p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's, 250)")
+        p.add_argument(
+            "--sampler",
+            choices=["ddpm", "ddim", "flow"],
+            default=None,
+            help="ddpm (ancestral, the default), ddim (deterministic) or flow (for flow-matching models)",
+        )
+        p.add_argument(
+            "--cfg",
+            type=float,
+            default=None,
+            help="classifier-free guidance weight (default: the config's, 3; 1 = off)",
+        )
     p.add_argument(
-        "--sampler",
-        choices=["ddpm", "ddim", "flow"],
+        "--temperature",
+        type=float,
         default=None,
-        help="default: ddpm (flow for flow models)",
+        help="text sampling temperature, 0 = greedy (default: 1 for generate, 0 for caption)",
     )
-    p.add_argument(
-        "--cfg", type=float, default=None, help="classifier-free guidance weight (default 3; 1 = off)"
-    )
-    p.add_argument("--temperature", type=float, default=None, help="text sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="text tokens to generate at most")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="text tokens to generate at most, per output"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the first output; output i uses seed + i")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
 
-def generation_config(args: argparse.Namespace, config, **kw) -> GenerationConfig:
-    d = config.diffusion
-    sampler = args.sampler or ("flow" if d.objective == "flow" else d.sampler)
+def generation_config(args: argparse.Namespace, temperature: float = 1.0, **kw: Any) -> GenerationConfig:
+    """The sampling settings the options ask for; sampler/steps/cfg left None fall back to the checkpoint's."""
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
-        temperature=1.0 if args.temperature is None else args.temperature,
+        temperature=temperature if args.temperature is None else args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        sampler=sampler,
-        steps=args.steps or d.sample_steps,
-        cfg_scale=d.cfg_scale if args.cfg is None else args.cfg,
+        sampler=getattr(args, "sampler", None),
+        steps=getattr(args, "steps", None),
+        cfg_scale=getattr(args, "cfg", None),
         **kw,
     )
 
@@ -75,59 +92,87 @@ def pick_device(name: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_generation_options(p)
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--num-images", type=int, default=1, help="outputs to generate (one row each)")
+    p.add_argument(
+        "--num-images", type=int, default=1, help="outputs to generate, one batch row each (default 1)"
+    )
     p.add_argument(
         "--text",
         action="store_true",
-        help="continue the prompt as text (images only if the model emits BOI); default: text-to-image",
+        help="continue the prompt as text, drawing images only when the model emits BOI "
+        "(default: text-to-image, BOI forced after the prompt)",
     )
-    p.add_argument("--max-images", type=int, default=1, help="images per output at most")
+    p.add_argument("--max-images", type=int, default=1, help="images per output at most (default 1)")
     p.add_argument("--out", default="generated", help="output directory (default ./generated)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from transfusion.vae import tensor_to_pil
+    from tqdm import tqdm
 
     if args.num_images < 1:
-        raise ValueError("--num-images must be >= 1")
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    gen = generation_config(
+        args, max_images=args.max_images, force_image=not args.text, stop_after_image=not args.text
+    )
     device = pick_device(args.device)
     loaded, vae = load_for_inference(args.checkpoint, device)
-    gen = generation_config(
-        args,
-        loaded.config,
-        max_images=args.max_images,
-        force_image=not args.text,
-        stop_after_image=not args.text,
-    )
     decoder = Decoder(loaded.model, loaded.tokenizer, loaded.config.diffusion)
+    gen = decoder.settings(gen)
     n = args.num_images
-    outputs = decoder.generate([[args.prompt]] * n, gen, seeds=[args.seed + i for i in range(n)])
+    seeds = [args.seed + i for i in range(n)]
+    total = None if args.text else n * gen.steps  # rows x steps when every output is one forced image
+    bars: list[tqdm] = []  # opened at the first step, so that an early error prints alone
+
+    def progress(k: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="denoising", unit="step", dynamic_ncols=True))
+        bars[0].update(k)
+
+    try:
+        outputs = decoder.generate([[args.prompt]] * n, gen, seeds, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record, md = [], [f"# {args.prompt}\n"]
     for i, segments in enumerate(outputs):
-        row = []
-        md.append(f"\n## output {i}\n")
+        row: list[dict[str, str]] = []
+        md.append(f"\n## output {i} (seed {seeds[i]})\n\n")
         for j, seg in enumerate(segments):
             if isinstance(seg, str):
                 row.append({"text": seg})
-                md.append(seg + "\n")
+                md.append(seg + "\n\n")
                 continue
-            if vae is not None:
-                with torch.no_grad():
-                    image = tensor_to_pil(vae.decode(vae.from_diffusion(seg[None].to(device))).cpu())[0]
-                name = f"output{i}_image{j}.png"
-                image.save(out / name)
-            else:
-                from safetensors.torch import save_file
-
-                name = f"output{i}_image{j}.safetensors"
-                save_file({"latent": seg.contiguous()}, out / name)
+            name = save_image(seg, out / f"output{i}_image{j}", vae, device)
             row.append({"image": name})
-            md.append(f"![output {i} image {j}]({name})\n")
+            md.append(f"![output {i}, image {j}]({name})\n\n")
         record.append(row)
-    (out / "output.json").write_text(json.dumps({"prompt": args.prompt, "outputs": record}, indent=2))
+    settings = {
+        k: getattr(gen, k) for k in ("sampler", "steps", "cfg_scale", "temperature", "top_k", "top_p")
+    }
+    meta = {"prompt": args.prompt, "checkpoint": str(loaded.path), "seeds": seeds, "settings": settings}
+    (out / "output.json").write_text(json.dumps({**meta, "outputs": record}, indent=2, ensure_ascii=False))
     (out / "output.md").write_text("".join(md))
-    note = "" if vae is not None else " (no VAE in the checkpoint: images saved as latents)"
+    note = ""
+    if vae is None:
+        missing = vae_directory(loaded)
+        why = f"its VAE directory {missing} is missing" if missing else "the checkpoint has no VAE"
+        note = f" ({why}: images saved as latents, .safetensors)"
     print(f"wrote {n} output(s) to {out}{note}")
     return 0
+
+
+def save_image(latent: torch.Tensor, stem: Path, vae: Any | None, device: str) -> str:
+    """A PNG decoded through the VAE, or without one the latent as safetensors; returns the file name."""
+    if vae is None:
+        from safetensors.torch import save_file
+
+        save_file({"latent": latent.contiguous()}, stem.with_suffix(".safetensors"))
+        return stem.name + ".safetensors"
+    from transfusion.vae import tensor_to_pil
+
+    with torch.no_grad():
+        pixels = vae.decode(vae.from_diffusion(latent[None].to(device)))  # (1, 3, S, S) in [-1, 1]
+    tensor_to_pil(pixels.cpu())[0].save(stem.with_suffix(".png"))
+    return stem.name + ".png"

@@ -46,3 +46,11 @@ def test_frechet_distance_closed_form():
     expected = 1 + 4 + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
     assert M.frechet_distance(x, y) == pytest.approx(expected, rel=0.02)
     assert M.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fashion_caption_class_parsing():
+    from transfusion.evaluate import class_named
+
+    assert class_named("a photo of an ankle boot") == 9
+    assert class_named("a t-shirt") == 0 and class_named("a shirt") == 6  # the longest name wins
+    assert class_named("a picture of a sneaker.") == 7 and class_named("a cat") is None

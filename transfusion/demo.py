@@ -136,30 +136,12 @@ def run_demo(
 
     t0 = time.time()
     loaded, vae = load_for_inference(str(out / "model"))
-    if source == "fashion_mnist":
-        from transfusion.evaluate import evaluate_fashion
+    from transfusion.evaluate import evaluate_fashion
 
-        metrics, details = evaluate_fashion(
-            loaded.model,
-            loaded.tokenizer,
-            vae,
-            loaded.config,
-            out,
-            eval_prompts_per_kind,
-            n_captions,
-            steps=50,
-        )
-    else:
-        metrics, details = evaluate(
-            loaded.model,
-            loaded.tokenizer,
-            vae,
-            loaded.config,
-            out,
-            eval_prompts_per_kind,
-            n_captions,
-            steps=50,
-        )
+    judge = evaluate_fashion if source == "fashion_mnist" else evaluate
+    metrics, details = judge(
+        loaded.model, loaded.tokenizer, vae, loaded.config, out, eval_prompts_per_kind, n_captions, steps=50
+    )
     metrics["vae_psnr_val"] = round(vae_result["psnr_val"], 3)
     metrics["train_steps"] = steps
     metrics["params_M"] = round(loaded.model.num_params() / 1e6, 3)

@@ -111,3 +111,25 @@ def test_cli(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert cli.main(["train-vae", "--out", str(tmp_path / "file"), "--steps", "1"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_train_vae_resume_equals_straight(tmp_path):
+    ds = ShapesDataset(16, seed=0)
+    train = pil_to_tensor([ds[i].image for i in range(64)])
+    val = train[:8]
+    cfg = VAEConfig(image_size=16, base_channels=8)
+    kw = {"steps": 12, "batch_size": 8, "progress": False, "ckpt_every": 4}
+    a = train_vae(cfg, train, val, tmp_path / "a", **kw)
+    assert (
+        train_vae(VAEConfig(image_size=16, base_channels=8), train, val, tmp_path / "b", stop_after=6, **kw)[
+            "stopped_at"
+        ]
+        == 6
+    )
+    b = train_vae(VAEConfig(image_size=16, base_channels=8), train, val, tmp_path / "b", resume=True, **kw)
+    assert all(
+        torch.equal(x, y) for x, y in zip(a["vae"].state_dict().values(), b["vae"].state_dict().values())
+    )
+    assert a["psnr_val"] == b["psnr_val"]
+    with pytest.raises(ValueError, match="resume"):
+        train_vae(cfg, train, val, tmp_path / "c", resume=True, **kw)

@@ -53,8 +53,15 @@ def train_vae(
     lr: float = 2e-3,
     seed: int = 0,
     progress: bool = True,
+    ckpt_every: int = 200,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Train, compute (scale, shift) from the training images, save, and report held-out PSNR."""
+    """Train, compute (scale, shift) from the training images, save, and report held-out PSNR.
+
+    Every ``ckpt_every`` steps the training state (weights, optimizer, schedule, sampling generator,
+    loss history) is written atomically to ``out_dir/train_state``; ``resume`` continues from it and
+    gives the same result as an uninterrupted run. ``stop_after`` ends early, as an interruption would."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory")
@@ -63,9 +70,20 @@ def train_vae(
     vae = KLVAE(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    start = time.time()
-    bar = tqdm(range(steps), desc="vae", disable=not progress, dynamic_ncols=True)
-    history = []
+    start, first, history = time.time(), 0, []
+    state_dir = out / "train_state"
+    if resume:
+        if not (state_dir / "state.pt").is_file():
+            raise ValueError(f"{out} holds no VAE training state to resume; drop --resume")
+        from safetensors.torch import load_file
+
+        vae.load_state_dict(load_file(state_dir / "vae.safetensors"))
+        state = torch.load(state_dir / "state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        first, history = int(state["step"]), json.loads((state_dir / "history.json").read_text())
+    bar = tqdm(range(first, steps), desc="vae", disable=not progress, dynamic_ncols=True)
     for step in bar:
         idx = torch.randint(0, len(train_images), (batch_size,), generator=gen)
         loss, mse, kl = vae.loss(train_images[idx], gen)
@@ -77,6 +95,11 @@ def train_vae(
             p = 10 * torch.log10(4.0 / mse.detach().clamp(min=1e-12)).item()
             bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.2f}", psnr=f"{p:.1f}")
             history.append({"step": step, "mse": mse.item(), "kl": kl.item()})
+        done = step + 1
+        if done % ckpt_every == 0 or (stop_after is not None and done >= stop_after):
+            _save_state(state_dir, vae, opt, sched, gen, done, history)
+        if stop_after is not None and done >= stop_after:
+            return {"vae": vae, "stopped_at": done}
     vae.eval()
     scale, shift = compute_latent_stats(vae, train_images[:1024])
     vae.config.scale, vae.config.shift = scale, shift
@@ -99,6 +122,30 @@ def train_vae(
     return {"vae": vae, **metrics}
 
 
+def _save_state(
+    state_dir: Path, vae: KLVAE, opt, sched, gen: torch.Generator, step: int, history: list
+) -> None:
+    """The whole training state in a temporary directory renamed into place (no code on load)."""
+    import shutil
+
+    from transfusion.checkpoint import save_tensors
+
+    tmp = state_dir.with_name(f".{state_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tensors(tmp / "vae.safetensors", vae.state_dict())
+    state = {
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": gen.get_state(),
+        "step": step,
+    }
+    torch.save(state, tmp / "state.pt")
+    (tmp / "history.json").write_text(json.dumps(history))
+    shutil.rmtree(state_dir, ignore_errors=True)
+    tmp.rename(state_dir)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory for vae.safetensors, vae.json and metrics.json")
     p.add_argument(
@@ -118,6 +165,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-images", type=int, default=4096, help="training images to draw from the source")
     p.add_argument("--val-images", type=int, default=256, help="held-out images for the PSNR")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ckpt-every", type=int, default=200, help="save the training state every N steps (default 200)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
     )
     train = load_images(data, "train", args.train_images)
     val = load_images(data, "val", args.val_images)
-    result = train_vae(cfg, train, val, out, args.steps, args.batch_size, args.lr, args.seed)
+    result = train_vae(
+        cfg, train, val, out, args.steps, args.batch_size, args.lr, args.seed,
+        ckpt_every=args.ckpt_every, resume=args.resume,
+    )  # fmt: skip
     print(f"wrote {out}: held-out PSNR {result['psnr_val']:.2f} dB, latent scale {result['scale']:.4f}")
     return 0

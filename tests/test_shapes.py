@@ -1,21 +1,28 @@
-"""The synthetic scenes: deterministic, described exactly, and read back by the detector."""
+"""The synthetic scenes: deterministic, described exactly, read back by the detector, judged right."""
 
+import random
 from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import ImageFilter
 
+from transfusion.data.base import Record
 from transfusion.data.shapes import (
     COLORS,
     KINDS,
+    MIN_RELATION_MARGIN,
+    SIZES,
     Scene,
     SceneObject,
     ShapesDataset,
+    caption_for,
     detect_scene,
     eval_prompts,
     judge_caption,
     judge_image,
     parse_caption,
+    relation,
     render,
 )
 
@@ -24,80 +31,213 @@ def objects(scene):
     return sorted((o.color, o.shape, o.size) for o in scene.objects)
 
 
+def spec_without_kind(spec):
+    return {"objects": spec["objects"], "relation": spec["relation"]}
+
+
 def test_deterministic_per_seed_and_index():
     a, b, c = ShapesDataset(seed=1), ShapesDataset(seed=1), ShapesDataset(seed=2)
-    assert np.array_equal(np.asarray(a[5].image), np.asarray(b[5].image)) and a[5].text == b[5].text
+    for i in (0, 5, 999_999):
+        assert np.array_equal(np.asarray(a[i].image), np.asarray(b[i].image))
+        assert a[i].text == b[i].text and a[i].meta == b[i].meta
     assert not all(np.array_equal(np.asarray(a[i].image), np.asarray(c[i].image)) for i in range(5))
+    assert [a[i].text for i in range(20)] != [c[i].text for i in range(20)]
     assert a[0].image.size == (32, 32) and a[0].image.mode == "RGB"
+    assert len(a) == 1_000_000 and len(ShapesDataset(length=7)) == 7 and len(ShapesDataset(length=0)) == 0
+    with pytest.raises(IndexError):
+        ShapesDataset(length=7)[7]
+    with pytest.raises(ValueError):
+        ShapesDataset(image_size=8)
+    with pytest.raises(ValueError):
+        ShapesDataset(max_objects=4)
 
 
-def test_descriptions_match_pixels():
-    ds = ShapesDataset()
-    for i in range(50):
+@pytest.mark.parametrize("size", [32, 64])
+def test_descriptions_match_pixels(size):
+    ds = ShapesDataset(image_size=size, seed=5)
+    palette = {(0, 0, 0)} | set(COLORS.values())
+    for i in range(60):
         r = ds[i]
         arr = np.asarray(r.image)
-        for o in Scene.from_dict(r.meta["scene"]).objects:
-            y, x = int(o.cy * 32), int(o.cx * 32)
-            if o.shape == "triangle":
-                y += 1  # a triangle's centroid sits below its box centre
-            assert tuple(arr[y, x]) == COLORS[o.color], (r.text, o)
+        scene = Scene.from_dict(r.meta["scene"])
+        for o in scene.objects:
+            # a triangle's centroid sits a third of its half-height below its box centre
+            dy = SIZES[o.size] / 3 if o.shape == "triangle" else 0.0
+            assert tuple(arr[int((o.cy + dy) * size), int(o.cx * size)]) == COLORS[o.color], (r.text, o)
+        # no anti-aliasing: every pixel is the background or a colour of the scene
+        seen = {tuple(p) for p in arr.reshape(-1, 3)}
+        assert seen <= palette and seen - {(0, 0, 0)} == {COLORS[o.color] for o in scene.objects}
 
 
-@pytest.mark.parametrize("size,noise", [(32, 0.0), (32, 8.0), (64, 0.0)])
-def test_detector_accuracy_at_least_99_percent(size, noise):
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_objects_never_touch_and_relations_have_a_margin(size):
+    ds = ShapesDataset(image_size=size, seed=6)
+    for i in range(150):
+        scene = Scene.from_dict(ds[i].meta["scene"])
+        masks = [np.asarray(render(Scene([o]), size)).any(-1) for o in scene.objects]
+        for j, m in enumerate(masks):
+            grown = m.copy()  # one pixel around the object must stay clear of every other object
+            grown[1:] |= m[:-1]
+            grown[:-1] |= m[1:]
+            grown[:, 1:] |= grown[:, :-1].copy()
+            grown[:, :-1] |= grown[:, 1:].copy()
+            assert all(not (grown & other).any() for k, other in enumerate(masks) if k != j), (i, scene)
+        if ds[i].meta["kind"] == "position":
+            a, b = scene.objects
+            along, across = sorted([abs(a.cx - b.cx), abs(a.cy - b.cy)], reverse=True)
+            assert along >= MIN_RELATION_MARGIN - 1e-9 and across <= 0.05
+            assert ds[i].meta["spec"]["relation"] == relation(a, b) == scene.relation(0, 1)
+
+
+def _degrade(image, noise, blur, rng):
+    if blur:
+        image = image.filter(ImageFilter.GaussianBlur(blur * image.size[0] / 32))
+    arr = np.asarray(image).astype(np.float32)
+    return np.clip(arr + rng.normal(0, noise, arr.shape), 0, 255)
+
+
+@pytest.mark.parametrize(
+    "size,noise,blur",
+    [(32, 0.0, 0.0), (32, 8.0, 0.0), (32, 8.0, 0.7), (64, 0.0, 0.0), (64, 8.0, 0.7)],
+)
+def test_detector_accuracy_at_least_99_percent(size, noise, blur):
+    """Exact object multiset (colour, shape, size) and the prompt's relation, on fresh scenes."""
     ds = ShapesDataset(image_size=size, seed=3)
     rng = np.random.default_rng(0)
-    n, right = 300 if size == 32 else 100, 0
+    n = 300 if size == 32 else 100
+    right = 0
     for i in range(n):
         r = ds[i]
-        arr = np.asarray(r.image).astype(np.float32)
-        arr = np.clip(arr + rng.normal(0, noise, arr.shape), 0, 255)
-        found = detect_scene(arr)
+        found = detect_scene(_degrade(r.image, noise, blur, rng))
         truth = Scene.from_dict(r.meta["scene"])
-        right += objects(found) == objects(truth) and judge_image(found, r.meta["spec"])
-    assert right / n >= 0.99
+        ok = objects(found) == objects(truth) and judge_image(found, r.meta["spec"])
+        ok = ok and all(any(_near(f, t) for f in found.objects) for t in truth.objects)
+        right += ok
+    assert right / n >= 0.99, right / n
 
 
-def test_captions_parse_back_and_judge_true():
+def _near(found, truth, tolerance=0.05):
+    """The same object, its centre found within ``tolerance`` of the side."""
+    same = (found.color, found.shape, found.size) == (truth.color, truth.shape, truth.size)
+    return same and abs(found.cx - truth.cx) < tolerance and abs(found.cy - truth.cy) < tolerance
+
+
+def test_detector_inputs_and_noise_floor():
+    img = render(Scene([SceneObject("square", "blue", "large", 0.25, 0.75)]), 32)
+    for x in (img, np.asarray(img), np.asarray(img).astype(np.float64), img.convert("RGBA")):
+        assert objects(detect_scene(x)) == [("blue", "square", "large")]
+    assert detect_scene(render(Scene([]), 32)).objects == []
+    noise = np.random.default_rng(0).normal(0, 8, (32, 32, 3)).clip(0, 255)
+    assert detect_scene(noise).objects == []  # background noise is not an object
+    speck = np.zeros((32, 32, 3))
+    speck[3:5, 3:5] = COLORS["red"]  # 4 pixels: below the minimum area
+    assert detect_scene(speck).objects == []
+    with pytest.raises(ValueError):
+        detect_scene(np.zeros((32, 32)))
+
+
+def test_captions_parse_back_to_their_spec():
     ds = ShapesDataset(seed=4)
-    for i in range(300):
+    templates = Counter()
+    for i in range(400):
         r = ds[i]
-        spec = parse_caption(r.text)
-        assert spec is not None, r.text
-        assert [o["shape"] for o in spec["objects"]] == [o["shape"] for o in r.meta["spec"]["objects"]]
+        spec = r.meta["spec"]
+        assert len(r.text.encode()) < 60, r.text
+        assert parse_caption(r.text) == spec_without_kind(spec), r.text
         scene = Scene.from_dict(r.meta["scene"])
         assert judge_caption(r.text, scene), r.text
         # captions without colours ("a circle and a square") are not complete descriptions
         assert judge_caption(r.text, scene, require_colors=True) == (r.meta["kind"] != "two_objects"), r.text
+        # every wording of a spec means the same
+        rng = random.Random(i)
+        assert all(parse_caption(caption_for(spec, rng)) == spec_without_kind(spec) for _ in range(5))
+        templates.update(w for w in ("one", "two", "three", "large", "small", "colored", "with", "above") if w in r.text.split())  # fmt: skip
+    assert set(templates) == {"one", "two", "three", "large", "small", "colored", "with", "above"}
 
 
-def test_judges_reject_wrong_colour_count_and_position():
-    left, right = (
-        SceneObject("circle", "red", "large", 0.27, 0.5),
-        SceneObject("square", "blue", "small", 0.73, 0.5),
-    )
+def test_parse_caption_rejects_what_is_not_the_template_language():
+    assert parse_caption("A Large Red Circle.") == {
+        "objects": [{"shape": "circle", "color": "red", "size": "large", "count": 1}],
+        "relation": None,
+    }
+    for bad in ["", "a purple elephant", "red circle", "two red circle", "a red circles", "a circle colored",
+                "a red circle to the left of", "a red red circle", "a circle large", "and a circle"]:  # fmt: skip
+        assert parse_caption(bad) is None, bad
+
+
+def test_judge_image_accepts_ground_truth_and_rejects_wrong_colour_count_position_size():
+    left = SceneObject("circle", "red", "large", 0.25, 0.5)
+    right = SceneObject("square", "blue", "small", 0.75, 0.5)
     scene = Scene([left, right])
-    spec = parse_caption("a red circle to the left of a blue square")
-    assert judge_image(scene, spec) and judge_caption("a red circle to the left of a blue square", scene)
-    assert not judge_image(scene, parse_caption("a red circle to the right of a blue square"))
-    assert not judge_image(scene, parse_caption("a green circle to the left of a blue square"))
-    assert not judge_image(Scene([left]), parse_caption("two red circles"))
-    assert judge_image(
-        Scene([left, SceneObject("circle", "red", "large", 0.73, 0.5)]), parse_caption("two red circles")
-    )
+    ok = parse_caption("a red circle to the left of a blue square")
+    assert judge_image(scene, ok) and judge_image(detect_scene(render(scene)), ok)
+    assert judge_image(Scene([right, left]), ok)  # the order of detection does not matter
+    assert not judge_image(scene, parse_caption("a red circle to the right of a blue square"))  # swapped
+    assert not judge_image(scene, parse_caption("a blue square to the left of a red circle"))
+    assert judge_image(scene, parse_caption("a blue square to the right of a red circle"))
+    assert not judge_image(scene, parse_caption("a green circle to the left of a blue square"))  # colour
+    assert not judge_image(scene, parse_caption("a red circle to the left of a small blue triangle"))
+    assert judge_image(scene, parse_caption("a large red circle and a small blue square"))
+    assert not judge_image(scene, parse_caption("a small red circle and a blue square"))  # size
+    assert judge_image(scene, parse_caption("a circle and a square"))  # colours not asked
+    assert judge_image(scene, parse_caption("a red circle and a square"))
+    assert not judge_image(Scene([left]), parse_caption("two red circles"))  # count
+    assert not judge_image(Scene([*scene.objects, left]), ok)  # an extra object
+    pair = Scene([left, SceneObject("circle", "red", "large", 0.75, 0.5)])
+    assert judge_image(pair, parse_caption("two red circles"))
+    assert not judge_image(pair, parse_caption("three red circles"))
+    assert judge_image(pair, parse_caption("a red circle to the left of a red circle"))
+    assert not judge_image(Scene([left]), parse_caption("a red circle to the left of a red circle"))
+    # a prompt record, its meta and its spec all work
+    p = eval_prompts(1, image_size=32)[KINDS.index("position")]
+    truth = detect_scene(p.image)
+    assert judge_image(truth, p) and judge_image(truth, p.meta) and judge_image(truth, p.meta["spec"])
+    a, b = Scene.from_dict(p.meta["scene"]).objects
+    swapped = Scene([SceneObject(**{**vars(a), "cx": b.cx, "cy": b.cy}), SceneObject(**{**vars(b), "cx": a.cx, "cy": a.cy})])  # fmt: skip
+    assert not judge_image(swapped, p)
+    with pytest.raises(ValueError):
+        judge_image(truth, Record(meta={}))
+
+
+def test_judge_caption():
+    scene = Scene([SceneObject("circle", "red", "large", 0.25, 0.5), SceneObject("square", "blue", "small", 0.75, 0.5)])  # fmt: skip
+    assert judge_caption("a red circle to the left of a blue square", scene)
+    assert judge_caption("a blue square with a red circle", scene)
+    assert judge_caption("a circle and a square", scene)
+    assert not judge_caption("a circle and a square", scene, require_colors=True)
     assert not judge_caption("a red circle", scene)  # misses the square
-    assert parse_caption("a purple elephant") is None and parse_caption("") is None
+    assert not judge_caption("a red circle above a blue square", scene)
+    assert not judge_caption("two red circles and a blue square", scene)
+    assert not judge_caption("a fine picture", scene)
 
 
-def test_kinds_all_present_and_eval_prompts_held_out():
-    kinds = Counter(ShapesDataset(seed=0)[i].meta["kind"] for i in range(600))
+def test_kinds_cover_all_six_and_eval_prompts_are_held_out():
+    ds = ShapesDataset(seed=0)
+    kinds = Counter(ds[i].meta["kind"] for i in range(600))
     assert set(kinds) == set(KINDS) and min(kinds.values()) > 50
-    prompts = eval_prompts(3)
-    assert Counter(p.meta["kind"] for p in prompts) == {k: 3 for k in KINDS}
-    for p in prompts:
-        assert judge_image(detect_scene(p.image), p.meta["spec"])
+    n_objects = {k: set() for k in KINDS}
+    for i in range(600):
+        n_objects[ds[i].meta["kind"]].add(len(ds[i].meta["scene"]["objects"]))
+    assert n_objects["counting"] == {2, 3} and n_objects["single_object"] == n_objects["colors"] == {1}
+    assert n_objects["position"] == n_objects["two_objects"] == n_objects["color_attr"] == {2}
+    one = Counter(ShapesDataset(seed=0, max_objects=1)[i].meta["kind"] for i in range(100))
+    assert set(one) == {"single_object", "colors"}
+    prompts = eval_prompts(4, seed=7)
+    assert Counter(p.meta["kind"] for p in prompts) == {k: 4 for k in KINDS}
+    assert [p.text for p in prompts] == [p.text for p in eval_prompts(4, seed=7)]
+    assert [p.text for p in prompts] != [p.text for p in eval_prompts(4, seed=8)]
+    train = {np.asarray(ds[i].image).tobytes() for i in range(600)}
+    assert sum(np.asarray(p.image).tobytes() in train for p in prompts) == 0
+    for p in prompts + eval_prompts(2, image_size=64):
+        assert judge_image(detect_scene(p.image), p), p.text
 
 
-def test_render_draws_nothing_for_an_empty_scene():
-    assert np.asarray(render(Scene([]), 32)).max() == 0
-    assert detect_scene(render(Scene([]), 32)).objects == []
+def test_scene_helpers_round_trip():
+    scene = Scene.from_dict(ShapesDataset(seed=2)[3].meta["scene"])
+    assert Scene.from_dict(scene.to_dict()) == scene
+    s = Scene([SceneObject("circle", "red", "small", 0.25, 0.25), SceneObject("circle", "red", "large", 0.25, 0.75),
+               SceneObject("triangle", "cyan", "small", 0.75, 0.75)])  # fmt: skip
+    assert s.counts() == {("red", "circle"): 2, ("cyan", "triangle"): 1}
+    assert s.counts(with_color=False) == {(None, "circle"): 2, (None, "triangle"): 1}
+    assert s.relation(0, 1) == "above" and s.relation(1, 0) == "below"
+    assert s.relation(1, 2) == "to the left of" and s.relation(2, 1) == "to the right of"

@@ -1,19 +1,33 @@
 """Synthetic shape scenes: the built-in data, rendered on the fly, and a detector that reads them back.
 
-A scene holds one to three objects (3 shapes x 6 colours x 2 sizes) on a black background, each in its
-own cell of a 2 x 2 grid, so that every pair of objects is clearly left/right of (different columns)
-or above/below (same column) each other. Every item carries a *prompt spec*, the structured meaning
-of its caption (objects with optional colour and a count, and an optional relation), so evaluation
-checks generated images and captions exactly:
+A scene holds one to three objects (3 shapes x 6 colours x 2 sizes) drawn without anti-aliasing on a
+black background. Placement is a coarse grid: each object sits in its own cell of a 2 x 2 grid (centres
+at ``CELL_CENTRES``, jittered by at most ``CELL_JITTER``), so objects never overlap and two objects
+always share a row or a column: their centres differ by at least ``MIN_RELATION_MARGIN`` of the image
+side along the axis of their relation and by at most twice the jitter along the other, so "left of",
+"right of", "above" and "below" are never ambiguous.
+
+Every item carries its scene (``Scene``: objects with shape, colour, size and centre) and a *prompt
+spec*, the structured meaning of its caption: a list of objects, each ``{"shape", "color", "size",
+"count"}`` (colour and size None where the caption does not state them), and an optional relation.
+Evaluation checks generated images and captions exactly with it:
 
 - ``judge_image(detect_scene(image), spec)``: does a generated image show what the prompt asked?
 - ``judge_caption(text, scene)``: does a generated caption describe the scene correctly?
 
 Prompt kinds follow GenEval: single_object, two_objects, counting, colors, position, color_attr.
+
+The detector (``detect_scene``) models every pixel as a palette colour scaled by a coverage in [0, 1]
+over the black background, which is what blur (a VAE decoder's, or a resize's) makes of an object's
+edge; a pixel belongs to an object when it is at least half covered. Shapes are told apart by two
+measures that blur barely moves: the skewness of the object's vertical mass profile (a triangle, apex
+up, piles its mass near its base) and how far it reaches along the diagonals compared with the axes
+(a square sqrt(2) times as far, a circle as far).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -36,9 +50,32 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SIZES = {"small": 0.12, "large": 0.18}  # half-extent as a fraction of the image side
 KINDS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 NUMBERS = {1: "one", 2: "two", 3: "three"}
+ARTICLES = {"a": 1, "an": 1, **{word: n for n, word in NUMBERS.items()}}
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 BACKGROUND = (0, 0, 0)
+MIN_IMAGE_SIZE = 16
+DEFAULT_LENGTH = 1_000_000
+MAX_OBJECTS = 3
+
+# placement: a 2 x 2 grid, visited around the square so that consecutive cells share a row or a column
+CELL_CENTRES = ((0.25, 0.25), (0.75, 0.25), (0.75, 0.75), (0.25, 0.75))
+CELL_JITTER = 0.02  # fraction of the side
+MIN_RELATION_MARGIN = 0.75 - 0.25 - 2 * CELL_JITTER  # the least centre distance along a relation's axis
+
+# caption templates: how often the optional variants are used
+ONE_WORD_PROB = 0.15  # "one red circle" rather than "a red circle"
+SIZE_WORD_PROB = 0.25  # single objects: "a large red circle"
+COLORED_TEMPLATE_PROB = 0.5  # colour prompts: "a circle colored red"
+AND_PROB = 0.7  # two objects: "... and ..." rather than "... with ..."
+
+# detection
 MIN_AREA_FRACTION = 0.012  # components smaller than this share of the image are noise
+MAX_COLOR_DISTANCE = 90.0  # how far (RGB, 0-255) a pixel may lie from every scaled palette colour
+MIN_COVERAGE = 0.5  # a pixel belongs to an object when it holds at least this much of its colour
+HALO_PER_32_PIXELS = 2  # how far blur may spread an object's edge, in pixels per 32 of the side
+TRIANGLE_MAX_SKEW = -0.2  # vertical skewness: triangle (apex up) -0.57, circle and square 0
+SQUARE_MIN_DIAGONAL = 1.15  # diagonal over axial extent: square sqrt(2), circle 1
+SIZE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2
 
 
 @dataclass
@@ -46,8 +83,8 @@ class SceneObject:
     shape: str
     color: str
     size: str
-    cx: float  # centre, as a fraction of the image side
-    cy: float
+    cx: float  # centre of the object's box, as a fraction of the image side (0 left, 1 right)
+    cy: float  # (0 top, 1 bottom)
 
 
 @dataclass
@@ -62,15 +99,20 @@ class Scene:
         return cls([SceneObject(**o) for o in d["objects"]])
 
     def counts(self, with_color: bool = True) -> dict[tuple[str | None, str], int]:
+        """How many objects of each (colour, shape); the colour is None without ``with_color``."""
         out: dict[tuple[str | None, str], int] = {}
         for o in self.objects:
             key = (o.color if with_color else None, o.shape)
             out[key] = out.get(key, 0) + 1
         return out
 
+    def relation(self, i: int, j: int) -> str:
+        """How object i stands to object j (one of ``RELATIONS``)."""
+        return relation(self.objects[i], self.objects[j])
+
 
 def relation(a: SceneObject, b: SceneObject) -> str:
-    """How a stands to b: left/right when their columns differ, else above/below."""
+    """How a stands to b: along the axis where their centres differ most (image y grows downwards)."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
     if abs(dx) >= abs(dy):
         return "to the left of" if dx < 0 else "to the right of"
@@ -79,6 +121,8 @@ def relation(a: SceneObject, b: SceneObject) -> str:
 
 # --- rendering ---------------------------------------------------------------------------------------
 def render(scene: Scene, size: int = 32) -> Image.Image:
+    """The scene as an RGB image, drawn without anti-aliasing (every pixel is a palette colour or
+    the background)."""
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
@@ -90,22 +134,27 @@ def render(scene: Scene, size: int = 32) -> Image.Image:
             draw.ellipse(box, fill=fill)
         elif o.shape == "square":
             draw.rectangle(box, fill=fill)
-        else:
+        else:  # apex up, base along the bottom of the box
             draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
     return img
 
 
 def _cells(rng: random.Random, n: int) -> list[tuple[float, float]]:
-    cells = [(0.27, 0.27), (0.73, 0.27), (0.73, 0.73), (0.27, 0.73)]  # around the square
-    start = rng.randrange(4)
-    cells = cells[start:] + cells[:start]  # consecutive cells: two objects share a row or a column
+    """Centres for n objects: consecutive cells of the grid, so that two objects share a row or a
+    column, starting anywhere and going either way round."""
+    start = rng.randrange(len(CELL_CENTRES))
+    cells = list(CELL_CENTRES[start:] + CELL_CENTRES[:start])
     if rng.random() < 0.5:
         cells = [cells[0], *cells[:0:-1]]
-    jitter = 0.02
-    return [(cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)) for cx, cy in cells[:n]]
+    jitter = [
+        (rng.uniform(-CELL_JITTER, CELL_JITTER), rng.uniform(-CELL_JITTER, CELL_JITTER)) for _ in cells[:n]
+    ]
+    return [(cx + jx, cy + jy) for (cx, cy), (jx, jy) in zip(cells, jitter)]
 
 
-def random_item(rng: random.Random, max_objects: int = 3, kind: str | None = None) -> tuple[Scene, dict, str]:
+def random_item(
+    rng: random.Random, max_objects: int = MAX_OBJECTS, kind: str | None = None
+) -> tuple[Scene, dict[str, Any], str]:
     """A scene, its prompt spec and its caption, all from ``rng``."""
     kinds = [k for k in KINDS if max_objects >= 2 or k in ("single_object", "colors")]
     kind = kind or rng.choice(kinds)
@@ -114,7 +163,7 @@ def random_item(rng: random.Random, max_objects: int = 3, kind: str | None = Non
     if kind in ("single_object", "colors"):
         objs = [(shape, color)]
     elif kind == "counting":
-        objs = [(shape, color)] * rng.randint(2, min(3, max_objects))
+        objs = [(shape, color)] * rng.randint(2, min(MAX_OBJECTS, max(2, max_objects)))
     else:  # two distinct objects
         shape2 = rng.choice([s for s in SHAPES if s != shape])
         color2 = rng.choice([c for c in COLORS if c != color])
@@ -122,59 +171,66 @@ def random_item(rng: random.Random, max_objects: int = 3, kind: str | None = Non
     places = _cells(rng, len(objs))
     sizes = [size] * len(objs) if kind == "counting" else [rng.choice(list(SIZES)) for _ in objs]
     scene = Scene([SceneObject(s, c, z, x, y) for (s, c), z, (x, y) in zip(objs, sizes, places)])
-    spec = _spec_for(scene, kind)
+    spec = _spec_for(scene, kind, with_size=kind == "single_object" and rng.random() < SIZE_WORD_PROB)
     return scene, spec, caption_for(spec, rng)
 
 
-def _spec_for(scene: Scene, kind: str) -> dict[str, Any]:
+def _spec_for(scene: Scene, kind: str, with_size: bool = False) -> dict[str, Any]:
     o = scene.objects
     if kind == "counting":
-        return {
-            "kind": kind,
-            "objects": [{"shape": o[0].shape, "color": o[0].color, "count": len(o)}],
-            "relation": None,
-        }
+        objects = [{"shape": o[0].shape, "color": o[0].color, "size": None, "count": len(o)}]
+        return {"kind": kind, "objects": objects, "relation": None}
     with_color = kind != "two_objects"
-    objects = [{"shape": x.shape, "color": x.color if with_color else None, "count": 1} for x in o]
+    objects = [
+        {
+            "shape": x.shape,
+            "color": x.color if with_color else None,
+            "size": x.size if with_size else None,
+            "count": 1,
+        }
+        for x in o
+    ]
     rel = relation(o[0], o[1]) if kind == "position" else None
     return {"kind": kind, "objects": objects, "relation": rel}
 
 
 def _phrase(obj: dict[str, Any], rng: random.Random | None = None) -> str:
-    n, color, shape = obj["count"], obj["color"], obj["shape"]
-    words = ([color] if color else []) + [shape + ("s" if n > 1 else "")]
-    article = NUMBERS[n] if n > 1 else ("one" if rng and rng.random() < 0.15 else "a")
+    n, color, shape, size = obj["count"], obj["color"], obj["shape"], obj.get("size")
+    words = [w for w in (size, color) if w] + [shape + ("s" if n > 1 else "")]
+    article = NUMBERS[n] if n > 1 else ("one" if rng and rng.random() < ONE_WORD_PROB else "a")
     return " ".join([article, *words])
 
 
 def caption_for(spec: dict[str, Any], rng: random.Random | None = None) -> str:
-    """Template captions: "a red circle", "two blue squares", "a green triangle above a red circle"."""
+    """A caption stating exactly the spec, from templates ("a red circle", "a large red circle",
+    "two blue squares", "a circle colored red", "a green triangle above a red circle", "a red circle
+    and a blue square"); ``rng`` picks among the equivalent wordings (None: the plainest)."""
     objs = spec["objects"]
     if len(objs) == 1:
-        text = _phrase(objs[0], rng)
-        if spec["kind"] == "colors" and rng and rng.random() < 0.5:
-            o = objs[0]
-            text = f"a {o['shape']} colored {o['color']}"
-        return text
+        o = objs[0]
+        if spec.get("kind") == "colors" and rng and rng.random() < COLORED_TEMPLATE_PROB:
+            return f"a {o['shape']} colored {o['color']}"
+        return _phrase(o, rng)
     if spec["relation"]:
         return f"{_phrase(objs[0], rng)} {spec['relation']} {_phrase(objs[1], rng)}"
-    joiner = " and " if not rng or rng.random() < 0.7 else " with "
+    joiner = " and " if not rng or rng.random() < AND_PROB else " with "
     return _phrase(objs[0], rng) + joiner + _phrase(objs[1], rng)
 
 
 def parse_caption(text: str) -> dict[str, Any] | None:
-    """The prompt spec of a caption in the template language, or None when it does not parse."""
+    """The prompt spec of a caption in the template language (``{"objects": [...], "relation": ...}``,
+    without a kind), or None when it does not parse."""
     words = text.strip().lower().rstrip(".").split()
     if not words:
         return None
+    parts: list[list[str]] = [words]
     rel = None
     for r in RELATIONS:
         rw = r.split()
-        for i in range(len(words) - len(rw) + 1):
-            if words[i : i + len(rw)] == rw:
-                rel, parts = r, [words[:i], words[i + len(rw) :]]
-                break
-        if rel:
+        hits = [i for i in range(len(words) - len(rw) + 1) if words[i : i + len(rw)] == rw]
+        if hits:
+            rel, i = r, hits[0]
+            parts = [words[:i], words[i + len(rw) :]]
             break
     if rel is None:
         for sep in ("and", "with"):
@@ -182,8 +238,6 @@ def parse_caption(text: str) -> dict[str, Any] | None:
                 i = words.index(sep)
                 parts = [words[:i], words[i + 1 :]]
                 break
-        else:
-            parts = [words]
     objects = []
     for p in parts:
         obj = _parse_phrase(p)
@@ -194,49 +248,73 @@ def parse_caption(text: str) -> dict[str, Any] | None:
 
 
 def _parse_phrase(words: list[str]) -> dict[str, Any] | None:
-    if len(words) == 4 and words[0] == "a" and words[2] == "colored":  # "a circle colored red"
-        words = ["a", words[3], words[1]]
-    if len(words) < 2:
+    """``[article] [size] [colour] shape(s)``, or ``a shape colored colour``."""
+    if len(words) == 4 and words[0] in ("a", "an") and words[2] == "colored":
+        words = [words[0], words[3], words[1]]
+    if len(words) < 2 or words[0] not in ARTICLES:
         return None
-    counts = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
-    if words[0] not in counts:
+    n, rest = ARTICLES[words[0]], words[1:]
+    size = rest.pop(0) if len(rest) > 1 and rest[0] in SIZES else None
+    color = rest.pop(0) if len(rest) > 1 and rest[0] in COLORS else None
+    if len(rest) != 1:
         return None
-    n, rest = counts[words[0]], words[1:]
-    color = rest[0] if len(rest) == 2 and rest[0] in COLORS else None
-    if len(rest) == 2 and color is None:
-        return None
-    shape = rest[-1]
+    shape = rest[0]
     if n > 1:
         if not shape.endswith("s"):
             return None
         shape = shape[:-1]
-    if shape not in SHAPES or len(rest) > 2:
+    if shape not in SHAPES:
         return None
-    return {"shape": shape, "color": color, "count": n}
+    return {"shape": shape, "color": color, "size": size, "count": n}
 
 
 # --- judging -----------------------------------------------------------------------------------------
-def judge_image(detected: Scene, spec: dict[str, Any]) -> bool:
-    """True when the detected scene shows exactly the prompt's objects (colour where the prompt names
-    one, and count) and, for position prompts, their relation. Sizes are not judged."""
-    want: dict[tuple[str | None, str], int] = {}
-    for o in spec["objects"]:
-        want[(o["color"], o["shape"])] = want.get((o["color"], o["shape"]), 0) + o["count"]
-    with_color = all(o["color"] for o in spec["objects"])
-    if detected.counts(with_color=with_color) != want:
+def _as_spec(prompt: Record | dict[str, Any]) -> dict[str, Any]:
+    """A prompt spec from a ``Record``, its ``meta`` or the spec itself."""
+    if isinstance(prompt, Record):
+        prompt = prompt.meta
+    if "spec" in prompt:
+        prompt = prompt["spec"]
+    if "objects" not in prompt:
+        raise ValueError(f"not a prompt spec, record or meta: {sorted(prompt)}")
+    return prompt
+
+
+def _matches(o: SceneObject, want: dict[str, Any]) -> bool:
+    """Whether an object fits a prompt object (colour and size only where the prompt states them)."""
+    return (
+        o.shape == want["shape"]
+        and want.get("color") in (None, o.color)
+        and want.get("size") in (None, o.size)
+    )
+
+
+def judge_image(detected: Scene, prompt: Record | dict[str, Any]) -> bool:
+    """True when the detected scene shows exactly the prompt's objects (every one matching its
+    shape, and its colour and size where the prompt states them; the right count; nothing else) and,
+    for position prompts, their relation. ``prompt`` is a prompt ``Record``, its meta or its spec."""
+    spec = _as_spec(prompt)
+    slots = [(g, want) for g, want in enumerate(spec["objects"]) for _ in range(want["count"])]
+    if len(detected.objects) != len(slots):
         return False
-    if spec.get("relation"):
-        a, b = spec["objects"]
-        oa = next(o for o in detected.objects if o.shape == a["shape"] and o.color == a["color"])
-        ob = next(o for o in detected.objects if o.shape == b["shape"] and o.color == b["color"])
-        return relation(oa, ob) == spec["relation"]
-    return True
+    # few objects (at most 3 from a template): try every assignment of objects to the prompt's slots
+    for order in itertools.permutations(detected.objects):
+        if not all(_matches(o, want) for o, (_, want) in zip(order, slots)):
+            continue
+        if not spec.get("relation"):
+            return True
+        groups: dict[int, list[SceneObject]] = {}
+        for o, (g, _) in zip(order, slots):
+            groups.setdefault(g, []).append(o)
+        if len(groups) == 2 and all(relation(a, b) == spec["relation"] for a in groups[0] for b in groups[1]):
+            return True
+    return False
 
 
 def judge_caption(text: str, scene: Scene, require_colors: bool = False) -> bool:
     """True when a caption names every object of the scene with its count, nothing else, every colour
-    it states is right (with ``require_colors``, it must state them all), and any relation it states
-    holds."""
+    and size it states is right (with ``require_colors``, it must state every colour), and any
+    relation it states holds."""
     spec = parse_caption(text)
     if spec is None or (require_colors and any(o["color"] is None for o in spec["objects"])):
         return False
@@ -265,45 +343,114 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def detect_scene(image: Image.Image | np.ndarray, max_color_distance: float = 110.0) -> Scene:
-    """Objects in an image: each pixel takes its nearest palette colour (or background), connected
-    regions of one colour become objects, classified by how much of their bounding box they fill
-    (square ~1, circle ~0.79, triangle ~0.5) and sized by their extent."""
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """A boolean mask grown by ``radius`` pixels (a square structuring element)."""
+    out = mask.copy()
+    for _ in range(radius):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
+        out = grown
+    return out
+
+
+def _shape_of(pixels: np.ndarray, mass: np.ndarray) -> str:
+    """Classify an object from its pixels (an (N, 2) array of (y, x)) and its soft mass (coverage,
+    an (H, W) map that is zero away from the object).
+
+    A triangle (apex up) piles its mass towards its base: the vertical profile's skewness is about
+    -0.57, and blur, a symmetric convolution, keeps the third central moment, only growing the
+    variance. A square reaches sqrt(2) times further along the diagonals than along the axes, a
+    circle as far; pixel extents blur barely moves, as edges stay where coverage crosses one half.
+    """
+    ys = np.arange(mass.shape[0], dtype=np.float64)[:, None]
+    total = max(float(mass.sum()), 1e-6)
+    mean = float((mass * ys).sum()) / total
+    var = max(float((mass * (ys - mean) ** 2).sum()) / total, 1e-6)
+    skew = float((mass * (ys - mean) ** 3).sum()) / total / var**1.5
+    if skew < TRIANGLE_MAX_SKEW:
+        return "triangle"
+    y, x = pixels[:, 0], pixels[:, 1]
+    axial = max(np.ptp(x), np.ptp(y)) + 1
+    # a pixel spans 2 in x + y (and in x - y); a diagonal unit is sqrt(2) of those
+    diagonal = (np.ptp(x + y) + np.ptp(x - y) + 2 * 2) / 2 / np.sqrt(2)
+    return "square" if diagonal / axial >= SQUARE_MIN_DIAGONAL else "circle"
+
+
+def detect_scene(
+    image: Image.Image | np.ndarray,
+    max_color_distance: float = MAX_COLOR_DISTANCE,
+    min_area_fraction: float = MIN_AREA_FRACTION,
+) -> Scene:
+    """Objects in an image (PIL, or an (H, W, 3) array with values in 0-255).
+
+    Each pixel is explained as the palette colour, scaled by a coverage, that lies nearest to it
+    (its hue, in effect); pixels at least half covered and within ``max_color_distance`` of that
+    scaled colour are foreground, and 4-connected regions of one colour with at least
+    ``min_area_fraction`` of the image are objects. Shape comes from the region's soft coverage and
+    extents (see ``_shape_of``), size from its box's extent; the centre is the box's.
+    """
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {arr.shape}")
+    background = np.asarray(BACKGROUND, dtype=np.float32)
+    arr = arr - background
     H, W, _ = arr.shape
     names = list(COLORS)
-    palette = np.array([COLORS[n] for n in names] + [BACKGROUND], dtype=np.float32)  # (K+1, 3)
-    dist = np.linalg.norm(arr[:, :, None, :] - palette[None, None], axis=-1)  # (H, W, K+1)
-    label = dist.argmin(-1)
-    label[dist.min(-1) > max_color_distance] = len(names)  # far from every colour: background
+    palette = np.array([COLORS[n] for n in names], dtype=np.float32) - background  # (K, 3)
+    coverage = np.clip(arr @ palette.T / (palette**2).sum(-1), 0.0, None)  # (H, W, K)
+    residual = np.linalg.norm(arr[:, :, None, :] - coverage[..., None] * palette, axis=-1)  # (H, W, K)
+    label = residual.argmin(-1)
+    best_cov = np.take_along_axis(coverage, label[..., None], -1)[..., 0]
+    best_res = np.take_along_axis(residual, label[..., None], -1)[..., 0]
+    foreground = (best_cov >= MIN_COVERAGE) & (best_res <= max_color_distance)
+    min_area = min_area_fraction * H * W
+    found = [
+        (k, pix)
+        for k in range(len(names))
+        for pix in _components(foreground & (label == k))
+        if len(pix) >= min_area
+    ]
+    claimed = np.zeros((H, W), dtype=bool)
+    for _, pix in found:
+        claimed[pix[:, 0], pix[:, 1]] = True
+    halo = HALO_PER_32_PIXELS * max(1, round(max(H, W) / 32))
     objects = []
-    min_area = MIN_AREA_FRACTION * H * W
-    for k, name in enumerate(names):
-        for pix in _components(label == k):
-            if len(pix) < min_area:
-                continue
-            (y0, x0), (y1, x1) = pix.min(0), pix.max(0)
-            bw, bh = x1 - x0 + 1, y1 - y0 + 1
-            fill = len(pix) / (bw * bh)
-            shape = "square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle"
-            extent = max(bw, bh) / W / 2  # half-extent as a fraction of the side
-            size = "small" if extent < (SIZES["small"] + SIZES["large"]) / 2 else "large"
-            cy, cx = (y0 + y1 + 1) / 2 / H, (x0 + x1 + 1) / 2 / W
-            objects.append(SceneObject(shape, name, size, float(cx), float(cy)))
+    for k, pix in found:
+        own = np.zeros((H, W), dtype=bool)
+        own[pix[:, 0], pix[:, 1]] = True
+        # the blurred rim belongs to the object, up to where another object begins
+        region = _dilate(own, halo) & ~(claimed & ~own)
+        mass = np.where(region, np.clip(coverage[..., k], 0.0, 1.0), 0.0)
+        (y0, x0), (y1, x1) = pix.min(0), pix.max(0)
+        # a shape drawn with half-extent r spans 2r + 1 pixels
+        extent = max(x1 - x0, y1 - y0) / max(H, W) / 2
+        size = "small" if extent < SIZE_THRESHOLD else "large"
+        cy, cx = (y0 + y1 + 1) / 2 / H, (x0 + x1 + 1) / 2 / W
+        objects.append(SceneObject(_shape_of(pix, mass), names[k], size, float(cx), float(cy)))
     return Scene(objects)
 
 
 # --- the dataset -----------------------------------------------------------------------------------------
 class ShapesDataset:
-    """Map-style: item i is the same for a given (seed, i), whatever the order or process."""
+    """Map-style: item i is the same for a given (seed, i), whatever the order or process.
 
-    def __init__(self, image_size: int = 32, seed: int = 0, max_objects: int = 3, length: int | None = None):
-        if image_size < 16:
-            raise ValueError(f"shape scenes need image_size >= 16, got {image_size}")
-        if not 1 <= max_objects <= 3:
+    ``ds[i]`` is a ``Record`` with the rendered image, its caption and ``meta = {"scene": ..., "spec":
+    ..., "kind": ...}``."""
+
+    def __init__(
+        self, image_size: int = 32, seed: int = 0, max_objects: int = MAX_OBJECTS, length: int | None = None
+    ):
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"shape scenes need image_size >= {MIN_IMAGE_SIZE}, got {image_size}")
+        if not 1 <= max_objects <= MAX_OBJECTS:
             raise ValueError(f"max_objects must be 1, 2 or 3, got {max_objects}")
+        if length is not None and length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
         self.image_size, self.seed, self.max_objects = image_size, seed, max_objects
-        self.length = length or 1_000_000
+        self.length = DEFAULT_LENGTH if length is None else length
 
     def __len__(self) -> int:
         return self.length
@@ -324,15 +471,13 @@ class ShapesDataset:
 
 
 def eval_prompts(n_per_kind: int, seed: int = 12345, image_size: int = 32) -> list[Record]:
-    """Held-out prompts, ``n_per_kind`` of each GenEval kind, with the ground-truth scene rendered."""
+    """Held-out prompts, ``n_per_kind`` of each GenEval kind, with the ground-truth scene rendered.
+    They come from their own random stream (``eval-{seed}-...``), apart from every training item."""
     out = []
     for kind in KINDS:
         for i in range(n_per_kind):
             rng = random.Random(f"eval-{seed}-{kind}-{i}")
-            scene, spec, text = random_item(rng, 3, kind)
-            out.append(
-                Record(
-                    render(scene, image_size), text, {"scene": scene.to_dict(), "spec": spec, "kind": kind}
-                )
-            )
+            scene, spec, text = random_item(rng, MAX_OBJECTS, kind)
+            meta = {"scene": scene.to_dict(), "spec": spec, "kind": kind}
+            out.append(Record(render(scene, image_size), text, meta))
     return out

@@ -31,7 +31,8 @@ def config(parallel: str) -> Config:
             eval_every=0,
             ckpt_every=3,
             parallel=parallel,
-            grad_clip=1e9,
+            grad_clip=0.5,
+            ema_decay=0.5,
         ),  # fmt: skip
     )
     cfg.data.image_size = 16
@@ -51,8 +52,9 @@ def torchrun(tmp_path: Path, cfg: Config) -> Path:
     return out
 
 
-def reference_losses(cfg: Config, vae_dir: Path) -> list[float]:
-    """One process: each step accumulates rank 0's and rank 1's batches, each loss halved."""
+def reference_run(cfg: Config, vae_dir: Path) -> tuple[list[tuple[float, float]], dict]:
+    """One process: each step accumulates rank 0's and rank 1's batches, each loss halved; returns
+    the (text, image) losses of every step and the final EMA."""
     from transfusion.vae import load_vae
 
     torch.manual_seed(cfg.train.seed)
@@ -61,29 +63,41 @@ def reference_losses(cfg: Config, vae_dir: Path) -> list[float]:
     encode = T.image_encoder(load_vae(vae_dir), torch.device("cpu"))
     loaders = [BatchLoader(cfg, ByteTokenizer(), encode, r, 2) for r in range(2)]
     schedule, out = make_schedule(cfg.diffusion), []
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for step in range(cfg.train.steps):
         for g in opt.param_groups:
             g["lr"] = T.lr_at(step, cfg.train)
-        text = 0.0
+        text = image = 0.0
         for loader in loaders:
             losses = training_loss(model, next(loader), schedule, cfg.diffusion)
             (losses.total / 2).backward()
-            text += losses.text.item() / 2
+            text, image = text + losses.text.item() / 2, image + losses.image.item() / 2
+        assert torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) > cfg.train.grad_clip
         opt.step()
         opt.zero_grad()
-        out.append(text)
-    return out
+        for k, v in model.state_dict().items():
+            ema[k].lerp_(v, 1 - cfg.train.ema_decay)
+        out.append((text, image))
+    return out, ema
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(tmp_path, parallel):
     cfg = config(parallel)
     out = torchrun(tmp_path, cfg)
-    got = [json.loads(x)["text_loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    want = reference_losses(cfg, out / "vae")
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    got = [(x["text_loss"], x["image_loss"]) for x in lines]
+    want, want_ema = reference_run(cfg, out / "vae")
     assert len(got) == 3
-    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5, (got, want)
-    # the checkpoint saved by the ranks loads in a single process
-    from transfusion.checkpoint import load_model
+    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) < 1e-5, (got, want)
+    # the checkpoint saved by the ranks (weights and EMA gathered whole) loads in a single process
+    from safetensors.torch import load_file
 
-    assert load_model(out).meta["step"] == 3
+    from transfusion.checkpoint import load_model, resolve_checkpoint
+
+    loaded = load_model(out)
+    assert loaded.meta["step"] == 3
+    ema = load_file(resolve_checkpoint(out) / "ema.safetensors")
+    assert ema.keys() == want_ema.keys()
+    for k, v in want_ema.items():
+        torch.testing.assert_close(ema[k], v, atol=1e-5, rtol=1e-4)

@@ -1,6 +1,7 @@
 """Training: loss goes down, exact resume, kill -9 recovery, atomic checkpoints, NaN skipping."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -100,24 +101,46 @@ def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert json.loads((resolve_checkpoint(tmp_path / "r") / "meta.json").read_text())["step"] == 8
 
 
-def test_nan_steps_are_skipped_then_stop(tmp_path, monkeypatch):
-    real = losses_mod.text_loss
-    calls = {"n": 0}
+def test_nan_and_inf_steps_are_skipped_counted_then_stop(tmp_path, monkeypatch):
+    real_text, real_image = losses_mod.text_loss, losses_mod.image_loss
+    calls = {"text": 0, "image": 0}
 
-    def flaky(logits, targets):
-        calls["n"] += 1
-        out = real(logits, targets)
-        return out * float("nan") if calls["n"] in (3, 4) else out
+    def flaky_text(logits, targets):
+        calls["text"] += 1
+        out = real_text(logits, targets)
+        return out * float("nan") if calls["text"] == 3 else out
 
-    monkeypatch.setattr(losses_mod, "text_loss", flaky)
+    def flaky_image(pred, target):
+        calls["image"] += 1
+        out = real_image(pred, target)
+        return out * float("inf") if calls["image"] == 4 else out
+
+    monkeypatch.setattr(losses_mod, "text_loss", flaky_text)
+    monkeypatch.setattr(losses_mod, "image_loss", flaky_image)
     cfg = small_cfg(steps=6, ckpt_every=100)
     T.train(cfg, tmp_path / "r", vae="random", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["bad_steps_total"] == 2
+    assert [x["bad_steps_total"] for x in lines] == [0, 0, 1, 2, 2, 2]
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "r").values())
-    monkeypatch.setattr(losses_mod, "text_loss", lambda lg, tg: real(lg, tg) * float("nan"))
+
+    # every step from the 5th on is NaN: the run stops after max_bad_steps + 1 of them in a row, with
+    # the checkpoint of step 4 (saved before the trouble) intact, and the CLI says so in one line
+    calls["text"] = 0
+
+    def nan_from_5(logits, targets):
+        calls["text"] += 1
+        out = real_text(logits, targets)
+        return out * float("nan") if calls["text"] >= 5 else out
+
+    monkeypatch.setattr(losses_mod, "image_loss", real_image)
+    monkeypatch.setattr(losses_mod, "text_loss", nan_from_5)
     with pytest.raises(T.TrainingStopped, match="non-finite"):
-        T.train(small_cfg(steps=20, max_bad_steps=2), tmp_path / "r2", vae="random", progress=False)
+        T.train(
+            small_cfg(steps=20, max_bad_steps=2, ckpt_every=4), tmp_path / "r2", vae="random", progress=False
+        )
+    assert (tmp_path / "r2" / "latest").read_text().strip() == "checkpoints/step_0000004"
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "r2").values())
+    assert sorted(p.name for p in (tmp_path / "r2" / "checkpoints").iterdir()) == ["step_0000004"]
 
 
 def test_cli_help_and_bad_key(capsys):
@@ -149,7 +172,8 @@ def test_sigkill_then_resume(tmp_path):
     assert result["step"] == step + 5
 
 
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_before_exiting(tmp_path, sig):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "transfusion", "train", "--preset", "tiny", "--out", str(out), "--vae", "random",
            "--steps", "100000", "--no-progress", "--set", "train.batch_size=2", "--set", "train.seq_len=64",
@@ -160,7 +184,101 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
         (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size
     ):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=60) == 130
     step = json.loads((resolve_checkpoint(out) / "meta.json").read_text())["step"]
     assert 0 < step < 100000
+
+
+def test_cli_resume_continues_with_the_stored_config(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["train", "--out", out, "--vae", "random", "--no-progress"]
+    sets = ["--set", "train.batch_size=2", "--set", "train.seq_len=64", "--set", "train.eval_every=0",
+            "--set", "train.ckpt_every=2", "--set", "model.n_layers=3", "--set", "train.log_every=1"]  # fmt: skip
+    assert cli.main(base + ["--preset", "tiny", "--steps", "2"] + sets) == 0
+    first = (tmp_path / "run" / "config.json").read_text()
+    # no --preset / --set repeated: the run's config.json is used, --steps extends it
+    assert cli.main(base + ["--resume", "--steps", "4"]) == 0
+    stored = Config.from_json((tmp_path / "run" / "config.json").read_text())
+    assert stored.model.n_layers == 3 and stored.train.steps == 4
+    assert Config.from_json(first).model == stored.model
+    assert load_model(tmp_path / "run").meta["step"] == 4
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    capsys.readouterr()
+    assert cli.main(base + ["--resume", "--preset", "small"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_without_a_checkpoint_starts_over_and_drops_stale_log_lines(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "text_loss": 9.0}\n{"step": 2, "te')  # a crash mid-line
+    T.train(small_cfg(steps=2, ckpt_every=2), run, vae="random", progress=False, resume=True)
+    assert "no checkpoint" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2] and lines[0]["text_loss"] != 9.0
+
+
+def test_validation_sample_grids_and_config_checks(tmp_path):
+    from PIL import Image as PILImage
+
+    cfg = small_cfg(steps=6, eval_every=3, log_every=2, sample_every=4, ckpt_every=6, eval_batches=1)
+    cfg.diffusion.sample_steps = 2
+    T.train(cfg, tmp_path / "r", vae="random", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 3, 4, 6]  # logging steps plus validation steps
+    val = [x for x in lines if "val_text_loss" in x]
+    assert [x["step"] for x in val] == [3, 6]
+    assert all(math.isfinite(x["val_text_loss"]) and x["val_image_loss"] > 0 for x in val)
+    with PILImage.open(tmp_path / "r" / "samples" / "step_0000004.png") as grid:
+        assert grid.size[0] == 96 * len(T.SAMPLE_PROMPTS)
+    for bad in ("train.log_every=0", "train.ckpt_every=0", "train.eval_every=-1", "train.eval_batches=0"):
+        with pytest.raises(ValueError):
+            cfg.override([bad])
+
+
+def test_weight_decay_on_matrices_only():
+    from transfusion.model import Transfusion
+
+    model = Transfusion(tiny())
+    opt = T.make_optimizer(model, TrainConfig(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_gradient_accumulation_is_the_mean_of_its_micro_batches(tmp_path):
+    """One step of grad_accum=2 equals a hand-written step on the loader's next two batches."""
+    from transfusion.data.loader import BatchLoader
+    from transfusion.diffusion import make_schedule
+    from transfusion.losses import training_loss
+    from transfusion.model import Transfusion
+    from transfusion.tokenizer import ByteTokenizer
+    from transfusion.vae import load_vae
+
+    cfg = small_cfg(steps=1, grad_accum=2, ckpt_every=1, grad_clip=0.5)
+    T.train(cfg, tmp_path / "r", vae="random", progress=False)
+    torch.manual_seed(cfg.train.seed)
+    model = Transfusion(cfg.model)
+    opt = T.make_optimizer(model, cfg.train)
+    loader = BatchLoader(
+        cfg, ByteTokenizer(), T.image_encoder(load_vae(tmp_path / "r" / "vae"), torch.device("cpu"))
+    )
+    schedule = make_schedule(cfg.diffusion)
+    for g in opt.param_groups:
+        g["lr"] = T.lr_at(0, cfg.train)
+    for _ in range(2):
+        (training_loss(model, next(loader), schedule, cfg.diffusion).total / 2).backward()
+    assert torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5) > 0.5  # clipping acts
+    opt.step()
+    got = weights(tmp_path / "r")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=1e-5)
+    assert load_model(tmp_path / "r").meta["tokens_seen"] == 2 * 2 * 64

@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": ("transfusion.train", "train a Transfusion model (one process, or many under torchrun)"),
     "train-vae": ("transfusion.vae_train", "train the image autoencoder and compute its latent scale"),
+    "train-tokenizer": (
+        "transfusion.tokenizer",
+        "train a byte-level BPE tokenizer.json on a data source's text",
+    ),
     "generate": ("transfusion.generate_cli", "generate text, images or both from a prompt"),
     "caption": ("transfusion.caption_cli", "describe image files with a trained model"),
     "eval": ("transfusion.evaluate", "evaluate a checkpoint and write metrics.json"),
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, OSError, ModuleNotFoundError) as e:  # the user's to fix: one line
         if os.environ.get("TRANSFUSION_DEBUG"):
             raise
         print(f"transfusion {name}: error: {e}", file=sys.stderr)

@@ -192,14 +192,31 @@ class DataConfig:
     caption_first_prob: float = 0.8
     """Probability a captioned pair is ordered caption-then-image (else image-then-caption)."""
     text_only_ratio: float = 0.0
+    """Share of samples that are text alone: documents of ``text_path`` when it is set, else the
+    captions of captioned records (their images unused)."""
     image_only_ratio: float = 0.0
+    """Share of captioned records used as an image alone (no text)."""
+    text_path: str | None = None
+    """A .txt file or a folder of them (documents split at blank lines) whose documents are mixed in
+    as text-only samples at ``text_only_ratio``: language data beside an image-caption set."""
     cond_dropout: float = 0.1
     """Probability that the text before an image is dropped, so CFG has an unconditional branch."""
     max_objects: int = 3
+    """Objects per scene at most, for the built-in shapes source (1 to 3)."""
+    length: int | None = None
+    """Distinct scenes the shapes source cycles through (None: a million); a finite pool is what
+    ``latent_cache`` encodes once. Pairing, conditioning dropout and noise still differ every pass."""
     seed: int = 0
+    val_fraction: float = 0.02
+    """Share of a file-based source (folder, jsonl, text, webdataset) held out as its 'val' split,
+    chosen by a hash of each item's name, so adding files does not move the others between splits."""
     strict: bool = False
     """Stop at the first unreadable sample instead of skipping and counting it."""
+    truncate: bool = False
+    """Cut a sample longer than ``train.seq_len`` at a text boundary (never inside an image) and count
+    it; False stops with an error that names the sample."""
     latent_cache: str | None = None
+    """A directory where the images of a finite source are encoded once (safetensors shards)."""
 
     def __post_init__(self) -> None:
         _choice("source", self.source, ("shapes", "fashion_mnist", "folder", "jsonl", "text", "webdataset"))
@@ -209,6 +226,12 @@ class DataConfig:
                 raise ValueError(f"{name} must be within [0, 1], got {value}")
         if self.text_only_ratio + self.image_only_ratio > 1.0:
             raise ValueError("text_only_ratio + image_only_ratio must not exceed 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be within [0, 1), got {self.val_fraction}")
+        if self.length is not None and self.length < 1:
+            raise ValueError(f"length must be >= 1 (or null for the default), got {self.length}")
+        if not 1 <= self.max_objects <= 3:
+            raise ValueError(f"max_objects must be 1, 2 or 3, got {self.max_objects}")
 
 
 @dataclass
@@ -233,8 +256,13 @@ class TrainConfig:
     ema_decay: float = 0.0
     """0 disables the EMA copy of the weights."""
     log_every: int = 10
+    """Steps between lines of metrics.jsonl (and progress-bar updates)."""
     eval_every: int = 200
+    """Steps between validation losses on held-out data; 0 disables validation."""
+    eval_batches: int = 2
+    """Held-out batches per validation (the same batches, with the same noise, every time)."""
     sample_every: int = 0
+    """Steps between sample grids (samples/step_N.png); 0 disables them."""
     ckpt_every: int = 200
     keep_last: int = 3
     max_bad_steps: int = 5
@@ -246,6 +274,10 @@ class TrainConfig:
     parallel: str = "ddp"
     """Under torchrun: 'ddp' or 'fsdp' (FSDP2 fully_shard)."""
     compile: bool = False
+    tokenizer: str | None = None
+    """A local ``tokenizer.json`` (or its directory) for a model trained from scratch, e.g. one made by
+    ``transfusion train-tokenizer``; None means the byte tokenizer. It fixes ``model.vocab_size`` and
+    is copied into every checkpoint."""
     init_from: str | None = None
     """A local Hugging Face Llama / Qwen2 directory whose text weights and tokenizer start the model."""
     freeze_text: bool = False
@@ -254,8 +286,12 @@ class TrainConfig:
     """With freeze_text: trunk layers that still train (negative indices count from the end)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "keep_last"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "keep_last", "log_every",
+                     "ckpt_every", "eval_batches"):  # fmt: skip
             _positive(name, getattr(self, name))
+        for name in ("eval_every", "sample_every", "max_bad_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -264,6 +300,14 @@ class TrainConfig:
         _choice("parallel", self.parallel, ("ddp", "fsdp"))
         if self.freeze_text and not self.init_from:
             raise ValueError("train.freeze_text needs train.init_from (a pretrained LLM directory)")
+        if self.tokenizer and self.init_from:
+            raise ValueError(
+                "train.tokenizer and train.init_from both name a tokenizer; a pretrained LLM brings its own"
+            )
+        if self.train_layers and not self.freeze_text:
+            raise ValueError(
+                "train.train_layers only applies with train.freeze_text (every layer trains otherwise)"
+            )
 
 
 @dataclass

@@ -84,12 +84,40 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
 
 
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors on the CPU from a dict that may hold FSDP2 shards (DTensors); every rank must
+    call it when any value is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in tensors.items()}
+
+
+def load_full_tensors(target: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors into ``target``, sharding each like its target where that is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for k, v in full.items():
+        t = target[k]
+        if isinstance(t, DTensor):
+            v = distribute_tensor(v.to(t.device), t.device_mesh, t.placements)
+        t.copy_(v)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     if not dist.is_initialized():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def any_across(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (so that all ranks take one decision)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def mean_across(value: float) -> float:

@@ -19,8 +19,10 @@ deterministic settings on the CPU the resumed run is bit-identical to an uninter
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import random
 import shutil
 import signal
 import time
@@ -33,16 +35,17 @@ from tqdm import tqdm
 
 from transfusion import checkpoint as ckpt
 from transfusion import distributed as D
-from transfusion.config import Config, load_config, preset
+from transfusion.cli import UserError
+from transfusion.config import Config, ModelConfig, load_config, preset
 from transfusion.data.loader import BatchLoader
 from transfusion.diffusion import make_schedule
 from transfusion.losses import training_loss
 from transfusion.model import Transfusion
-from transfusion.tokenizer import ByteTokenizer
+from transfusion.tokenizer import load_tokenizer
 
 
-class TrainingStopped(RuntimeError):
-    """Too many non-finite losses in a row."""
+class TrainingStopped(UserError):
+    """Too many non-finite losses in a row (printed as one line by the CLI)."""
 
 
 # --- pieces the loop uses ------------------------------------------------------------------------
@@ -74,17 +77,30 @@ PRETRAINED_IMAGE_SIDE = (
 )
 
 
+def model_config_for_init(model: ModelConfig, init_from: str) -> ModelConfig:
+    """The model config of a run that starts from a pretrained LLM: the checkpoint's text side, with
+    the image side of ``model`` and every other field that ``model`` sets away from its default
+    (``max_seq_len``, or a text-side field, which must then repeat the checkpoint's value)."""
+    from transfusion.pretrained import pretrained_config
+
+    default = ModelConfig()
+    overrides = {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(ModelConfig)
+        if f.name in PRETRAINED_IMAGE_SIDE or getattr(model, f.name) != getattr(default, f.name)
+    }
+    return pretrained_config(init_from, overrides)[0]
+
+
 def build_model(cfg: Config) -> tuple[Transfusion, Any, Any]:
     """(model, tokenizer, freeze or None). With ``train.init_from`` the text side and the tokenizer
     come from a local Llama / Qwen2 directory; ``train.freeze_text`` then trains the image side only."""
     tc = cfg.train
     if not tc.init_from:
-        return Transfusion(cfg.model), ByteTokenizer(), None
+        return Transfusion(cfg.model), load_tokenizer(tc.tokenizer), None
     from transfusion.pretrained import freeze_text, load_pretrained, trainable_parameters_summary
 
-    model, _, tokenizer = load_pretrained(
-        tc.init_from, {k: getattr(cfg.model, k) for k in PRETRAINED_IMAGE_SIDE}
-    )
+    model, _, tokenizer = load_pretrained(tc.init_from, dataclasses.asdict(cfg.model))
     freeze = None
     if tc.freeze_text:
         new_rows = tc.parallel != "fsdp"  # FSDP2 replaces parameters: the row mask cannot follow them
@@ -153,8 +169,12 @@ def open_latent_cache(cfg: Config, source: Any, vae: Any, encode: Any, info: Any
     from transfusion.data.latent_cache import LatentCache, build_latent_cache
     from transfusion.vae import vae_hash
 
-    if not hasattr(source, "__len__") or len(source) > 5_000_000:
-        raise ValueError("data.latent_cache needs a finite map-style source (folder, jsonl, fashion_mnist)")
+    unbounded = cfg.data.source == "shapes" and cfg.data.length is None
+    if unbounded or not hasattr(source, "__len__") or len(source) > 5_000_000:
+        raise ValueError(
+            "data.latent_cache needs a finite map-style source: folder, jsonl, fashion_mnist, or shapes with "
+            "data.length set (a pool of scenes)"
+        )
     digest = vae_hash(vae)
     if info.is_main:
         build_latent_cache(source, encode, digest, cfg.data.latent_cache, len(source))
@@ -236,12 +256,23 @@ class _Signals:
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 def save_training_checkpoint(
-    out: Path, step: int, model, ema, opt, cfg: Config, tokenizer, loader_states: list, counters: dict, info
+    out: Path,
+    step: int,
+    model: torch.nn.Module,
+    ema: dict[str, torch.Tensor] | None,
+    opt: torch.optim.Optimizer,
+    cfg: Config,
+    tokenizer: Any,
+    loader_states: list,
+    counters: dict,
+    info: D.DistInfo,
 ) -> None:
     """Everything to resume, written into a temporary directory that is renamed into place; then
     ``latest`` is updated and checkpoints beyond the last ``keep_last`` are removed."""
     weights = D.full_state_dict(model)
     opt_state = _optimizer_state(model, opt, info)
+    ema_full = D.full_tensors(ema) if ema is not None else None  # under FSDP2 the EMA is sharded too
+    rng = D.all_gather_object(_rng_state())
     if not info.is_main:
         return
     root = out / "checkpoints"
@@ -251,18 +282,18 @@ def save_training_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     ckpt.save_tensors(tmp / ckpt.MODEL_FILE, weights)
-    if ema is not None:
-        ckpt.save_tensors(tmp / ckpt.EMA_FILE, ema)
+    if ema_full is not None:
+        ckpt.save_tensors(tmp / ckpt.EMA_FILE, ema_full)
     meta = {
         "config": cfg.to_dict(),
-        "tokenizer": tokenizer.to_dict(),
+        "tokenizer": ckpt.save_tokenizer(tokenizer, tmp),
         "step": step,
         "vae": "../../vae",
         **counters,
     }
     ckpt.atomic_write_text(tmp / ckpt.META_FILE, json.dumps(meta, indent=2, sort_keys=True))
     ckpt.atomic_write_text(tmp / "loader.json", json.dumps(loader_states))
-    torch.save({"optimizer": opt_state}, tmp / "state.pt")
+    torch.save({"optimizer": opt_state, "rng": rng}, tmp / "state.pt")
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -272,7 +303,23 @@ def save_training_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _optimizer_state(model, opt, info) -> dict:
+def _rng_state() -> dict[str, Any]:
+    """This process's global random states (the loop itself draws its noise from per-sample
+    generators; these cover anything else that uses the global ones)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, info: D.DistInfo) -> dict:
     if info.enabled and not hasattr(model, "module"):  # FSDP2: gather the full optimizer state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -282,10 +329,23 @@ def _optimizer_state(model, opt, info) -> dict:
     return opt.state_dict()
 
 
-def load_training_checkpoint(path: Path, model, ema, opt, info) -> tuple[int, list, dict]:
+def load_training_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    ema: dict[str, torch.Tensor] | None,
+    opt: torch.optim.Optimizer,
+    info: D.DistInfo,
+) -> tuple[int, list, dict]:
+    """Restore weights, optimizer, EMA and random states; returns (step, loader states, counters)."""
     from safetensors.torch import load_file
 
     meta = json.loads((path / ckpt.META_FILE).read_text())
+    loader_states = json.loads((path / "loader.json").read_text())
+    if len(loader_states) != info.world_size:
+        raise ValueError(
+            f"{path} was written by {len(loader_states)} process(es); resume with the same number "
+            f"(torchrun --nproc_per_node={len(loader_states)}), not {info.world_size}"
+        )
     weights = load_file(path / ckpt.MODEL_FILE)
     state = torch.load(path / "state.pt", weights_only=True)
     if info.enabled and not hasattr(model, "module"):
@@ -303,9 +363,9 @@ def load_training_checkpoint(path: Path, model, ema, opt, info) -> tuple[int, li
         inner.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
     if ema is not None and (path / ckpt.EMA_FILE).is_file():
-        for k, v in load_file(path / ckpt.EMA_FILE).items():
-            ema[k].copy_(v)
-    loader_states = json.loads((path / "loader.json").read_text())
+        D.load_full_tensors(ema, load_file(path / ckpt.EMA_FILE))
+    if "rng" in state:
+        _set_rng_state(state["rng"][info.rank])
     counters = {k: meta.get(k, 0) for k in ("bad_steps_total", "tokens_seen")}
     return int(meta["step"]), loader_states, counters
 
@@ -323,11 +383,9 @@ def train(
     """Train to ``cfg.train.steps``; ``stop_after`` ends the process early (as an interruption would),
     ``max_seconds`` ends it (with a checkpoint) once the wall-clock budget is spent."""
     if cfg.train.init_from:  # the checkpoint fixes the text side of the model config
-        from transfusion.pretrained import load_pretrained
-
-        overrides = {k: getattr(cfg.model, k) for k in PRETRAINED_IMAGE_SIDE}
-        cfg.model = load_pretrained(cfg.train.init_from, overrides)[1]
-    check_consistency(cfg)
+        cfg.model = model_config_for_init(cfg.model, cfg.train.init_from)
+    elif cfg.train.tokenizer:  # the tokenizer fixes the vocabulary
+        cfg.model.vocab_size = load_tokenizer(cfg.train.tokenizer).vocab_size
     tc = cfg.train
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -337,6 +395,12 @@ def train(
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     info = D.init(tc.device)
     device = info.device
+    if resume and latest is None:
+        D.print0(f"note: {out} holds no checkpoint yet; starting from step 0")
+    # the VAE first: the run's config records the autoencoder it actually trains with
+    vae_model = load_or_make_vae(vae, cfg, out, info.is_main, resume)
+    cfg.vae = dataclasses.replace(vae_model.config, path=None)
+    check_consistency(cfg)
     torch.manual_seed(tc.seed)
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
@@ -355,7 +419,6 @@ def train(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     # data
-    vae_model = load_or_make_vae(vae, cfg, out, info.is_main, resume)
     encode = image_encoder(vae_model, device)
     loader = BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "train")
     if cfg.data.latent_cache:
@@ -370,6 +433,7 @@ def train(
         step, loader_states, counters = load_training_checkpoint(latest, wrapped, ema, opt, info)
         loader.load_state_dict(loader_states[info.rank])
         D.print0(f"resumed from {latest} at step {step}")
+    if info.is_main:  # no log lines past the step we start from (a run that died before its checkpoint)
         _truncate_metrics(out / "metrics.jsonl", step)
 
     log = open(out / "metrics.jsonl", "a") if info.is_main else None  # noqa: SIM115
@@ -380,7 +444,12 @@ def train(
         disable=not (progress and info.is_main),
         dynamic_ncols=True,
     )
+    # sample grids run on rank 0 alone: fine with whole weights (one process, DDP), not with FSDP2 shards
+    can_sample = not (info.enabled and tc.parallel == "fsdp")
+    if tc.sample_every and not can_sample:
+        D.print0("note: no sample grids under FSDP2 (each rank holds a shard); generate from a checkpoint")
     bad_in_row, started, window_tokens, window_start = 0, time.time(), 0, time.time()
+    interrupted = False
     last_saved = step if latest is not None else -1
 
     def save() -> None:
@@ -433,7 +502,8 @@ def train(
             counters["tokens_seen"] += tc.batch_size * tc.seq_len * tc.grad_accum * info.world_size
             bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.steps:
+            validate_now = val_loader is not None and step % tc.eval_every == 0
+            if step % tc.log_every == 0 or step == tc.steps or validate_now:
                 elapsed = time.time() - window_start
                 record = {
                     "step": step,
@@ -448,8 +518,8 @@ def train(
                     "elapsed_s": time.time() - started,
                 }
                 window_tokens, window_start = 0, time.time()
-                if val_loader is not None and step % tc.eval_every == 0:
-                    record.update(validate(wrapped, val_loader, cfg, schedule, 2, device))
+                if validate_now:
+                    record.update(validate(wrapped, val_loader, cfg, schedule, tc.eval_batches, device))
                 bar.set_postfix(
                     text=f"{record['text_loss']:.3f}", image=f"{record['image_loss']:.3f}", lr=f"{lr:.1e}",
                     tok_s=f"{record['tokens_per_s']:.0f}",
@@ -457,16 +527,19 @@ def train(
                 if log:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-            if tc.sample_every and step % tc.sample_every == 0 and info.is_main and not info.enabled:
+            if tc.sample_every and step % tc.sample_every == 0 and info.is_main and can_sample:
                 save_sample_grid(
                     model, vae_model, tokenizer, cfg, out / "samples" / f"step_{step:07d}.png", SAMPLE_PROMPTS
                 )
-            if step % tc.ckpt_every == 0 or step == tc.steps or signals.stop:
+            # every rank must take the same decision: a signal or a clock seen by one rank stops all
+            out_of_time = D.any_across(max_seconds is not None and time.time() - started > max_seconds)
+            stop = D.any_across(signals.stop)
+            if step % tc.ckpt_every == 0 or step == tc.steps or stop:
                 save()
-            out_of_time = max_seconds is not None and time.time() - started > max_seconds
-            if signals.stop or out_of_time or (stop_after is not None and step >= stop_after):
+            if stop or out_of_time or (stop_after is not None and step >= stop_after):
                 if out_of_time:
                     D.print0(f"time budget of {max_seconds:.0f} s spent at step {step}")
+                interrupted = stop
                 break
     bar.close()
     if log:
@@ -474,7 +547,7 @@ def train(
     if last_saved != step:
         save()
     D.cleanup()
-    return {"step": step, "out": str(out), "interrupted": signals.stop, **counters}
+    return {"step": step, "out": str(out), "interrupted": interrupted, **counters}
 
 
 SAMPLE_PROMPTS = [
@@ -489,9 +562,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines past the resumed step, so the curve of a resumed run has no duplicates."""
     if not path.is_file():
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-    ]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
+            continue
     ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
@@ -509,12 +586,16 @@ def build_config(args: argparse.Namespace) -> Config:
         overrides.append(f"data.path={json.dumps(args.data_path)}")
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
+    if args.tokenizer:
+        overrides.append(f"train.tokenizer={json.dumps(str(Path(args.tokenizer).resolve()))}")
     if args.init_from:
         overrides.append(f"train.init_from={json.dumps(args.init_from)}")
     if args.freeze_text:
         overrides.append("train.freeze_text=true")
     if args.train_layers:
         overrides.append(f"train.train_layers=[{args.train_layers}]")
+    if args.strict:
+        overrides.append("data.strict=true")
     return cfg.override(overrides)
 
 
@@ -548,17 +629,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
     p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a tokenizer.json (or its directory), e.g. from `transfusion train-tokenizer` (default: bytes)",
+    )
+    p.add_argument(
         "--init-from", default=None, help="start from a local Hugging Face Llama / Qwen2 directory"
     )
     p.add_argument("--freeze-text", action="store_true", help="with --init-from: train only the image side")
     p.add_argument(
         "--train-layers", default=None, help="with --freeze-text: layers that still train, e.g. 10,11 or -1"
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable data item (default: skip it with a warning and count it)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = build_config(args)
+    stored = Path(args.out) / "config.json"
+    if args.resume and stored.is_file():
+        # a resumed run continues with the configuration it ran with; --steps and --set may change it
+        fixed = [
+            n for n in ("preset", "config", "data", "data_path", "tokenizer", "init_from") if getattr(args, n)
+        ]
+        if fixed or args.freeze_text or args.train_layers:
+            flags = ", ".join("--" + n.replace("_", "-") for n in fixed) or "--freeze-text/--train-layers"
+            raise ValueError(
+                f"--resume continues with {stored}; drop {flags} (change single fields with --set)"
+            )
+        cfg = load_config(stored)
+        overrides = list(args.set or []) + ([f"train.steps={args.steps}"] if args.steps else [])
+        overrides += ["data.strict=true"] if args.strict else []
+        cfg = cfg.override(overrides)
+    else:
+        cfg = build_config(args)
     result = train(cfg, args.out, vae=args.vae, resume=args.resume, progress=not args.no_progress)
     D.print0(f"stopped at step {result['step']}; checkpoints in {Path(args.out) / 'checkpoints'}")
     return 130 if result["interrupted"] else 0

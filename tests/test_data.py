@@ -41,7 +41,7 @@ def test_folder_and_jsonl_sources(tmp_path):
     (tmp_path / "a.png").write_bytes(png_bytes((40, 20)))
     (tmp_path / "a.txt").write_text("a red thing")
     (tmp_path / "b.png").write_bytes(png_bytes())
-    src = make_source(DataConfig(source="folder", path=str(tmp_path), image_size=16))
+    src = make_source(DataConfig(source="folder", path=str(tmp_path), image_size=16, val_fraction=0.0))
     recs = [src[i] for i in range(len(src))]
     assert [r.text for r in recs] == ["a red thing", None]
     assert all(r.image.size == (16, 16) for r in recs)  # shorter side resized, centre-cropped
@@ -52,7 +52,7 @@ def test_folder_and_jsonl_sources(tmp_path):
         + json.dumps({"path": "b.png", "text": "two"})
         + "\n"
     )
-    src = make_source(DataConfig(source="jsonl", path=str(manifest), image_size=16))
+    src = make_source(DataConfig(source="jsonl", path=str(manifest), image_size=16, val_fraction=0.0))
     assert [src[i].text for i in range(2)] == ["one", "two"]
     with pytest.raises(ValueError, match="data.path"):
         make_source(DataConfig(source="folder"))
@@ -67,7 +67,7 @@ def test_bad_inputs_are_skipped_and_counted_or_stop_when_strict(tmp_path):
     (tmp_path / "small.png").write_bytes(png_bytes((8, 8)))
     (tmp_path / "badcap.png").write_bytes(good)
     (tmp_path / "badcap.txt").write_bytes(b"\xff\xfe caption")
-    src = make_source(DataConfig(source="folder", path=str(tmp_path), image_size=16))
+    src = make_source(DataConfig(source="folder", path=str(tmp_path), image_size=16, val_fraction=0.0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         recs = {src.items[i][0].name: src[i] for i in range(len(src))}
@@ -76,14 +76,16 @@ def test_bad_inputs_are_skipped_and_counted_or_stop_when_strict(tmp_path):
         assert recs[name] is None, name
         assert any(name.split(".")[0] in str(w.message) for w in caught), name
     assert dict(src.skipped) == {"empty": 1, "unreadable": 2, "too_small": 1, "not_utf8": 1}
-    strict = make_source(DataConfig(source="folder", path=str(tmp_path), image_size=16, strict=True))
+    strict = make_source(
+        DataConfig(source="folder", path=str(tmp_path), image_size=16, strict=True, val_fraction=0.0)
+    )
     with pytest.raises(ValueError, match="badcap.txt: caption is not UTF-8 .strict mode"):
         [strict[i] for i in range(len(strict))]
 
 
 def test_text_source(tmp_path):
     (tmp_path / "doc.txt").write_text("first paragraph\n\nsecond one\n")
-    src = make_source(DataConfig(source="text", path=str(tmp_path)))
+    src = make_source(DataConfig(source="text", path=str(tmp_path), val_fraction=0.0))
     assert [src[i].text for i in range(len(src))] == ["first paragraph", "second one"]
     assert src[0].image is None
 
@@ -101,7 +103,7 @@ def test_webdataset_source(tmp_path):
             info = tarfile.TarInfo(key)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    src = make_source(DataConfig(source="webdataset", path=str(shard), image_size=16))
+    src = make_source(DataConfig(source="webdataset", path=str(shard), image_size=16, val_fraction=0.0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         recs = list(src)
@@ -236,3 +238,116 @@ def test_images_are_segments_with_seeds():
         and s.segments[1].seed is not None
     )
     assert np.isfinite(s.segments[1].seed)
+
+
+def write_folder(root, n, start=0):
+    root.mkdir(exist_ok=True)
+    for i in range(start, start + n):
+        (root / f"img{i:03d}.png").write_bytes(png_bytes(color=(i % 256, 40, 200)))
+        (root / f"img{i:03d}.txt").write_text(f"picture {i}")
+
+
+def test_held_out_split_is_disjoint_stable_and_never_empty(tmp_path):
+    write_folder(tmp_path / "d", 200)
+    cfg = DataConfig(source="folder", path=str(tmp_path / "d"), image_size=16, val_fraction=0.05)
+    names = {s: {p.name for p, _ in make_source(cfg, s).items} for s in ("train", "val", "test")}
+    assert names["val"] == names["test"] and not names["train"] & names["val"]
+    assert len(names["train"] | names["val"]) == 200 and 2 <= len(names["val"]) <= 25
+    write_folder(tmp_path / "d", 50, start=200)  # new files never move old ones between splits
+    grown = {p.name for p, _ in make_source(cfg, "val").items}
+    assert names["val"] <= grown and not grown & names["train"]
+    write_folder(tmp_path / "tiny", 3)  # too few items for 5%: one is still held out
+    tiny_cfg = DataConfig(source="folder", path=str(tmp_path / "tiny"), image_size=16, val_fraction=0.05)
+    assert len(make_source(tiny_cfg, "val")) == 1 and len(make_source(tiny_cfg, "train")) == 2
+    none = DataConfig(source="folder", path=str(tmp_path / "tiny"), image_size=16, val_fraction=0.0)
+    assert len(make_source(none, "train")) == 3
+    with pytest.raises(ValueError, match="val_fraction"):
+        make_source(none, "val")
+    (tmp_path / "t.txt").write_text("\n\n".join(f"document {i}" for i in range(100)))
+    docs = {s: {make_source(DataConfig(source="text", path=str(tmp_path / "t.txt"), val_fraction=0.1), s)[i].text
+                for i in range(len(make_source(DataConfig(source="text", path=str(tmp_path / "t.txt"), val_fraction=0.1), s)))}
+            for s in ("train", "val")}  # fmt: skip
+    assert not docs["train"] & docs["val"] and len(docs["train"] | docs["val"]) == 100
+
+
+def test_text_corpus_mixed_in_beside_image_captions(tmp_path):
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"language document number {i}" for i in range(50)))
+    cfg = loader_cfg()
+    cfg.data.text_path = str(tmp_path / "corpus.txt")
+    cfg.data.text_only_ratio = 0.3
+    cfg.data.val_fraction = 0.0
+    loader = BatchLoader(cfg, TOK, fake_encode)
+    kinds = []
+    for i in range(600):
+        got = loader._sample(i)
+        sample, record = got
+        if record.image is None:
+            assert record.text.startswith("language document") and len(sample.segments) == 1
+            kinds.append("text")
+        else:
+            kinds.append("image")
+    assert kinds.count("text") / len(kinds) == pytest.approx(0.3, abs=0.06)
+    batch = next(loader)  # and batches pack both kinds
+    assert batch.num_images > 0
+
+
+def test_long_samples_stop_with_the_item_named_or_are_truncated_and_counted(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    manifest.write_text(json.dumps({"image": "a.png", "caption": "a very long caption " * 10}) + "\n")
+    cfg = loader_cfg()
+    cfg.data = DataConfig(source="jsonl", path=str(manifest), image_size=16, val_fraction=0.0, caption_first_prob=1.0,
+                          cond_dropout=0.0)  # fmt: skip
+    with pytest.raises(ValueError, match="a.png.*train.seq_len is 64.*data.truncate=true"):
+        next(BatchLoader(cfg, TOK, fake_encode))
+    cfg.data.truncate = True
+    loader = BatchLoader(cfg, TOK, fake_encode)
+    batch = next(loader)
+    assert loader.stats["truncated"] == 3 and batch.num_images == 0  # the caption is cut, the image dropped
+
+
+def test_iterable_source_cycles_past_its_end_and_counts_skips_by_reason(tmp_path):
+    pytest.importorskip("webdataset")
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, data in [("s1.png", png_bytes()), ("s1.txt", b"red"), ("s2.png", b"junk"), ("s2.txt", b"x"),
+                          ("s3.png", png_bytes(color=(0, 0, 250))), ("s3.txt", b"blue")]:  # fmt: skip
+            info = tarfile.TarInfo(key)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cfg = loader_cfg()
+    cfg.data = DataConfig(source="webdataset", path=str(shard), image_size=16, val_fraction=0.0)
+    loader = BatchLoader(cfg, TOK, fake_encode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = [loader._sample(i) for i in range(9)]  # three passes over a 3-item shard
+    texts = [None if g is None else g[1].text for g in got]
+    assert texts == ["red", None, "blue"] * 3
+    assert loader.stats["skipped"] == 3 and loader.stats["skipped_unreadable"] == 3
+
+
+def test_latent_cache_follows_the_vae_and_the_files(tmp_path):
+    from transfusion.config import VAEConfig
+    from transfusion.train import image_encoder
+    from transfusion.vae import KLVAE, vae_hash
+
+    write_folder(tmp_path / "d", 6)
+    cfg = DataConfig(source="folder", path=str(tmp_path / "d"), image_size=16, val_fraction=0.0)
+    vaes = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        vaes.append(KLVAE(VAEConfig(image_size=16, base_channels=8)).eval())
+    (enc_a, enc_b), (ha, hb) = (
+        [image_encoder(v, torch.device("cpu")) for v in vaes],
+        [vae_hash(v) for v in vaes],
+    )
+    assert ha != hb
+    src, out = make_source(cfg), tmp_path / "cache"
+    build_latent_cache(src, enc_a, ha, out, count=len(src), progress=False)
+    torch.testing.assert_close(LatentCache(out, ha)[2], enc_a([src[2].image])[0])
+    build_latent_cache(src, enc_b, hb, out, count=len(src), progress=False)  # another VAE: rebuilt
+    torch.testing.assert_close(LatentCache(out, hb)[2], enc_b([src[2].image])[0])
+    (tmp_path / "d" / "img002.png").write_bytes(png_bytes((24, 24), (255, 255, 0)))  # edited data, same count
+    src = make_source(cfg)
+    build_latent_cache(src, enc_b, hb, out, count=len(src), progress=False)
+    torch.testing.assert_close(LatentCache(out, hb)[2], enc_b([src[2].image])[0])

@@ -169,13 +169,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ckpt-every", type=int, default=200, help="save the training state every N steps (default 200)"
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image (default: skip it with a warning and count it)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.02,
+        help="share of a folder / jsonl / webdataset source held out for the PSNR (default 0.02)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory")
-    data = DataConfig(source=args.data, path=args.data_path, image_size=args.image_size)
+    data = DataConfig(
+        source=args.data, path=args.data_path, image_size=args.image_size, strict=args.strict,
+        val_fraction=args.val_fraction,
+    )  # fmt: skip
     cfg = VAEConfig(
         image_size=args.image_size,
         downsample=args.downsample,

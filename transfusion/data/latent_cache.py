@@ -3,8 +3,9 @@
 Layout: ``shard_00000.safetensors`` ... (each a ``latents`` tensor (n, C, h, w)) and ``index.json``
 (``count``, ``shard_size``, ``shape``, ``vae_hash``, ``source``). Shards are written to temporary names
 and renamed; ``index.json`` is written last, so a crash never leaves an index that claims missing or
-partial shards. A cache whose ``vae_hash`` differs from the current VAE's is stale: ``LatentCache``
-refuses it with a clear error and ``build_latent_cache`` rebuilds it. Items the source skips (None,
+partial shards. A cache whose ``vae_hash`` differs from the current VAE's, or whose ``source`` (description and
+file fingerprint) differs from the data's, is stale: ``build_latent_cache`` rebuilds it, and
+``LatentCache`` refuses another VAE's cache with a clear error. Items the source skips (None,
 unreadable) are stored as NaN latents and the loader skips them.
 """
 
@@ -25,17 +26,24 @@ from transfusion.checkpoint import atomic_write_text, save_tensors
 INDEX = "index.json"
 
 
-def _describe(source: Any) -> str:
-    return source.describe() if hasattr(source, "describe") else type(source).__name__
+def source_id(source: Any) -> str:
+    """What the cache was built from: the source's description and, where it has one, a fingerprint
+    of its files (names, sizes, modification times), so that edited data is re-encoded."""
+    text = source.describe() if hasattr(source, "describe") else type(source).__name__
+    return f"{text} {source.fingerprint()}" if hasattr(source, "fingerprint") else text
 
 
-def cache_is_valid(directory: str | Path, vae_hash: str, count: int | None = None) -> bool:
+def cache_is_valid(
+    directory: str | Path, vae_hash: str, count: int | None = None, source: str | None = None
+) -> bool:
+    """A complete cache built with this VAE (and, when given, ``count`` items of this ``source_id``)."""
     index = Path(directory) / INDEX
     if not index.is_file():
         return False
     meta = json.loads(index.read_text())
     shards_ok = all((Path(directory) / s).is_file() for s in meta["shards"])
-    return meta["vae_hash"] == vae_hash and shards_ok and (count is None or meta["count"] == count)
+    same_data = (count is None or meta["count"] == count) and (source is None or meta["source"] == source)
+    return meta["vae_hash"] == vae_hash and shards_ok and same_data
 
 
 def build_latent_cache(
@@ -50,10 +58,11 @@ def build_latent_cache(
 ) -> Path:
     """Encode items 0..count-1 of ``source``; reuse an existing valid cache, rebuild a stale one."""
     out = Path(out_dir)
-    if cache_is_valid(out, vae_hash, count):
+    ident = source_id(source)
+    if cache_is_valid(out, vae_hash, count, ident):
         return out
     if out.exists():
-        shutil.rmtree(out)  # stale (another VAE) or half-built: start over
+        shutil.rmtree(out)  # stale (another VAE, changed data) or half-built: start over
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -79,7 +88,7 @@ def build_latent_cache(
             shards.append(name)
     bar.close()
     meta = {"count": count, "shard_size": shard_size, "shape": list(shape or ()), "vae_hash": vae_hash,
-            "source": _describe(source), "shards": shards}  # fmt: skip
+            "source": ident, "shards": shards}  # fmt: skip
     atomic_write_text(tmp / INDEX, json.dumps(meta, indent=2))
     tmp.rename(out)
     return out

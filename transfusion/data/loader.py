@@ -20,8 +20,8 @@ from torch import Tensor
 
 from transfusion.config import Config
 from transfusion.data.pairing import pair
-from transfusion.data.sources import make_source
-from transfusion.sequence import Image, MixedBatch, Sample, Specials, pack, sample_length
+from transfusion.data.sources import TextFiles, make_source
+from transfusion.sequence import Image, MixedBatch, Sample, Specials, Text, pack, sample_length
 
 EncodeFn = Callable[[list[PILImage.Image]], Tensor]
 
@@ -41,6 +41,8 @@ class BatchLoader:
         self.cfg, self.tok, self.encode = cfg, tokenizer, encode_images
         self.rank, self.world = rank, world_size
         self.source = source if source is not None else make_source(cfg.data, split)
+        # language documents mixed in beside the main source (data.text_path, data.text_only_ratio)
+        self.text_source = TextFiles(cfg.data, split, cfg.data.text_path) if cfg.data.text_path else None
         self.map_style = hasattr(self.source, "__getitem__") and hasattr(self.source, "__len__")
         self.cache = latent_cache
         self.sp = Specials.of(tokenizer)
@@ -49,6 +51,8 @@ class BatchLoader:
         self.carry: int | None = None  # index of a sample that did not fit the last batch
         self.stats: Counter[str] = Counter()
         self._iter: Iterator[Any] | None = None
+        self._iter_pos = 0
+        self._epoch_len = 0  # items per pass of an iterable source, once measured
         self._seed_tag = f"{cfg.data.seed}-{split}"
 
     # --- state ------------------------------------------------------------------------------------
@@ -64,23 +68,32 @@ class BatchLoader:
     def _record(self, i: int) -> Any:
         if self.map_style:
             return self.source[i % len(self.source)]
-        if self._iter is None:  # iterable source: skip to this rank's position
-            self._iter = iter(self.source)
-            for _ in range(i):
-                next(self._iter)
-            self._iter_pos = i
-        while self._iter_pos < i:
-            next(self._iter)
-            self._iter_pos += 1
-        try:
-            rec = next(self._iter)
-        except StopIteration:  # an epoch ended: start over
+        # an iterable source (WebDataset shards): read forward to index i, modulo the epoch's length
+        # once the first pass has measured it
+        if self._epoch_len:
+            i %= self._epoch_len
+        if self._iter is None or self._iter_pos > i:
             self._iter, self._iter_pos = iter(self.source), 0
-            return self._record(i)
-        self._iter_pos += 1
-        return rec
+        while True:
+            try:
+                rec = next(self._iter)
+            except StopIteration:
+                if self._iter_pos == 0:
+                    raise ValueError(f"{self.source.describe()} yields no items for this split") from None
+                self._epoch_len = self._iter_pos
+                i %= self._epoch_len
+                self._iter, self._iter_pos = iter(self.source), 0
+                continue
+            self._iter_pos += 1
+            if self._iter_pos - 1 == i:
+                return rec
 
     def _sample(self, i: int) -> tuple[Sample, Any] | None:
+        if self.text_source is not None:  # this index is a language document instead
+            if random.Random(f"{self._seed_tag}-text-{i}").random() < self.cfg.data.text_only_ratio:
+                record = self.text_source[i % len(self.text_source)]
+                return Sample([Text(self.tok.encode(record.text))]), record
+        before = Counter(getattr(self.source, "skipped", {}))
         try:
             record = self._record(i)
         except (OSError, ValueError) as e:
@@ -93,6 +106,8 @@ class BatchLoader:
             return None
         if record is None:
             self.stats["skipped"] += 1
+            for reason, n in (Counter(getattr(self.source, "skipped", {})) - before).items():
+                self.stats[f"skipped_{reason}"] += n  # by reason: empty, unreadable, not_utf8, too_small
             return None
         rng = random.Random(f"{self._seed_tag}-{i}")
         return pair(record, self.tok.encode, self.cfg.data, rng), record
@@ -114,7 +129,15 @@ class BatchLoader:
             if got is None:
                 continue
             sample, record = got
-            n = min(sample_length(sample, self.n_patches), L)
+            n = sample_length(sample, self.n_patches)
+            if n > L:
+                if not self.cfg.data.truncate:
+                    where = (getattr(record, "meta", None) or {}).get("source", f"item {i}")
+                    raise ValueError(
+                        f"{where}: the sample needs {n} positions but train.seq_len is {L}; raise "
+                        "train.seq_len, or set data.truncate=true to cut long samples at a text boundary"
+                    )
+                n = L
             if n > room:
                 if rows_used == B:
                     self.carry = i  # starts the next batch
@@ -123,7 +146,14 @@ class BatchLoader:
             room -= n
             chosen.append((i, sample, record))
         self._fill_latents(chosen)
-        batch = pack([s for _, s, _ in chosen], L, self.sp, self.n_patches, num_rows=B, allow_truncation=True)
+        batch = pack(
+            [s for _, s, _ in chosen],
+            L,
+            self.sp,
+            self.n_patches,
+            num_rows=B,
+            allow_truncation=self.cfg.data.truncate,
+        )
         self.stats["samples"] += len(chosen)
         self.stats["truncated"] += batch.stats["truncated"]
         return batch

@@ -5,7 +5,9 @@
   recognisable images (PAPER.md).
 - With probability ``cond_dropout`` (0.1) the caption of a caption-first pair is dropped, leaving the
   image alone after BOS: the unconditional branch classifier-free guidance needs.
-- ``text_only_ratio`` / ``image_only_ratio`` of captioned records are used as text alone / image alone.
+- ``image_only_ratio`` of captioned records are used as an image alone; ``text_only_ratio`` of them as
+  their caption alone, unless ``text_path`` names a text corpus: then the loader mixes that corpus's
+  documents in at ``text_only_ratio`` instead.
 
 All randomness comes from the ``random.Random`` passed in, which the loader seeds per (seed, index), so
 sample i is the same whatever the order or number of processes.
@@ -14,6 +16,7 @@ sample i is the same whatever the order or number of processes.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
 
@@ -25,12 +28,13 @@ PLACEHOLDER = torch.empty(0)
 """Image latents are filled in by the loader once it knows which samples fit a batch."""
 
 
-def pair(record: Record, tokenize, cfg: DataConfig, rng: random.Random) -> Sample:
+def pair(record: Record, tokenize: Callable[[str], list[int]], cfg: DataConfig, rng: random.Random) -> Sample:
     """A Sample whose Image segments hold ``PLACEHOLDER`` latents, in the order of ``record.image``."""
     has_image, has_text = record.image is not None, bool(record.text)
     if has_image and has_text:
         u = rng.random()
-        if u < cfg.text_only_ratio:
+        text_only = 0.0 if cfg.text_path else cfg.text_only_ratio  # with text_path, text comes from there
+        if u < text_only:
             has_image = False
         elif u < cfg.text_only_ratio + cfg.image_only_ratio:
             has_text = False

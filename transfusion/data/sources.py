@@ -7,6 +7,10 @@
 - ``text``: plain-text files (a file, or a folder of ``.txt``), documents split at blank lines.
 - ``webdataset``: tar shards (optional extra), ``jpg``/``png``/``webp`` + ``txt`` per key.
 
+File-based sources (folder, jsonl, text, webdataset) hold out ``data.val_fraction`` of their items
+as the 'val' split (also used as 'test'), chosen by a hash of each item's name (its path, key or
+text), so the split is stable as files are added; 'train' is the rest.
+
 Unreadable items (a zero-byte or truncated image, a non-image, a caption that is not UTF-8, an image
 smaller than the configured size) are skipped and counted by reason, with a warning naming the file;
 with ``strict`` the first one stops the run with that message. Map-style sources return None for a
@@ -16,6 +20,7 @@ skipped index, so indices stay stable for exact resume.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import warnings
@@ -59,6 +64,32 @@ def fit_image(img: Image.Image, size: int, name: str) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def _unit_hash(name: str) -> float:
+    """A stable pseudo-random number in [0, 1) from a name."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
+
+
+def in_split(name: str, split: str, fraction: float) -> bool:
+    """Whether the item called ``name`` belongs to ``split`` ('val' and 'test' are the held-out share)."""
+    held_out = _unit_hash(name) < fraction
+    return held_out if split in ("val", "test") else not held_out
+
+
+def split_items(items: list[Any], names: list[str], split: str, fraction: float, what: str) -> list[Any]:
+    """The items of ``split``. A set too small for the fraction to pick any item still holds one out
+    (the one of smallest hash), so that held-out numbers always come from unseen items."""
+    held = {i for i, n in enumerate(names) if _unit_hash(n) < fraction}
+    if not held and fraction > 0 and len(items) >= 2:
+        held = {min(range(len(names)), key=lambda i: _unit_hash(names[i]))}
+    keep = [x for i, x in enumerate(items) if (i in held) == (split in ("val", "test"))]
+    if not keep:
+        raise ValueError(
+            f"{what}: no items in the {split!r} split ({len(items)} items, data.val_fraction={fraction}); "
+            "add data, or set data.val_fraction (held-out share) / train.eval_every=0 (no validation)"
+        )
+    return keep
+
+
 def read_image(path: Path, size: int) -> Image.Image:
     try:
         if path.stat().st_size == 0:
@@ -88,7 +119,9 @@ class _Skipping:
 
     def skip(self, err: BadItem) -> None:
         if self.strict:
-            raise ValueError(f"{err} (strict mode; drop --strict to skip and count such items)")
+            raise ValueError(
+                f"{err} (strict mode: data.strict=true; without it such items are skipped and counted)"
+            )
         self.skipped[err.reason] += 1
         warnings.warn(f"skipping {err}", stacklevel=3)
 
@@ -98,7 +131,7 @@ class ShapesSource:
         from transfusion.data.shapes import ShapesDataset
 
         seed = cfg.seed if split == "train" else cfg.seed + 1_000_003  # held-out scenes never overlap
-        self.ds = ShapesDataset(cfg.image_size, seed, cfg.max_objects)
+        self.ds = ShapesDataset(cfg.image_size, seed, cfg.max_objects, cfg.length)
         self.skipped: Counter[str] = Counter()
 
     def __len__(self) -> int:
@@ -191,6 +224,8 @@ class ImageTextFiles(_Skipping):
                 self.items.append((p if p.is_absolute() else root.parent / p, text))
         if not self.items:
             raise ValueError(f"no images found under {root}")
+        names = [str(p.relative_to(root) if cfg.source == "folder" else p) for p, _ in self.items]
+        self.items = split_items(self.items, names, split, cfg.val_fraction, str(root))
         self.path = root
 
     def __len__(self) -> int:
@@ -209,15 +244,32 @@ class ImageTextFiles(_Skipping):
     def describe(self) -> str:
         return f"files({self.path}, {len(self.items)} items, size={self.size})"
 
+    def fingerprint(self) -> str:
+        """A hash of every item's files (path, size, modification time): changes when data is edited."""
+        h = hashlib.blake2b(digest_size=8)
+        for path, caption in self.items:
+            for f in (path, caption) if isinstance(caption, Path) else (path,):
+                try:
+                    st = f.stat()
+                    h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
+                except OSError:
+                    h.update(f"{f}:missing;".encode())
+            if isinstance(caption, str):
+                h.update(caption.encode("utf-8", "replace"))
+        return h.hexdigest()
+
 
 class TextFiles(_Skipping):
     """Text-only documents from a .txt file or a folder of them, split at blank lines."""
 
-    def __init__(self, cfg: DataConfig, split: str):
+    def __init__(self, cfg: DataConfig, split: str, path: str | None = None):
         super().__init__(cfg.strict)
-        if not cfg.path:
+        path = path or cfg.path
+        if not path:
             raise ValueError("data source 'text' needs data.path (a .txt file or a folder of them)")
-        root = Path(cfg.path)
+        root = Path(path)
+        if not root.exists():
+            raise ValueError(f"text data {root} does not exist")
         files = sorted(root.rglob("*.txt")) if root.is_dir() else [root]
         self.docs: list[str] = []
         for f in files:
@@ -229,6 +281,7 @@ class TextFiles(_Skipping):
             self.docs += [d.strip() for d in text.split("\n\n") if d.strip()]
         if not self.docs:
             raise ValueError(f"no text found in {root}")
+        self.docs = split_items(self.docs, self.docs, split, cfg.val_fraction, str(root))
         self.path = root
 
     def __len__(self) -> int:
@@ -257,6 +310,7 @@ class WebDatasetSource(_Skipping):
                 "data source 'webdataset' needs data.path (a shard pattern such as data-{000..009}.tar)"
             )
         self.urls, self.size = cfg.path, cfg.image_size
+        self.split, self.fraction = split, cfg.val_fraction
 
     def __iter__(self):
         import io
@@ -265,6 +319,8 @@ class WebDatasetSource(_Skipping):
 
         for sample in wds.WebDataset(self.urls, shardshuffle=False):
             key = sample.get("__key__", "?")
+            if not in_split(key, self.split, self.fraction):
+                continue
             blob = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             try:
                 if blob is None:

@@ -289,7 +289,33 @@ def test_train_cli_init_from_with_frozen_text(llama, tmp_path):
     loaded = load_model(out)
     assert loaded.tokenizer.encode("a red circle") == HFTokenizer(path).encode("a red circle")
     assert loaded.model.cfg.vocab_size == start.cfg.vocab_size
-    resume = [a for a in args if a not in ("3",)]
-    resume[resume.index("--steps") + 1 : resume.index("--steps") + 1] = ["5"]
-    assert cli.main([*resume, "--resume"]) == 0
+    # the resumed run takes its config (init_from, freezing, image side) from the run directory
+    assert cli.main(["train", "--out", str(out), "--resume", "--steps", "5", "--no-progress"]) == 0
     assert load_model(out).meta["step"] == 5
+    trained = load_file(resolve_checkpoint(out) / "model.safetensors")
+    assert torch.equal(trained["layers.0.attn.wq.weight"], start.state_dict()["layers.0.attn.wq.weight"])
+    # the checkpoint carries its tokenizer file: it loads from anywhere
+    moved = tmp_path / "moved"
+    shutil.copytree(resolve_checkpoint(out), moved)
+    assert (moved / "tokenizer.json").is_file()
+    assert json.loads((moved / "meta.json").read_text())["tokenizer"]["path"] == "tokenizer.json"
+    assert load_model(moved).tokenizer.encode("a red circle") == HFTokenizer(path).encode("a red circle")
+
+
+def test_init_from_keeps_set_fields_and_refuses_contradictions(llama, tmp_path, capsys):
+    from transfusion import cli
+    from transfusion.config import Config
+
+    _, path = llama
+    base = ["train", "--init-from", str(path), "--vae", "random", "--steps", "1", "--no-progress",
+            "--set", "model.latent_size=4", "--set", "vae.image_size=16", "--set", "data.image_size=16",
+            "--set", "train.batch_size=1", "--set", "train.seq_len=48", "--set", "train.eval_every=0"]  # fmt: skip
+    assert cli.main([*base, "--out", str(tmp_path / "a"), "--set", "model.max_seq_len=48"]) == 0
+    cfg = Config.from_json((tmp_path / "a" / "config.json").read_text())
+    assert cfg.model.max_seq_len == 48 and cfg.model.dim == TINY["hidden_size"]
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(tmp_path / "b"), "--set", "model.dim=96"]) == 2
+    err = capsys.readouterr().err
+    assert "dim=96" in err and "contradicts" in err and len(err.strip().splitlines()) == 1
+    assert cli.main([*base, "--out", str(tmp_path / "c"), "--train-layers", "1"]) == 2  # needs --freeze-text
+    assert "freeze_text" in capsys.readouterr().err

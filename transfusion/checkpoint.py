@@ -31,6 +31,7 @@ from transfusion.tokenizer import tokenizer_from_dict
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -89,9 +90,23 @@ def save_model(
     save_tensors(directory / MODEL_FILE, model_state(model))
     if ema is not None:
         save_tensors(directory / EMA_FILE, ema)
-    meta = {"config": config.to_dict(), "tokenizer": tokenizer.to_dict(), **(extra or {})}
+    meta = {"config": config.to_dict(), "tokenizer": save_tokenizer(tokenizer, directory), **(extra or {})}
     atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
     return directory
+
+
+def save_tokenizer(tokenizer: Any, directory: Path) -> dict[str, Any]:
+    """The tokenizer's description for meta.json. A tokenizer read from a file has the file copied
+    into the checkpoint (``tokenizer.json``, named relative to it), so the checkpoint stands alone
+    wherever it is moved."""
+    d = tokenizer.to_dict()
+    if d.get("kind") == "hf":
+        src = Path(d["path"])
+        if not src.is_absolute():
+            raise ValueError(f"tokenizer path {src} is relative; cannot copy it into {directory}")
+        atomic_write_bytes(directory / TOKENIZER_FILE, src.read_bytes())
+        d = {**d, "path": TOKENIZER_FILE}
+    return d
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -125,13 +140,21 @@ class Loaded:
 def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> Loaded:
     """Load a checkpoint (or a run's latest) for inference. Prefers EMA weights when present."""
     ckpt = resolve_checkpoint(path)
-    meta = json.loads((ckpt / META_FILE).read_text())
-    config = Config.from_dict(meta["config"])
-    tokenizer = tokenizer_from_dict(meta.get("tokenizer"))
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+        config = Config.from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{ckpt / META_FILE} is not a checkpoint description ({type(e).__name__}: {e})"
+        ) from None
+    tokenizer = tokenizer_from_dict(meta.get("tokenizer"), base=ckpt)
     with torch.device("meta"):
         model = Transfusion(config.model)
     weights = ckpt / (EMA_FILE if use_ema and (ckpt / EMA_FILE).is_file() else MODEL_FILE)
-    state = load_file(weights, device=str(device))
+    try:
+        state = load_file(weights, device=str(device))
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{weights} is not a readable safetensors file ({e})") from None
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (config.model.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

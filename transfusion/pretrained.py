@@ -282,6 +282,27 @@ def _init_new_rows(weight: Tensor, new_ids: list[int], n_known: int) -> None:
         weight[new_ids] = weight[:n_known].double().mean(0).to(weight.dtype)
 
 
+def pretrained_config(
+    path: str | Path, model_overrides: dict[str, Any] | None = None
+) -> tuple[ModelConfig, HFTokenizer, dict[str, Any]]:
+    """The ``ModelConfig`` a local Llama / Qwen2 directory gives (with ``model_overrides``), its
+    tokenizer and its raw config.json, without reading any weight."""
+    path = Path(path)
+    hf = read_hf_config(path)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer.json (only the fast-tokenizer file is read)")
+    tokenizer = HFTokenizer(path)
+    if "vocab_size" not in hf:
+        raise ValueError(f"{path / 'config.json'} lacks 'vocab_size'")
+    hf_vocab = int(hf["vocab_size"])
+    if tokenizer.base_vocab_size > hf_vocab:
+        raise ValueError(
+            f"tokenizer.json has {tokenizer.base_vocab_size} tokens but config.json vocab_size is {hf_vocab}: "
+            "they do not belong to the same model"
+        )
+    return model_config_from_hf(hf, max(hf_vocab, tokenizer.vocab_size), model_overrides), tokenizer, hf
+
+
 @torch.no_grad()
 def load_pretrained(
     path: str | Path, model_overrides: dict[str, Any] | None = None
@@ -294,20 +315,9 @@ def load_pretrained(
     naming the key for an unsupported config, a missing or unexpected weight, or a shape mismatch.
     """
     path = Path(path)
-    hf = read_hf_config(path)
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path} has no tokenizer.json (only the fast-tokenizer file is read)")
+    cfg, tokenizer, hf = pretrained_config(path, model_overrides)
     files = weight_files(path)
-    tokenizer = HFTokenizer(path)
-    if "vocab_size" not in hf:
-        raise ValueError(f"{path / 'config.json'} lacks 'vocab_size'")
     hf_vocab = int(hf["vocab_size"])
-    if tokenizer.base_vocab_size > hf_vocab:
-        raise ValueError(
-            f"tokenizer.json has {tokenizer.base_vocab_size} tokens but config.json vocab_size is {hf_vocab}: "
-            "they do not belong to the same model"
-        )
-    cfg = model_config_from_hf(hf, max(hf_vocab, tokenizer.vocab_size), model_overrides)
     model = Transfusion(cfg)  # the model's own initialisation; the text side is overwritten below
     keys = hf_key_map(cfg)
     vocab_keys = {"model.embed_tokens.weight", "lm_head.weight"}

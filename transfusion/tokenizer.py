@@ -2,11 +2,16 @@
 
 ``ByteTokenizer`` needs no files: ids 0-255 are UTF-8 bytes and 256-260 the specials. ``HFTokenizer``
 wraps a local ``tokenizer.json`` (the ``tokenizers`` package, extra ``hf``) and adds BOI/EOI (and
-PAD/BOS/EOS when the file lacks them) as new ids at the end of its vocabulary.
+PAD/BOS/EOS when the file lacks them) as new ids at the end of its vocabulary. ``train_bpe`` makes
+such a file from your own text: a byte-level BPE (every string encodes; frequent words become one
+token), as the paper's Llama-2 tokenizer is a BPE; ``transfusion train-tokenizer`` runs it on a data
+source's captions.
 """
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -95,7 +100,7 @@ class HFTokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        self.path = str(file)
+        self.path = str(file.resolve())
         self._tok = _Tok.from_file(str(file))
         self._base_size = self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -139,10 +144,76 @@ class HFTokenizer:
         return {"kind": "hf", "path": self.path}
 
 
-def tokenizer_from_dict(d: dict | None) -> ByteTokenizer | HFTokenizer:
-    """Rebuild the tokenizer a checkpoint names (``{"kind": "bytes"}`` or ``{"kind": "hf", "path": ...}``)."""
+def load_tokenizer(path: str | Path | None) -> ByteTokenizer | HFTokenizer:
+    """The byte tokenizer for None, else the ``tokenizer.json`` at ``path`` (a file or a directory)."""
+    return ByteTokenizer() if path is None else HFTokenizer(path)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> HFTokenizer:
+    """Train a byte-level BPE ``tokenizer.json`` on ``texts`` and write it to ``path`` (a file, or a
+    directory that receives ``tokenizer.json``); returns it wrapped, special tokens added.
+
+    Byte-level: the 256 byte symbols are always in the vocabulary, so any string encodes and decodes
+    exactly; merges learned from ``texts`` make their frequent words single tokens. ``vocab_size``
+    counts the bytes and the merges; training stops earlier when no pair is left to merge."""
+    try:
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("training a tokenizer needs: pip install 'transfusion[hf]'") from e
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size must be at least 257 (the 256 bytes and one merge), got {vocab_size}")
+    tok = _Tok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator((_utf8(t).decode("utf-8") for t in texts), trainer)
+    path = Path(path)
+    file = path / "tokenizer.json" if path.suffix != ".json" else path
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    tok.save(str(tmp))
+    tmp.replace(file)  # atomic: a crash leaves no half-written tokenizer
+    return HFTokenizer(file)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory (or .json file) for tokenizer.json")
+    p.add_argument(
+        "--data", default="shapes", help="data source whose texts train it: shapes (default), fashion_mnist, "
+        "folder, jsonl, text, webdataset",
+    )  # fmt: skip
+    p.add_argument("--data-path", default=None, help="path for file-based data sources")
+    p.add_argument("--vocab-size", type=int, default=512, help="bytes + merges (default 512)")
+    p.add_argument("--texts", type=int, default=20000, help="texts to read from the source (default 20000)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from transfusion.config import DataConfig
+    from transfusion.data.sources import make_source
+
+    source = make_source(DataConfig(source=args.data, path=args.data_path), "train")
+    items = (source[i] for i in range(len(source))) if hasattr(source, "__getitem__") else iter(source)
+    texts = [r.text for r in islice((r for r in items if r is not None and r.text), args.texts)]
+    if not texts:
+        raise ValueError(f"data source {args.data!r} gave no text to train a tokenizer on")
+    tok = train_bpe(texts, args.vocab_size, args.out)
+    example = texts[0]
+    print(f"wrote {tok.path}: {tok.vocab_size} ids with the specials, trained on {len(texts)} texts; "
+          f"{example!r} -> {len(tok.encode(example))} tokens ({len(example.encode())} bytes)")  # fmt: skip
+    return 0
+
+
+def tokenizer_from_dict(d: dict | None, base: str | Path | None = None) -> ByteTokenizer | HFTokenizer:
+    """Rebuild the tokenizer a checkpoint names (``{"kind": "bytes"}`` or ``{"kind": "hf", "path": ...}``);
+    a relative path is read from ``base`` (the checkpoint directory)."""
     if not d or d.get("kind") == "bytes":
         return ByteTokenizer()
     if d.get("kind") == "hf":
-        return HFTokenizer(d["path"])
+        path = Path(d["path"])
+        return HFTokenizer(Path(base) / path if base is not None and not path.is_absolute() else path)
     raise ValueError(f"unknown tokenizer description {d!r}")

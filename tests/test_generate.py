@@ -61,7 +61,12 @@ def close(a, b, tol=1e-5):
     torch.testing.assert_close(a / scale, b / scale, atol=tol, rtol=0)
 
 
-def test_cached_steps_equal_full_recompute(decoder):
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cached_steps_equal_full_recompute(decoder, kv_heads):
+    """(kv_heads 2: grouped-query attention, as in pretrained Llama / Qwen2 checkpoints.)"""
+    if kv_heads != decoder.model.cfg.n_heads:
+        torch.manual_seed(3)
+        decoder = Decoder(random_head(Transfusion(tiny(n_kv_heads=kv_heads))), TOK, DiffusionConfig())
     model = decoder.model
     z1, x_t, z2 = latent(model.cfg), latent(model.cfg), latent(model.cfg)
     prompt = [Text(TOK.encode("draw")), Image(z1, t=0), Text(TOK.encode("then"))]
@@ -162,6 +167,28 @@ def test_generate_equals_uncached_reference(patcher, objective):
     close(out[0], ref[0].latent)
     close(out[1], ref[1].latent)
     assert out[2] == " ".join(map(str, ref[2].ids))
+
+
+def test_two_images_then_a_question_equals_uncached_greedy_reference(decoder):
+    """Understanding: an image-first prompt with two images and text is answered greedily; every token
+    equals what a full forward over the whole sequence picks."""
+    model, cfg = decoder.model, decoder.model.cfg
+    z1, z2 = latent(cfg), latent(cfg)
+    dec = Decoder(model, IdTokenizer(), DiffusionConfig())
+    gen = GenerationConfig(max_new_tokens=6, temperature=0.0, max_images=0)
+    out = dec.generate([[z1, z2, "which?"]], gen)[0]
+    ids: list[int] = []
+    prompt = [Image(z1, t=0), Image(z2, t=0), Text(TOK.encode("which?"))]
+    while len(ids) < 6:
+        o, _, L = full_forward(model, Sample([*prompt, Text(ids)], eos=False))
+        logits = o.logits[0, L - 1]
+        logits[[SP.bos, SP.eoi, SP.pad, SP.boi]] = float("-inf")
+        token = int(logits.argmax())
+        if token == SP.eos:
+            break
+        ids.append(token)
+    assert out == ([" ".join(map(str, ids))] if ids else [])
+    assert len(ids) == 6  # an untrained model does not stop early: six real comparisons
 
 
 def test_batched_equals_one_at_a_time():
@@ -318,10 +345,12 @@ def test_cli_generate_and_caption(checkpoints, tmp_path, capsys):
     assert captured.out.startswith(f"{png}\t") and len(captured.out.splitlines()) == 1
     from PIL import Image as PILImage
 
-    PILImage.new("RGB", (24, 20)).save(tmp_path / "wide.png")  # another size: resized, with a note
-    assert (
-        cli.main(["caption", "--checkpoint", str(checkpoints / "with_vae"), str(tmp_path / "wide.png")]) == 0
-    )
+    PILImage.new("RGB", (24, 20)).save(tmp_path / "wide.png")  # another size: an error, or --resize
+    ckpt = str(checkpoints / "with_vae")
+    assert cli.main(["caption", "--checkpoint", ckpt, str(tmp_path / "wide.png")]) == 2
+    err = capsys.readouterr().err
+    assert "24x20" in err and "16x16" in err and "--resize" in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["caption", "--checkpoint", ckpt, "--resize", str(tmp_path / "wide.png")]) == 0
     assert "resized" in capsys.readouterr().err
 
 

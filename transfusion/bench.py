@@ -182,7 +182,7 @@ def _sampling_numbers(cfg: ModelConfig, device: str, repeat: int) -> dict[str, A
     """Cached text decoding, whole-image sampling, and one denoising step against prefixes of
     16, 256 and 1024 positions (it should stay nearly flat: only the attention reads grow)."""
     from transfusion.config import DiffusionConfig
-    from transfusion.generate import Decoder, GenerationConfig, KVCache, text_to_image
+    from transfusion.generate import Decoder, GenerationConfig, text_to_image
 
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, 1024 + cfg.patches_per_image + 8))
     torch.manual_seed(0)
@@ -199,30 +199,35 @@ def _sampling_numbers(cfg: ModelConfig, device: str, repeat: int) -> dict[str, A
             gen = GenerationConfig(steps=steps, sampler="ddim", cfg_scale=scale)
             sec = timed(lambda gen=gen: text_to_image(dec, ["a red circle"], gen), 1, warmup=0)
             row[f"image_s_{steps}steps{'_cfg' if scale != 1.0 else ''}"] = sec
-    x = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size, device=device)
-    t = torch.tensor([500])
+    # one denoising step against a cached prefix: one row, one row with guidance (its unconditional
+    # twin in the same batch), four rows with guidance; the prefix should cost only its reads
     for prefix in (16, 256, 1024):
-        cache = KVCache(model, 1, prefix + cfg.patches_per_image + 2, torch.device(device), torch.float32)
-        rows = torch.tensor([0])
-        with torch.no_grad():
-            dec._prefill(
-                cache,
-                rows,
-                [
-                    Sample(
-                        [
-                            Text(
-                                [ord("a")] * (prefix - 2),
-                            ),
-                            Text([tok.boi_id]),
-                        ],
-                        eos=False,
-                    )
-                ],
-            )
-            sec = timed(lambda c=cache, r=rows: dec._image_pred(c, r, x, t, commit=False), repeat * 4)
-        row[f"denoise_step_ms_prefix{prefix}"] = sec * 1e3
+        for rows_n, scale in ((1, 1.0), (1, 3.0), (4, 3.0)):
+            ms = _denoise_step_ms(dec, prefix, rows_n, scale, device, repeat * 4)
+            suffix = ("" if rows_n == 1 else f"_{rows_n}rows") + ("_cfg" if scale != 1.0 else "")
+            row[f"denoise_step_ms_prefix{prefix}{suffix}"] = ms
     return row
+
+
+def _denoise_step_ms(dec: Any, prefix: int, rows_n: int, scale: float, device: str, repeat: int) -> float:
+    """Milliseconds of one denoising step of ``rows_n`` rows whose cached prompts are ``prefix``
+    positions long (ending in BOI), as the decoder runs it (with guidance: one batch with the twins)."""
+    from transfusion.generate import KVCache
+
+    cfg, tok = dec.model.cfg, dec.tok
+    cache = KVCache(
+        dec.model, rows_n, prefix + cfg.patches_per_image + 2, torch.device(device), torch.float32
+    )
+    rows = torch.arange(rows_n)
+    x = torch.randn(rows_n, cfg.latent_channels, cfg.latent_size, cfg.latent_size, device=device)
+    t = torch.full((rows_n,), 500)
+    prompt = Sample([Text([ord("a")] * (prefix - 2)), Text([tok.boi_id])], eos=False)  # BOS + text + BOI
+    with torch.no_grad():
+        dec._prefill(cache, rows, [prompt] * rows_n)
+        if scale == 1.0:
+            return timed(lambda: dec._image_pred(cache, rows, x, t, commit=False), repeat) * 1e3
+        uncond = dec._unconditional_prefix()
+        return timed(lambda: dec._image_pred_pair(cache, uncond, rows, x, t), repeat) * 1e3
 
 
 def run_benchmarks(

@@ -86,12 +86,69 @@ def generation_config(args: argparse.Namespace, temperature: float = 1.0, **kw: 
 
 
 def pick_device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    """'auto' -> cuda when available, else cpu; a CUDA device asked for where there is none is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
+    return name
+
+
+def read_images_as_latents(
+    names: list[str], loaded: Any, vae: Any, device: str, resize: bool
+) -> list[torch.Tensor]:
+    """Image files -> latents (C, H, W) scaled for diffusion, checked against the model's image size."""
+    import sys
+
+    from PIL import Image as PILImage
+
+    from transfusion.data.sources import BadItem, read_image
+    from transfusion.vae import pil_to_tensor
+
+    for name in names:
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"no such image file: {name}")
+    if vae is None:
+        missing = vae_directory(loaded)
+        why = f" (its VAE directory {missing} is missing)" if missing else ""
+        raise ValueError(f"{loaded.path} has no VAE{why}, so it cannot read images")
+    size = loaded.config.model.latent_size * vae.config.downsample  # pixels the model's latents cover
+    pictures = []
+    for name in names:
+        try:
+            pictures.append(read_image(Path(name), size))
+        except BadItem as e:
+            raise ValueError(str(e)) from None
+        with PILImage.open(name) as im:
+            if im.size != (size, size):
+                w, h = im.size
+                if not resize:
+                    raise ValueError(
+                        f"{name} is {w}x{h}, but this model reads {size}x{size} images; "
+                        "resize it, or pass --resize to resize and centre-crop it"
+                    )
+                print(
+                    f"note: {name} is {w}x{h}; resized and centre-cropped to {size}x{size}", file=sys.stderr
+                )
+    with torch.no_grad():
+        latents = vae.to_diffusion(vae.encode(pil_to_tensor(pictures).to(device))).float()
+    return list(latents)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_generation_options(p)
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", required=True, help="the text to continue (may be empty after --image)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image placed before the prompt text (repeatable, in order): image-first prompts such as "
+        "'--image cat.png --prompt \"what colour is it?\" --text'",
+    )
+    p.add_argument(
+        "--resize", action="store_true", help="resize and centre-crop --image files of another size"
+    )
     p.add_argument(
         "--num-images", type=int, default=1, help="outputs to generate, one batch row each (default 1)"
     )
@@ -113,8 +170,15 @@ def run(args: argparse.Namespace) -> int:
     gen = generation_config(
         args, max_images=args.max_images, force_image=not args.text, stop_after_image=not args.text
     )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
     device = pick_device(args.device)
     loaded, vae = load_for_inference(args.checkpoint, device)
+    images = read_images_as_latents(args.image, loaded, vae, device, args.resize) if args.image else []
+    prompt: list[Any] = [*images, args.prompt] if args.prompt else images
+    if not prompt:
+        raise ValueError("give a --prompt, an --image, or both")
     decoder = Decoder(loaded.model, loaded.tokenizer, loaded.config.diffusion)
     gen = decoder.settings(gen)
     n = args.num_images
@@ -128,14 +192,16 @@ def run(args: argparse.Namespace) -> int:
         bars[0].update(k)
 
     try:
-        outputs = decoder.generate([[args.prompt]] * n, gen, seeds, progress=progress)
+        outputs = decoder.generate([prompt] * n, gen, seeds, progress=progress)
     finally:
         for bar in bars:
             bar.close()
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record, md = [], [f"# {args.prompt}\n"]
+    title = " ".join(
+        [f"[image: {Path(f).name}]" for f in args.image] + ([args.prompt] if args.prompt else [])
+    )
+    record, md = [], [f"# {title}\n"]
     for i, segments in enumerate(outputs):
         row: list[dict[str, str]] = []
         md.append(f"\n## output {i} (seed {seeds[i]})\n\n")
@@ -151,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {
         k: getattr(gen, k) for k in ("sampler", "steps", "cfg_scale", "temperature", "top_k", "top_p")
     }
-    meta = {"prompt": args.prompt, "checkpoint": str(loaded.path), "seeds": seeds, "settings": settings}
+    meta = {"prompt": args.prompt, "prompt_images": args.image, "checkpoint": str(loaded.path), "seeds": seeds,
+            "settings": settings}  # fmt: skip
     (out / "output.json").write_text(json.dumps({**meta, "outputs": record}, indent=2, ensure_ascii=False))
     (out / "output.md").write_text("".join(md))
     note = ""

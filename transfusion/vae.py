@@ -119,11 +119,16 @@ class DiffusersVAE(nn.Module):
         self.inner = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
         c = self.inner.config
         down = 2 ** (len(c.block_out_channels) - 1)
+        if down not in (4, 8):
+            raise ValueError(
+                f"{path}: this AutoencoderKL downsamples by {down} ({len(c.block_out_channels)} blocks); "
+                "supported factors are 4 and 8"
+            )
         self.config = VAEConfig(
             image_size=int(c.sample_size) - int(c.sample_size) % down,
             in_channels=c.in_channels,
             latent_channels=c.latent_channels,
-            downsample=down if down in (4, 8) else 8,
+            downsample=down,
             scale=float(c.scaling_factor),
             shift=float(getattr(c, "shift_factor", None) or 0.0),
             path=str(path),

@@ -60,7 +60,9 @@ def test_model_flex_forward_equals_sdpa_forward():
     b = pack(mixed_samples(cfg), 64, SP, cfg.patches_per_image).replace(timesteps=torch.arange(5) * 100)
     m = Transfusion(cfg).eval()
     with torch.no_grad():
+        m.patcher.proj_out.weight.normal_(0.0, 0.05)  # the zero-initialised head would predict zeros on both
         ref = m(b)
+        assert ref.image_pred.abs().mean() > 1e-3
         m.cfg.attention = "flex"
         out = m(b)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)

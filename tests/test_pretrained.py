@@ -300,6 +300,12 @@ def test_train_cli_init_from_with_frozen_text(llama, tmp_path):
     assert (moved / "tokenizer.json").is_file()
     assert json.loads((moved / "meta.json").read_text())["tokenizer"]["path"] == "tokenizer.json"
     assert load_model(moved).tokenizer.encode("a red circle") == HFTokenizer(path).encode("a red circle")
+    # the trained checkpoint exports (CLI) and loads in transformers with its own text logits
+    assert cli.main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "hf")]) == 0
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(out)
+    diff = max_logit_diff((ours.model, ours.config.model, ours.tokenizer), hf_model, IDS)
+    assert diff < 1e-4, diff
 
 
 def test_init_from_keeps_set_fields_and_refuses_contradictions(llama, tmp_path, capsys):

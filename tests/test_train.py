@@ -282,3 +282,27 @@ def test_gradient_accumulation_is_the_mean_of_its_micro_batches(tmp_path):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(got[k], v, atol=1e-6, rtol=1e-5)
     assert load_model(tmp_path / "r").meta["tokens_seen"] == 2 * 2 * 64
+
+
+def test_unreadable_items_are_skipped_and_counted_by_reason_in_the_log(tmp_path):
+    import warnings
+
+    from PIL import Image as PILImage
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        PILImage.new("RGB", (16, 16), (40 * i, 0, 0)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"picture {i}")
+    (data / "bad.png").write_bytes(b"not a picture")
+    (data / "bad.txt").write_text("a broken one")
+    cfg = small_cfg(steps=2, ckpt_every=2)
+    cfg.data.source, cfg.data.path, cfg.data.val_fraction = "folder", str(data), 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        T.train(cfg, tmp_path / "r", vae="random", progress=False)
+    assert any("bad.png" in str(w.message) for w in caught)
+    last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["data_skipped"] >= 1 and last["data_skipped_by_reason"] == {
+        "unreadable": last["data_skipped"]
+    }

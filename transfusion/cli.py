@@ -16,7 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
         "transfusion.demo",
-        "train a VAE and a Transfusion model on built-in data, evaluate, write report.html",
+        "train a tokenizer, a VAE and a Transfusion model on built-in data, evaluate, write report.html",
     ),
     "train": ("transfusion.train", "train a Transfusion model (one process, or many under torchrun)"),
     "train-vae": ("transfusion.vae_train", "train the image autoencoder and compute its latent scale"),
@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("transfusion.generate_cli", "generate text, images or both from a prompt"),
     "caption": ("transfusion.caption_cli", "describe image files with a trained model"),
     "eval": ("transfusion.evaluate", "evaluate a checkpoint and write metrics.json"),
+    "export": (
+        "transfusion.pretrained",
+        "write a checkpoint's text side in the Hugging Face Llama / Qwen2 layout",
+    ),
     "bench": ("transfusion.bench", "measure speed and memory; print a table and write JSON"),
 }
 
@@ -54,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, text = COMMANDS[name]
     module = importlib.import_module(module_name)
+    about = (module.__doc__ or "").strip().split("\n\n")[0]
     parser = argparse.ArgumentParser(
-        prog=f"transfusion {name}", description=(module.__doc__ or text).strip().split("\n\n")[0]
+        prog=f"transfusion {name}",
+        description=f"{text[0].upper()}{text[1:]}." + (f"\n\n{about}" if about else ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     module.add_arguments(parser)
     args = parser.parse_args(rest)

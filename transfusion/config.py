@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,18 +38,25 @@ class ModelConfig:
     dim: int = 256
     """Width of the residual stream."""
     n_layers: int = 4
+    """Transformer blocks."""
     n_heads: int = 4
+    """Attention heads (head width = dim / n_heads)."""
     n_kv_heads: int | None = None
     """Key/value heads for grouped-query attention (pretrained Llama/Qwen2); None means n_heads."""
     hidden_dim: int | None = None
     """SwiGLU hidden width; None applies Llama's rule (8/3 * dim rounded up to multiple_of)."""
     multiple_of: int = 64
+    """The SwiGLU hidden width is rounded up to a multiple of this (Llama's rule)."""
     norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
     rope_theta: float = 10000.0
+    """RoPE base frequency."""
     max_seq_len: int = 1024
+    """Longest sequence (RoPE table size): training rows, prompts and generated output."""
     qkv_bias: bool = False
     """Bias on the q/k/v projections (Qwen2 has it; Llama and the paper do not)."""
     tie_embeddings: bool = False
+    """Share the text embedding and the LM head."""
     latent_channels: int = 8
     """Channels of the VAE latent (8 in the paper)."""
     latent_size: int = 8
@@ -64,6 +72,7 @@ class ModelConfig:
     attention: str = "auto"
     """'sdpa' (dense boolean mask), 'flex' (FlexAttention BlockMask) or 'auto' (flex on CUDA)."""
     init_std: float = 0.02
+    """Standard deviation of the normal initialisation (Model.init_weights says where it applies)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "latent_channels"):
@@ -118,6 +127,7 @@ class DiffusionConfig:
     """Noise schedule, training objective and sampler defaults (PAPER.md: 1000 steps, cosine, eps)."""
 
     num_train_timesteps: int = 1000
+    """Diffusion timesteps T (PAPER.md: 1000)."""
     schedule: str = "cosine"
     """'cosine' (Nichol & Dhariwal 2021, the paper's) or 'linear' (DDPM's betas 1e-4..0.02)."""
     objective: str = "ddpm"
@@ -157,16 +167,21 @@ class VAEConfig:
     """The image autoencoder: pixels (3, S, S) <-> latents (C, S/f, S/f)."""
 
     image_size: int = 32
+    """Image side in pixels."""
     in_channels: int = 3
+    """Image channels (3, RGB)."""
     latent_channels: int = 8
+    """Latent channels (PAPER.md: 8)."""
     downsample: int = 4
     """Spatial reduction factor f: 4 or 8."""
     base_channels: int = 64
+    """Width of the first convolution stage (doubling, up to 4x, at each downsampling)."""
     kl_weight: float = 1e-6
     """beta in reconstruction + beta * KL."""
     scale: float = 1.0
     """Latents are (z - shift) * scale before diffusion; both computed from data after training."""
     shift: float = 0.0
+    """See ``scale``."""
     path: str | None = None
     """A trained VAE directory (ours, or a diffusers AutoencoderKL); None means untrained/none."""
 
@@ -188,7 +203,9 @@ class DataConfig:
     source: str = "shapes"
     """'shapes' (built-in scenes), 'fashion_mnist', 'folder', 'jsonl', 'text' or 'webdataset'."""
     path: str | None = None
+    """The files of a file-based source: a folder, a JSONL manifest, a .txt file or folder, tar shards."""
     image_size: int = 32
+    """Image side in pixels (images are resized on their shorter side and centre-cropped)."""
     caption_first_prob: float = 0.8
     """Probability a captioned pair is ordered caption-then-image (else image-then-caption)."""
     text_only_ratio: float = 0.0
@@ -207,6 +224,7 @@ class DataConfig:
     """Distinct scenes the shapes source cycles through (None: a million); a finite pool is what
     ``latent_cache`` encodes once. Pairing, conditioning dropout and noise still differ every pass."""
     seed: int = 0
+    """Seeds the shapes scenes and every sample's pairing, dropout and noise."""
     val_fraction: float = 0.02
     """Share of a file-based source (folder, jsonl, text, webdataset) held out as its 'val' split,
     chosen by a hash of each item's name, so adding files does not move the others between splits."""
@@ -239,20 +257,29 @@ class TrainConfig:
     """Optimisation (PAPER.md: AdamW 0.9/0.95, eps 1e-8, lr 3e-4, cosine to 1.5e-5, wd 0.1, clip 1)."""
 
     steps: int = 1000
+    """Optimizer steps in all (the cosine schedule ends here)."""
     batch_size: int = 8
     """Rows per optimizer micro-step (per process)."""
     seq_len: int = 128
     """Length of each packed row."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step (their gradients averaged)."""
     lr: float = 3e-4
+    """Peak learning rate (PAPER.md: 3e-4)."""
     min_lr: float = 1.5e-5
+    """The cosine decay's floor (PAPER.md: 1.5e-5)."""
     warmup_steps: int = 100
     """Linear warm-up steps (the paper uses 4000 at 2M-token batches; small runs need fewer)."""
     beta1: float = 0.9
+    """AdamW beta1 (PAPER.md: 0.9)."""
     beta2: float = 0.95
+    """AdamW beta2 (PAPER.md: 0.95)."""
     eps: float = 1e-8
+    """AdamW epsilon (PAPER.md: 1e-8)."""
     weight_decay: float = 0.1
+    """Decoupled weight decay on matrices; norms and biases get none (PAPER.md: 0.1)."""
     grad_clip: float = 1.0
+    """Gradient-norm clipping (PAPER.md: 1.0)."""
     ema_decay: float = 0.0
     """0 disables the EMA copy of the weights."""
     log_every: int = 10
@@ -264,16 +291,21 @@ class TrainConfig:
     sample_every: int = 0
     """Steps between sample grids (samples/step_N.png); 0 disables them."""
     ckpt_every: int = 200
+    """Steps between checkpoints (one is also written at the end and on SIGINT / SIGTERM)."""
     keep_last: int = 3
+    """Checkpoints kept; older ones are removed."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses tolerated before the run stops."""
     seed: int = 0
+    """Seeds the model's initialisation."""
     device: str = "auto"
+    """'auto' (CUDA when available), 'cpu' or 'cuda'."""
     dtype: str = "auto"
     """'auto' = bf16 autocast on CUDA, fp32 on CPU; or 'fp32', 'bf16'."""
     parallel: str = "ddp"
     """Under torchrun: 'ddp' or 'fsdp' (FSDP2 fully_shard)."""
     compile: bool = False
+    """torch.compile the model (CUDA; slow to start)."""
     tokenizer: str | None = None
     """A local ``tokenizer.json`` (or its directory) for a model trained from scratch, e.g. one made by
     ``transfusion train-tokenizer``; None means the byte tokenizer. It fixes ``model.vocab_size`` and
@@ -360,6 +392,45 @@ class Config:
                 value = raw  # bare strings: train.device=cpu
             d[section][name] = value
         return Config.from_dict(d)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass (the first sentence), read from
+    the source, so that ``--help`` can list every key with what it means."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (a frozen build): names and defaults only
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            text = " ".join(after.value.value.split())
+            docs[node.target.id] = re.split(r"\.\s+(?=[A-Z(])", text)[0].rstrip(".")
+    return docs
+
+
+def config_keys_help() -> str:
+    """Every ``section.key`` with its default and meaning, for ``--help``."""
+    lines = ["config keys (--set section.key=value; values are JSON, bare words are strings):"]
+    for section, cls in (("model", ModelConfig), ("diffusion", DiffusionConfig), ("vae", VAEConfig),
+                         ("data", DataConfig), ("train", TrainConfig)):  # fmt: skip
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            doc = docs.get(f.name, "")
+            lines.append(f"  {section}.{f.name} = {json.dumps(default)}" + (f"  -- {doc}" if doc else ""))
+    return "\n".join(lines)
 
 
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:

@@ -198,7 +198,7 @@ def evaluate(
     out_dir: str | Path,
     n_per_kind: int = 10,
     n_captions: int = 60,
-    steps: int = 50,
+    steps: int | None = None,
     sampler: str | None = None,
     cfg_scale: float | None = None,
     seed: int = 0,
@@ -210,12 +210,9 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     d = config.diffusion
-    gen = GenerationConfig(
-        sampler=sampler or ("flow" if d.objective == "flow" else "ddim"),
-        steps=steps,
-        cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale,
-    )
     decoder = Decoder(model, tokenizer, d)
+    # the checkpoint's sampling settings unless told otherwise (the paper's: DDPM, 250 steps, guidance 3)
+    gen = decoder.settings(GenerationConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale))
     size = vae.config.image_size
     comp, comp_rows, pairs = composition(decoder, vae, n_per_kind, gen, size, seed + 100)
     cap, cap_rows = captioning(decoder, vae, n_captions, size, seed + 200)
@@ -226,7 +223,7 @@ def evaluate(
     metrics.update(
         {
             "eval_sampler": gen.sampler,
-            "eval_steps": steps,
+            "eval_steps": gen.steps,
             "eval_cfg": gen.cfg_scale,
             "eval_seconds": time.time() - start,
         }
@@ -247,12 +244,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prompts-per-kind", type=int, default=10, help="held-out prompts per GenEval kind (default 10)"
     )
     p.add_argument("--captions", type=int, default=60, help="held-out images to caption (default 60)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the config's, 250 as the paper)"
+    )
     p.add_argument(
         "--sampler",
         choices=["ddpm", "ddim", "flow"],
         default=None,
-        help="default ddim (flow for flow models)",
+        help="default: the config's (ddpm, ancestral, as the paper; flow for flow models)",
     )
     p.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the config's, 3)")
     p.add_argument("--seed", type=int, default=0)
@@ -338,7 +337,7 @@ def class_named(text: str) -> int | None:
 
 def evaluate_fashion(
     model: Any, tokenizer: Any, vae: Any, config: Any, out_dir: str | Path, per_class: int = 5,
-    n_captions: int = 50, steps: int = 50, cfg_scale: float | None = None, seed: int = 0,
+    n_captions: int = 50, steps: int | None = None, cfg_scale: float | None = None, seed: int = 0,
     classifier_steps: int = 600,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Class-conditional generation accuracy (a classifier trained on real images judges each image)
@@ -350,9 +349,8 @@ def evaluate_fashion(
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     d = config.diffusion
-    gen = GenerationConfig(sampler="flow" if d.objective == "flow" else "ddim", steps=steps,
-                           cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale)  # fmt: skip
     decoder = Decoder(model, tokenizer, d)
+    gen = decoder.settings(GenerationConfig(steps=steps, cfg_scale=cfg_scale))
     clf, clf_acc = train_fashion_classifier(config.data, classifier_steps)
     prompts = [
         (c, f"a photo of a {name}") for c, name in enumerate(FASHION_CLASSES) for _ in range(per_class)

@@ -37,6 +37,7 @@ copies of the trunk). ``export_hf`` writes the text side back in the Hugging Fac
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -583,3 +584,40 @@ def export_hf(
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: transfusion export
+# ---------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint directory, or a run directory (its latest)"
+    )
+    p.add_argument(
+        "--out", required=True, help="directory for config.json, model.safetensors, tokenizer.json"
+    )
+    p.add_argument(
+        "--arch", choices=sorted(ARCHITECTURES), default=None,
+        help="Hugging Face architecture (default: qwen2 for models with q/k/v biases, else llama)",
+    )  # fmt: skip
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights even when EMA weights exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export a trained checkpoint's text side to the Hugging Face layout."""
+    from transfusion.checkpoint import load_model
+
+    loaded = load_model(args.checkpoint, use_ema=not args.no_ema)
+    if not isinstance(loaded.tokenizer, HFTokenizer):
+        raise ValueError(
+            f"{loaded.path} uses the byte tokenizer, which has no tokenizer.json to export; export works for "
+            "models trained with --tokenizer or --init-from"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    arch = args.arch or ("qwen2" if loaded.config.model.qkv_bias else "llama")
+    export_hf(loaded.model, loaded.config, loaded.tokenizer, out, arch=arch)
+    print(f"wrote {out}: the text side of {loaded.path} as {ARCHITECTURES[arch]} "
+          "(AutoModelForCausalLM.from_pretrained loads it; the image side stays in the checkpoint)")  # fmt: skip
+    return 0

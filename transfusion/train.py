@@ -26,6 +26,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from transfusion import checkpoint as ckpt
 from transfusion import distributed as D
 from transfusion.cli import UserError
-from transfusion.config import Config, ModelConfig, load_config, preset
+from transfusion.config import Config, ModelConfig, TrainConfig, load_config, preset
 from transfusion.data.loader import BatchLoader
 from transfusion.diffusion import make_schedule
 from transfusion.losses import training_loss
@@ -49,7 +50,7 @@ class TrainingStopped(UserError):
 
 
 # --- pieces the loop uses ------------------------------------------------------------------------
-def lr_at(step: int, cfg: Any) -> float:
+def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -57,7 +58,7 @@ def lr_at(step: int, cfg: Any) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Any, fused: bool = False) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (dim >= 2) only, never on norms or biases."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -150,7 +151,8 @@ def load_or_make_vae(vae_arg: str | None, cfg: Config, out: Path, is_main: bool,
     return vae
 
 
-def image_encoder(vae: Any, device: torch.device):
+def image_encoder(vae: Any, device: torch.device) -> Callable[[list], torch.Tensor]:
+    """A function from PIL images to their latents scaled for diffusion, (N, C, h, w) on the CPU."""
     from transfusion.vae import pil_to_tensor
 
     vae = vae.to(device).eval()
@@ -185,8 +187,13 @@ def open_latent_cache(cfg: Config, source: Any, vae: Any, encode: Any, info: Any
 
 @torch.no_grad()
 def validate(
-    model: torch.nn.Module, loader: BatchLoader, cfg: Config, schedule: Any, batches: int, device
-) -> dict:
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    cfg: Config,
+    schedule: Any,
+    batches: int,
+    device: torch.device,
+) -> dict[str, float]:
     """Mean text and image loss over the first ``batches`` held-out batches (fixed noise)."""
     was = model.training
     model.eval()
@@ -210,10 +217,7 @@ def save_sample_grid(
     from transfusion.vae import tensor_to_pil
 
     dec = Decoder(model, tokenizer, cfg.diffusion)
-    sampler = "flow" if cfg.diffusion.objective == "flow" else "ddim"
-    gen = GenerationConfig(
-        steps=min(50, cfg.diffusion.sample_steps), sampler=sampler, cfg_scale=cfg.diffusion.cfg_scale
-    )
+    gen = dec.settings(GenerationConfig(steps=min(100, cfg.diffusion.sample_steps)))  # the config's sampler
     latents = torch.stack(text_to_image(dec, prompts, gen, seeds=list(range(len(prompts)))))
     with torch.no_grad():
         images = tensor_to_pil(
@@ -411,6 +415,8 @@ def train(
     model = model.to(device)
     model.train()
     wrapped = D.wrap_model(model, tc.parallel, info)
+    # torch.compile for the training step (dynamic: the number of images changes from batch to batch)
+    step_model = torch.compile(wrapped, dynamic=True) if tc.compile else wrapped
     opt = make_optimizer(wrapped if tc.parallel == "fsdp" else model, tc, fused=device.type == "cuda")
     if freeze is not None:
         freeze.attach(opt)  # frozen rows out of weight decay, before any optimizer state is loaded
@@ -473,7 +479,7 @@ def train(
                     else wrapped.no_sync()
                 )
                 with sync, autocast:
-                    losses = training_loss(wrapped, batch, schedule, cfg.diffusion)
+                    losses = training_loss(step_model, batch, schedule, cfg.diffusion)
                     (losses.total / tc.grad_accum).backward()
                 text_loss += losses.text.item() / tc.grad_accum
                 image_loss += losses.image.item() / tc.grad_accum
@@ -514,6 +520,11 @@ def train(
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                     "bad_steps_total": counters["bad_steps_total"],
                     "data_skipped": int(loader.stats.get("skipped", 0) + loader.stats.get("data_errors", 0)),
+                    "data_skipped_by_reason": {
+                        k.removeprefix("skipped_"): int(v)
+                        for k, v in loader.stats.items()
+                        if k.startswith("skipped_")
+                    },
                     "truncated": int(loader.stats.get("truncated", 0)),
                     "elapsed_s": time.time() - started,
                 }
@@ -600,6 +611,12 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from transfusion.config import config_keys_help
+
+    p.epilog = (
+        "The configuration is Config() (or --config FILE), then --preset (which replaces the model section), "
+        "then the flags below and every --set, in order.\n\n" + config_keys_help()
+    )
     p.add_argument("--out", required=True, help="run directory (created; holds config, metrics, checkpoints)")
     p.add_argument("--preset", default=None, help="model preset: tiny, small, 0.16B, 0.37B, 0.76B, 1.4B, 7B")
     p.add_argument(

@@ -16,7 +16,8 @@ def fake_run(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": {"dim": 64}}))
     lines = [
-        {"step": s, "text_loss": 5 / s, "image_loss": 1 / s, "val_text_loss": 6 / s} for s in range(1, 30)
+        {"step": s, "text_loss": 5 / s, "image_loss": 1 / s, "val_text_loss": 6 / s, "val_image_loss": 2 / s}
+        for s in range(1, 30)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     prompts = eval_prompts(1)
@@ -43,7 +44,7 @@ def test_report_holds_curves_images_metrics(tmp_path):
     page = write_report(
         tmp_path / "report.html", run, metrics, details, timings={"training": 12.0}
     ).read_text()
-    assert page.count("<svg") == 3 and "text loss (train)" in page and "image loss (train)" in page
+    assert page.count("<svg") == 4 and "text loss (train)" in page and "image loss (validation)" in page
     assert page.count("data:image/png;base64,") == len(details["pairs"]) + 1
     assert "geneval_overall" in page and "a red circle" in page and "<script" not in page
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing fetched from outside
@@ -70,4 +71,4 @@ def test_report_renders_in_headless_chromium(tmp_path):
     dom = subprocess.run(
         [chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
     )
-    assert "Metrics" in dom.stdout and dom.stdout.count("<svg") == 3
+    assert "Metrics" in dom.stdout and dom.stdout.count("<svg") == 4

@@ -92,6 +92,7 @@ def write_report(
     text = [(r["step"], r["text_loss"]) for r in log if "text_loss" in r]
     image = [(r["step"], r["image_loss"]) for r in log if "image_loss" in r]
     val_text = [(r["step"], r["val_text_loss"]) for r in log if "val_text_loss" in r]
+    val_image = [(r["step"], r["val_image_loss"]) for r in log if "val_image_loss" in r]
     config = (run_dir / "config.json").read_text() if (run_dir / "config.json").is_file() else "{}"
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else
@@ -122,7 +123,8 @@ loss on VAE latents. Green borders: the detector judged the image right for its 
 <h2>Metrics</h2><table>{rows}</table>
 <h2>Loss curves</h2>
 <div class="curves">{svg_curve(text, "text loss (train)", "#1f77b4")}{svg_curve(image, "image loss (train)", "#d62728")}
-{svg_curve(val_text, "text loss (validation)", "#2ca02c") if val_text else ""}</div>
+{svg_curve(val_text, "text loss (validation)", "#2ca02c") if val_text else ""}
+{svg_curve(val_image, "image loss (validation)", "#9467bd") if val_image else ""}</div>
 <h2>Images generated for held-out prompts</h2>{_cells(generated)}
 <h2>Captions of held-out images</h2>
 <table><tr><th>image</th><th>model's caption</th><th>truth</th><th></th></tr>{captions}</table>

@@ -62,6 +62,35 @@ def close(a, b, tol=1e-5):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
+def test_prefix_attention_equals_sdpa_over_concatenated_keys(kv_heads):
+    """Reading the cache in place (``Prefix``), by parts, with padded slots and a part whose one
+    cached row every query row shares, equals SDPA over the concatenated keys with a mask."""
+    import torch.nn.functional as F
+
+    from transfusion.layers import Prefix
+
+    torch.manual_seed(0)
+    H, Dh, L = 4, 8, 3
+    q = torch.randn(5, H, L, Dh, dtype=torch.float64)
+    k, v = torch.randn(2, 5, kv_heads, L, Dh, dtype=torch.float64)
+    cached = torch.randn(2, 3, kv_heads, 7, Dh, dtype=torch.float64)  # rows 0-2 own a cache row each
+    shared = torch.randn(2, 1, kv_heads, 4, Dh, dtype=torch.float64)  # rows 3-4 share one
+    valid = torch.arange(7)[None, :] < torch.tensor([7, 2, 5])[:, None]
+    got = Prefix([(3, cached[0], cached[1], valid), (2, shared[0], shared[1], None)]).attend(q, k, v)
+    rep = H // kv_heads
+    for rows, (pk, pv), ok in (
+        (slice(0, 3), cached, valid),
+        (slice(3, 5), shared, torch.ones(1, 4, dtype=bool)),
+    ):
+        n = rows.stop - rows.start
+        keys = torch.cat([pk.expand(n, -1, -1, -1), k[rows]], 2).repeat_interleave(rep, 1)
+        vals = torch.cat([pv.expand(n, -1, -1, -1), v[rows]], 2).repeat_interleave(rep, 1)
+        mask = torch.cat([ok.expand(n, -1), torch.ones(n, L, dtype=bool)], 1)[:, None, None, :]
+        want = F.scaled_dot_product_attention(q[rows], keys, vals, attn_mask=mask)
+        torch.testing.assert_close(got[rows], want)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
 def test_cached_steps_equal_full_recompute(decoder, kv_heads):
     """(kv_heads 2: grouped-query attention, as in pretrained Llama / Qwen2 checkpoints.)"""
     if kv_heads != decoder.model.cfg.n_heads:

@@ -9,19 +9,17 @@ run once more and its keys/values committed to the cache, EOI follows, and LM mo
 number of images can appear in one output (PAPER.md, Decoding).
 
 Cache: one preallocated (rows, Hk, capacity, Dh) key and value tensor per layer. Row r holds its
-positions 0 .. lens[r] - 1 in slots 0 .. lens[r] - 1 (right-padded; RoPE position = slot), and new
-queries always attend to ``past[:, :, :S]`` with S the longest row of the sub-batch. A step
-computes only its q new positions; what grows with the prefix is memory traffic: attention reading
-the cached keys/values, and copying them (``Attention`` concatenates past and new keys; a sub-batch
-of rows, or the guidance batch, is gathered from the cache).
+positions 0 .. lens[r] - 1 in slots 0 .. lens[r] - 1 (right-padded; RoPE position = slot). A step
+computes only its q new positions, which attend to the cached slots where they lie (a ``Prefix`` of
+views, slots past a row's length masked) and to each other: nothing is concatenated or copied, so
+what grows with the prefix is only the attention reading the cached keys/values.
 
 Batching: every prompt is a row with its own length, its own mode and its own random generator (so a
 row's output does not depend on what else is in the batch). Each tick advances every row: rows in
 LM mode as one batch of single-token queries, rows in diffusion mode as one batch of n-patch
-queries. Keys past a row's length are masked by the training rule (``masks.dense_mask``, padding
-being a sample of its own). Classifier-free guidance adds one unconditional twin per diffusing row
-to the same batch; every twin shares one cached prefix, BOS BOI: the conditioning dropped, as
-training drops it (``Sample([Image])``).
+queries (a sub-batch of rows that are not consecutive is gathered from the cache). Classifier-free
+guidance adds one unconditional twin per diffusing row to the same batch; every twin reads one
+shared cached prefix, BOS BOI: the conditioning dropped, as training drops it (``Sample([Image])``).
 
 Shape legend: R rows in a (sub-)batch, q new query positions (1 for a token, n for an image), S
 cached positions, D width, V vocabulary, Hk key/value heads, Dh head width, n patches per image,
@@ -35,13 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from transfusion import masks
 from transfusion.config import DiffusionConfig
 from transfusion.diffusion import Sampler, guided, make_sampler, make_schedule
-from transfusion.layers import KV
+from transfusion.layers import KV, Prefix
 from transfusion.model import Transfusion
 from transfusion.sequence import Image, Sample, Specials, Text, pack, sample_length
 
@@ -105,12 +102,21 @@ class KVCache:
         self.lens = torch.zeros(rows, dtype=torch.long)  # on the CPU: lengths steer Python control flow
         self.capacity = capacity
 
-    def past(self, rows: Tensor, upto: int) -> list[KV]:
-        """The first ``upto`` slots of ``rows``: views when rows are all rows in order, else copies."""
-        if len(rows) == self.k[0].shape[0] and bool((rows == torch.arange(len(rows))).all()):
-            return [(k[:, :, :upto], v[:, :, :upto]) for k, v in zip(self.k, self.v)]
+    def past(self, rows: Tensor) -> list[tuple[int, Tensor, Tensor, Tensor | None]]:
+        """Each layer's ``Prefix`` part for ``rows``: the slots up to the longest row, and which of
+        them hold positions. Views of the cache when ``rows`` is a run of consecutive rows (always,
+        unless some rows are drawing an image while others write text), else copies."""
+        lens = self.lens[rows]
+        upto = int(lens.max())
+        valid = None  # every slot up to the longest row holds a position, unless the rows differ
+        if bool((lens != upto).any()):
+            valid = (torch.arange(upto)[None, :] < lens[:, None]).to(self.k[0].device)  # (R, upto)
+        r0 = int(rows[0])
+        if bool((rows == torch.arange(r0, r0 + len(rows))).all()):
+            sl = slice(r0, r0 + len(rows))
+            return [(len(rows), k[sl, :, :upto], v[sl, :, :upto], valid) for k, v in zip(self.k, self.v)]
         idx = rows.to(self.k[0].device)
-        return [(k[idx, :, :upto], v[idx, :, :upto]) for k, v in zip(self.k, self.v)]
+        return [(len(rows), k[idx, :, :upto], v[idx, :, :upto], valid) for k, v in zip(self.k, self.v)]
 
     def commit(self, rows: Tensor, new_kv: list[KV], counts: Tensor) -> None:
         """Append the first ``counts[i]`` of the q new positions of sub-batch row i to cache row rows[i]."""
@@ -360,28 +366,24 @@ class Decoder:
             row.tokens = []
 
     # --- the model, run on new positions against the cache --------------------------------------
-    def _forward(self, x: Tensor, lens: Tensor, past: list[KV], is_image: bool) -> tuple[Tensor, list[KV]]:
-        """New positions x (R, q, D) after each row's ``lens`` (R,) cached ones in ``past`` (R, Hk, S, Dh).
+    def _forward(self, x: Tensor, lens: Tensor, parts: list[list[tuple]]) -> tuple[Tensor, list[KV]]:
+        """New positions x (R, q, D) after each row's ``lens`` (R,) cached ones; ``parts`` holds, per
+        group of rows, each layer's ``Prefix`` part (``KVCache.past``). The q new positions see the
+        whole prefix and each other (one token, or one image's patches).
 
         Returns final-normed hidden states (R, q, D) and the new positions' (k, v) per layer."""
-        R, q, _ = x.shape
-        S = past[0][0].shape[2]
-        pad = torch.arange(S)[None, :] >= lens[:, None]  # (R, S) slots past a row's length
-        k_doc = torch.cat([pad.long(), torch.zeros(R, q, dtype=torch.long)], 1).to(self.device)  # (R, S + q)
-        k_img = torch.zeros(R, S + q, dtype=torch.long, device=self.device)
-        k_img[:, S:] = int(is_image)  # the new patches form one image: bidirectional among themselves
-        mask = masks.dense_mask(k_doc, k_img, k_doc[:, S:], k_img[:, S:], q_offset=S)  # (R, 1, q, S + q)
+        q = x.shape[1]
         positions = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)  # (R, q) continue each row
-        return self.model.trunk(x, positions, mask, past)
+        past = [Prefix([group[layer] for group in parts]) for layer in range(len(parts[0]))]
+        return self.model.trunk(x, positions, None, past)
 
-    def _run(self, cache: KVCache, rows: Tensor, x: Tensor, is_image: bool) -> tuple[Tensor, list[KV]]:
-        lens = cache.lens[rows]
-        return self._forward(x, lens, cache.past(rows, int(lens.max())), is_image)
+    def _run(self, cache: KVCache, rows: Tensor, x: Tensor) -> tuple[Tensor, list[KV]]:
+        return self._forward(x, cache.lens[rows], [cache.past(rows)])
 
     def _text_step(self, cache: KVCache, rows: Tensor, tokens: list[int]) -> Tensor:
         """Feed one token per row and commit it; returns next-token logits (R, V)."""
         x = self.model.tok_emb(torch.tensor(tokens, device=self.device)[:, None])  # (R, 1, D)
-        h, kv = self._run(cache, rows, x, is_image=False)
+        h, kv = self._run(cache, rows, x)
         cache.commit(rows, kv, torch.ones(len(rows), dtype=torch.long))
         return self.model.lm_head(h[:, -1]).float()
 
@@ -389,7 +391,7 @@ class Decoder:
         """Images (R, C, H, W) at timesteps t (R,) as the rows' next n positions; returns the
         prediction (R, C, H, W). ``commit`` writes their keys/values (for clean images, t = 0)."""
         patches, ctx = self.model.patcher.encode(images.to(self.dtype), t.to(self.device))  # (R, n, D)
-        h, kv = self._run(cache, rows, patches, is_image=True)
+        h, kv = self._run(cache, rows, patches)
         if commit:
             cache.commit(rows, kv, torch.full((len(rows),), self.n, dtype=torch.long))
         return self.model.patcher.decode(h, ctx).float()
@@ -401,16 +403,11 @@ class Decoder:
         conditional predictions first. ``uncond`` is a one-row cache shared by every twin."""
         R = len(rows)
         lens = torch.cat([cache.lens[rows], uncond.lens[:1].expand(R)])  # (2R,)
-        S = int(lens.max())
-        twin = uncond.past(torch.zeros(1, dtype=torch.long), int(uncond.lens[0]))
-
-        def stack(cond: Tensor, unc: Tensor) -> Tensor:  # (R, Hk, S, Dh) + (1, Hk, s, Dh) -> (2R, Hk, S, Dh)
-            return torch.cat([cond, F.pad(unc, (0, 0, 0, S - unc.shape[2])).expand(R, -1, -1, -1)])
-
-        past = [(stack(kc, ku), stack(vc, vu)) for (kc, vc), (ku, vu) in zip(cache.past(rows, S), twin)]
+        # the twins share the one unconditional prompt: a part of R rows over its single cache row
+        twin = [(R, k, v, valid) for _, k, v, valid in uncond.past(torch.zeros(1, dtype=torch.long))]
         x, tt = torch.cat([images, images]).to(self.dtype), torch.cat([t, t]).to(self.device)
         patches, ctx = self.model.patcher.encode(x, tt)  # (2R, n, D)
-        h, _ = self._forward(patches, lens, past, is_image=True)
+        h, _ = self._forward(patches, lens, [cache.past(rows), twin])
         return self.model.patcher.decode(h, ctx).float()
 
     def _prefill(self, cache: KVCache, rows: Tensor, samples: list[Sample]) -> Tensor:

@@ -1,7 +1,7 @@
 """Building blocks of the Llama-style trunk: RMSNorm, RoPE, attention, SwiGLU, the block, and the
 sinusoidal timestep embedding.
 
-Shape legend: B batch rows, L query length, S key length (cache + L), D width, H heads,
+Shape legend: B batch rows, L query length, S cached length, D width, H heads,
 Hk key/value heads, Dh head width.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,44 @@ from torch import Tensor, nn
 from transfusion.config import ModelConfig
 
 KV = tuple[Tensor, Tensor]
+
+
+@dataclass
+class Prefix:
+    """The cached keys and values one layer's new positions attend to, read where they lie.
+
+    Decoding appends a few positions (a token, or one image's patches) to long cached prompts.
+    Concatenating the cache with the new keys would copy the whole prefix on every step (and, with
+    guidance, pad every unconditional twin to the longest prompt), so the batch rows are split into
+    ``parts``, each ``(rows, k, v, valid)`` for the next ``rows`` batch rows: cached k/v
+    (rows or 1, Hk, S, Dh), views into the cache, and ``valid`` (rows or 1, S), the slots that hold
+    positions. A size-1 leading dimension is shared by all the part's rows (one unconditional
+    prompt for every twin). The new positions see every cached slot that is valid and each other
+    (one token, or one image: bidirectional).
+    """
+
+    parts: list[tuple[int, Tensor, Tensor, Tensor | None]]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q (B, H, L, Dh) and the new k, v (B, Hk, L, Dh) -> (B, H, L, Dh)."""
+        B, H, L, Dh = q.shape
+        Hk = k.shape[1]
+        out, start = [], 0
+        for n, pk, pv, valid in self.parts:
+            # grouped-query heads: query head h reads key head h // (H // Hk)
+            qg = q[start : start + n].reshape(n, Hk, (H // Hk) * L, Dh) * Dh**-0.5
+            kn, vn = k[start : start + n], v[start : start + n]
+            S = pk.shape[2]
+            scores = torch.cat([qg @ pk.transpose(-1, -2), qg @ kn.transpose(-1, -2)], dim=-1)
+            if valid is not None:
+                scores[..., :S].masked_fill_(~valid[:, None, None, :], float("-inf"))
+            p = scores.float().softmax(-1).to(q.dtype)  # (n, Hk, rep L, S + L)
+            y = p[..., :S] @ pv + p[..., S:] @ vn
+            out.append(y.view(n, H, L, Dh))
+            start += n
+        if start != B:
+            raise ValueError(f"the prefix parts cover {start} rows, the batch has {B}")
+        return torch.cat(out) if len(out) > 1 else out[0]
 
 
 class RMSNorm(nn.Module):
@@ -60,9 +99,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) self-attention with an optional prefix of cached keys/values.
+    """Multi-head (or grouped-query) self-attention, over a whole sequence or after a cached ``Prefix``.
 
-    ``mask`` is a dense boolean (B, 1, L, S) tensor for SDPA or a FlexAttention ``BlockMask``.
+    ``mask`` is a dense boolean (B, 1, L, L) tensor for SDPA or a FlexAttention ``BlockMask``.
     Returns the output and this call's own (k, v) (after RoPE), for the caller to cache.
     """
 
@@ -75,16 +114,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: object, past: KV | None = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: object, past: Prefix | None = None
     ) -> tuple[Tensor, KV]:
         B, L, _ = x.shape
         q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
         k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, L, Dh)
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, L, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:  # decoding: new positions after cached ones (``mask`` is unused)
+            y = past.attend(q, k, v)
+            return self.wo(y.transpose(1, 2).reshape(B, L, -1)), (k, v)
         new = (k, v)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, Hk, S, Dh)
         gqa = self.n_kv_heads != self.n_heads
         if isinstance(mask, Tensor) or mask is None:
             if gqa:
@@ -132,7 +172,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: object, past: KV | None = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: object, past: Prefix | None = None
     ) -> tuple[Tensor, KV]:
         h, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
         x = x + h

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from transfusion import masks
 from transfusion.config import ModelConfig
-from transfusion.layers import KV, Block, RMSNorm, RotaryEmbedding
+from transfusion.layers import KV, Block, Prefix, RMSNorm, RotaryEmbedding
 from transfusion.patching import make_patcher
 from transfusion.sequence import MixedBatch
 
@@ -98,7 +98,7 @@ class Transfusion(nn.Module):
         return x, ctx
 
     def trunk(
-        self, x: Tensor, positions: Tensor, mask: Any, past: list[KV] | None = None
+        self, x: Tensor, positions: Tensor, mask: Any, past: list[Prefix] | None = None
     ) -> tuple[Tensor, list[KV]]:
         """Run every block; returns the final-normed hidden states and each layer's new (k, v)."""
         cos, sin = self.rope(positions)

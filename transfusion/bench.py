@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -246,11 +247,14 @@ def run_benchmarks(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    cols = ["config", "params_M", "batch", "step_ms", "tokens_per_s", "model_gflops", "mfu", "peak_rss_mb"]
-    extra = sorted(
-        {k for r in result["rows"] for k in r} - set(cols) - {"attention", "dtype", "cuda_max_alloc_mb"}
+    cols = ["config", "params_M", "batch", "attention", "dtype", "step_ms", "tokens_per_s", "model_gflops"]
+    cols += ["mfu", "peak_rss_mb"]
+    # the rest in reading order: decoding, whole images, then denoising steps by prefix length
+    order = {"decode": 0, "image": 1, "denoise": 2, "cuda": 3}
+    extra = {k for r in result["rows"] for k in r} - set(cols)
+    cols += sorted(
+        extra, key=lambda k: (order.get(k.split("_")[0], 4), [int(d) for d in re.findall(r"\d+", k)], k)
     )
-    cols += extra
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):

@@ -342,7 +342,7 @@ def evaluate_fashion(
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Class-conditional generation accuracy (a classifier trained on real images judges each image)
     and caption accuracy (the caption names the right class) on held-out test images."""
-    from transfusion.data.sources import FASHION_CLASSES, FashionMNIST
+    from transfusion.data.sources import FASHION_CLASSES, FashionMNIST, with_article
 
     start = time.time()
     out = Path(out_dir)
@@ -353,7 +353,9 @@ def evaluate_fashion(
     gen = decoder.settings(GenerationConfig(steps=steps, cfg_scale=cfg_scale))
     clf, clf_acc = train_fashion_classifier(config.data, classifier_steps)
     prompts = [
-        (c, f"a photo of a {name}") for c, name in enumerate(FASHION_CLASSES) for _ in range(per_class)
+        (c, f"a photo of {with_article(name)}")
+        for c, name in enumerate(FASHION_CLASSES)
+        for _ in range(per_class)
     ]
     latents = torch.stack(
         text_to_image(decoder, [p for _, p in prompts], gen, seeds=list(range(len(prompts))))

@@ -38,7 +38,14 @@ FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
 )  # fmt: skip
-FASHION_TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}")
+FASHION_TEMPLATES = ("a photo of {}", "{}", "a picture of {}")  # {} is "a dress", "an ankle boot"
+
+
+def with_article(name: str) -> str:
+    """'an ankle boot', 'a dress'."""
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -185,7 +192,7 @@ class FashionMNIST:
             img = img.resize((self.size, self.size), Image.BICUBIC)
         name = FASHION_CLASSES[label]
         template = random.Random(f"fmnist-{self.seed}-{i}").choice(FASHION_TEMPLATES)
-        return Record(img, template.format(name), {"label": label, "class": name})
+        return Record(img, template.format(with_article(name)), {"label": label, "class": name})
 
     def describe(self) -> str:
         return f"fashion_mnist(size={self.size})"

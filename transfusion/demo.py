@@ -5,7 +5,8 @@ prompts, caption held-out images, evaluate, and write ``report.html``.
 The schedule adapts to ``--minutes``: each stage measures its own step time first and sets its step
 count to fit its share of the budget (VAE 8%, Transfusion 78%, the rest for the tokenizer, the latent
 cache and evaluation). Evaluation costs about a minute whatever the budget (``eval_seconds``): short
-budgets hold that back first and shrink the other shares. What the demo chooses, and why (measured on 2 CPU cores, see the README):
+budgets hold that back first and shrink the other shares. What the demo chooses, and why (measured
+on 2 CPU cores, see the README):
 
 - a byte-level BPE tokenizer trained on the captions (``train-tokenizer``), as the paper's Llama-2
   BPE makes every caption word one token: shorter sequences, and conditioning the trunk reads easily;

@@ -69,19 +69,6 @@ def demo_config(
     return cfg
 
 
-def source_texts(data: DataConfig, count: int) -> list[str]:
-    """The first ``count`` texts of the training split (what the tokenizer is trained on)."""
-    from transfusion.data.sources import make_source
-
-    source = make_source(data, "train")
-    texts = []
-    for i in range(min(count, len(source))):
-        record = source[i]
-        if record is not None and record.text:
-            texts.append(record.text)
-    return texts
-
-
 def seconds_per_step(fn: Callable[[], None], warmup: int = 2, repeat: int = 8) -> float:
     """Median seconds of ``fn()`` over ``repeat`` calls after ``warmup`` untimed ones (the median: one
     call slowed by another process must not shrink the whole schedule)."""
@@ -175,11 +162,13 @@ def run_demo(
     cfg = demo_config(1, seed, source, None, cache_dir, overrides)
     if cfg.train.tokenizer is None:
         try:
+            from transfusion.data.sources import source_texts
             from transfusion.tokenizer import train_bpe
 
-            tok = train_bpe(source_texts(cfg.data, POOL), TOKENIZER_VOCAB, out / "tokenizer")
+            texts = source_texts(cfg.data, POOL)
+            tok = train_bpe(texts, TOKENIZER_VOCAB, out / "tokenizer")
             tokenizer_path = tok.path
-            example = source_texts(cfg.data, 1)[0]
+            example = texts[0]
             print(f"[1/5] tokenizer: byte-level BPE, {tok.vocab_size} ids; {example!r} is "
                   f"{len(tok.encode(example))} tokens ({len(example.encode())} bytes)")  # fmt: skip
         except ModuleNotFoundError:

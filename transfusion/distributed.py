@@ -111,18 +111,23 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def any_across(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (so that all ranks take one decision)."""
+def _all_reduce(values: list[float], op: Any) -> list[float]:
+    """All-reduce a few numbers in one collective, on the device the backend needs (NCCL: this
+    rank's GPU; gloo: the CPU)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def any_across(*flags: bool) -> list[bool]:
+    """For each flag, True on every rank when it is true on any rank (so all ranks take one decision)."""
     if not dist.is_initialized():
-        return bool(flag)
-    t = torch.tensor([float(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+        return [bool(f) for f in flags]
+    return [v > 0 for v in _all_reduce([float(f) for f in flags], dist.ReduceOp.MAX)]
 
 
 def mean_across(value: float) -> float:
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item() / dist.get_world_size())
+    return _all_reduce([value], dist.ReduceOp.SUM)[0] / dist.get_world_size()

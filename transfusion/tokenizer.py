@@ -191,14 +191,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from itertools import islice
-
     from transfusion.config import DataConfig
-    from transfusion.data.sources import make_source
+    from transfusion.data.sources import source_texts
 
-    source = make_source(DataConfig(source=args.data, path=args.data_path), "train")
-    items = (source[i] for i in range(len(source))) if hasattr(source, "__getitem__") else iter(source)
-    texts = [r.text for r in islice((r for r in items if r is not None and r.text), args.texts)]
+    texts = source_texts(DataConfig(source=args.data, path=args.data_path), args.texts)
     if not texts:
         raise ValueError(f"data source {args.data!r} gave no text to train a tokenizer on")
     tok = train_bpe(texts, args.vocab_size, args.out)

@@ -543,8 +543,9 @@ def train(
                     model, vae_model, tokenizer, cfg, out / "samples" / f"step_{step:07d}.png", SAMPLE_PROMPTS
                 )
             # every rank must take the same decision: a signal or a clock seen by one rank stops all
-            out_of_time = D.any_across(max_seconds is not None and time.time() - started > max_seconds)
-            stop = D.any_across(signals.stop)
+            stop, out_of_time = D.any_across(
+                signals.stop, max_seconds is not None and time.time() - started > max_seconds
+            )
             if step % tc.ckpt_every == 0 or step == tc.steps or stop:
                 save()
             if stop or out_of_time or (stop_after is not None and step >= stop_after):

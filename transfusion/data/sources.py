@@ -365,3 +365,12 @@ def make_source(cfg: DataConfig, split: str = "train") -> Any:
     if cfg.source == "text":
         return TextFiles(cfg, split)
     return WebDatasetSource(cfg, split)
+
+
+def source_texts(cfg: DataConfig, count: int, split: str = "train") -> list[str]:
+    """The first ``count`` non-empty texts of a source's split, in order (what a tokenizer trains on)."""
+    from itertools import islice
+
+    source = make_source(cfg, split)
+    items = (source[i] for i in range(len(source))) if hasattr(source, "__getitem__") else iter(source)
+    return [r.text for r in islice((r for r in items if r is not None and r.text), count)]

@@ -75,3 +75,19 @@ def test_hf_wrapper_missing_file(tmp_path):
     pytest.importorskip("tokenizers")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         HFTokenizer(tmp_path)
+
+
+def test_train_tokenizer_cli_learns_the_source_words(tmp_path, capsys):
+    """`transfusion train-tokenizer` on the shape captions: their words become single tokens, and any
+    text still round-trips."""
+    pytest.importorskip("tokenizers")
+    from transfusion import cli
+    from transfusion.config import DataConfig
+    from transfusion.data.sources import source_texts
+
+    assert cli.main(["train-tokenizer", "--out", str(tmp_path), "--texts", "300", "--vocab-size", "320"]) == 0
+    assert "tokenizer.json" in capsys.readouterr().out
+    tok = HFTokenizer(tmp_path / "tokenizer.json")
+    caption = source_texts(DataConfig(), 1)[0]
+    assert len(tok.encode(caption)) <= len(caption.split()) < len(caption.encode())
+    assert tok.decode(tok.encode("ünïcode ✓ text")) == "ünïcode ✓ text"

@@ -177,8 +177,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--val-fraction",
         type=float,
-        default=0.02,
-        help="share of a folder / jsonl / webdataset source held out for the PSNR (default 0.02)",
+        default=DataConfig.val_fraction,
+        help=f"share of a folder / jsonl / webdataset source held out for the PSNR (default {DataConfig.val_fraction})",
     )
 
 

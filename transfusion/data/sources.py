@@ -85,7 +85,7 @@ def in_split(name: str, split: str, fraction: float) -> bool:
 def split_items(items: list[Any], names: list[str], split: str, fraction: float, what: str) -> list[Any]:
     """The items of ``split``. A set too small for the fraction to pick any item still holds one out
     (the one of smallest hash), so that held-out numbers always come from unseen items."""
-    held = {i for i, n in enumerate(names) if _unit_hash(n) < fraction}
+    held = {i for i, n in enumerate(names) if in_split(n, "val", fraction)}
     if not held and fraction > 0 and len(items) >= 2:
         held = {min(range(len(names)), key=lambda i: _unit_hash(names[i]))}
     keep = [x for i, x in enumerate(items) if (i in held) == (split in ("val", "test"))]

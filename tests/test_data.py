@@ -328,7 +328,7 @@ def test_iterable_source_cycles_past_its_end_and_counts_skips_by_reason(tmp_path
 
 def test_latent_cache_follows_the_vae_and_the_files(tmp_path):
     from transfusion.config import VAEConfig
-    from transfusion.train import image_encoder
+    from transfusion.training import image_encoder
     from transfusion.vae import KLVAE, vae_hash
 
     write_folder(tmp_path / "d", 6)

@@ -41,7 +41,7 @@ def test_fashion_evaluation_runs_on_a_tiny_model(tmp_path):
 
     from transfusion.config import Config, DataConfig, VAEConfig, tiny
     from transfusion.data.sources import FashionMNIST
-    from transfusion.evaluate import evaluate_fashion
+    from transfusion.evaluation.fashion import evaluate_fashion
     from transfusion.model import Transfusion
     from transfusion.tokenizer import ByteTokenizer
     from transfusion.vae import KLVAE

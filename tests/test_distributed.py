@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfusion import train as T
+from transfusion import training as T
 from transfusion.config import Config, TrainConfig, VAEConfig, tiny
 from transfusion.data.loader import BatchLoader
 from transfusion.diffusion import make_schedule

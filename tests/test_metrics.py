@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from transfusion import metrics as M
+from transfusion.evaluation import metrics as M
 
 
 def test_composition_scores_mean_over_kinds():
@@ -49,7 +49,7 @@ def test_frechet_distance_closed_form():
 
 
 def test_fashion_caption_class_parsing():
-    from transfusion.evaluate import class_named
+    from transfusion.evaluation.fashion import class_named
 
     assert class_named("a photo of an ankle boot") == 9
     assert class_named("a t-shirt") == 0 and class_named("a shirt") == 6  # the longest name wins

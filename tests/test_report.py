@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from transfusion.data.shapes import eval_prompts
-from transfusion.report import svg_curve, write_report
+from transfusion.evaluation.report import svg_curve, write_report
 
 
 def fake_run(tmp_path):

@@ -17,14 +17,11 @@ from transfusion.data.shapes import (
     SceneObject,
     ShapesDataset,
     caption_for,
-    detect_scene,
     eval_prompts,
-    judge_caption,
-    judge_image,
-    parse_caption,
     relation,
     render,
 )
+from transfusion.evaluation.scenes import detect_scene, judge_caption, judge_image, parse_caption
 
 
 def objects(scene):

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from transfusion import cli
+from transfusion import checkpoint as ckpt_mod
 from transfusion import losses as losses_mod
-from transfusion import train as T
+from transfusion import training as T
 from transfusion.checkpoint import load_model, resolve_checkpoint
 from transfusion.config import Config, TrainConfig, VAEConfig, tiny
 
@@ -90,7 +91,7 @@ def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(T.ckpt, "save_tensors", broken)
+    monkeypatch.setattr(ckpt_mod, "save_tensors", broken)
     with pytest.raises(OSError, match="disk full"):
         T.train(cfg, tmp_path / "r", vae="random", progress=False, resume=True)
     assert (tmp_path / "r" / "latest").read_text().strip() == "checkpoints/step_0000004"
@@ -220,7 +221,7 @@ def test_resume_without_a_checkpoint_starts_over_and_drops_stale_log_lines(tmp_p
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "text_loss": 9.0}\n{"step": 2, "te')  # a crash mid-line
     T.train(small_cfg(steps=2, ckpt_every=2), run, vae="random", progress=False, resume=True)
-    assert "no checkpoint" in capsys.readouterr().out
+    assert "no checkpoint" in capsys.readouterr().err
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2] and lines[0]["text_loss"] != 9.0
 

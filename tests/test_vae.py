@@ -19,7 +19,7 @@ from transfusion.vae import (
     tensor_to_pil,
     vae_hash,
 )
-from transfusion.vae_train import train_vae
+from transfusion.training.vae import train_vae
 
 
 @pytest.mark.parametrize("down", [4, 8])

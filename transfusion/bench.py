@@ -4,14 +4,13 @@ Prints a table and writes JSON. Every number is measured in this process, with t
 given, next to a matmul peak measured the same way, and the machine's load is recorded (a second
 process on a 2-core machine slows PyTorch 10-20x; compare only numbers from one run).
 
-Example: ``transfusion bench --configs tiny small w512 --out bench-out``.
+The command is ``transfusion bench`` (``commands/bench.py``), e.g.
+``transfusion bench --configs tiny small w512 --out bench-out``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import platform
 import random
@@ -25,7 +24,7 @@ import torch
 
 from transfusion.config import ModelConfig, preset
 from transfusion.model import Transfusion
-from transfusion.sequence import Image, MixedBatch, Sample, Specials, Text, pack
+from transfusion.sequence import Image, MixedBatch, Sample, Specials, Text, pack, sample_length
 from transfusion.tokenizer import ByteTokenizer
 
 CONFIGS: dict[str, Callable[[], ModelConfig]] = {
@@ -129,23 +128,22 @@ def train_flops_per_token(model: Transfusion, seq_len: int) -> float:
 
 # --- the benchmarks --------------------------------------------------------------------------------
 def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, device: str, repeat: int) -> dict[str, Any]:
-    from transfusion.losses import image_loss, text_loss
+    """The step users run (``training.train_step``: forward, both losses, backward, clipping, AdamW)
+    on one synthetic batch, with the training loop's dtype policy (bf16 autocast on CUDA)."""
+    from transfusion.config import DiffusionConfig, TrainConfig
+    from transfusion.diffusion import make_schedule
+    from transfusion.training import make_optimizer, train_step
 
     torch.manual_seed(0)
     model = Transfusion(cfg).to(device)
     batch = synthetic_batch(cfg, batch_size, seq_len).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device == "cuda")
-    noise = torch.randn_like(batch.latents)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else _null()
+    tc, dc = TrainConfig(lr=1e-4), DiffusionConfig()
+    opt = make_optimizer(model, tc, fused=device == "cuda")
+    schedule = make_schedule(dc)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else None
 
     def step() -> None:
-        with autocast:
-            out = model(batch)
-            loss = text_loss(out.logits, batch.text_targets) + 5.0 * image_loss(out.image_pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        train_step(model, opt, [batch], schedule, dc, lr=tc.lr, grad_clip=tc.grad_clip, autocast=autocast)
 
     reset_peak_rss()
     if device == "cuda":
@@ -164,14 +162,6 @@ def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, device: str, re
         "peak_rss_mb": peak_rss_mb(),
         "cuda_max_alloc_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
     }
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def bench_sampling(cfg: ModelConfig, device: str, repeat: int) -> dict[str, Any]:
@@ -212,23 +202,31 @@ def _sampling_numbers(cfg: ModelConfig, device: str, repeat: int) -> dict[str, A
 
 def _denoise_step_ms(dec: Any, prefix: int, rows_n: int, scale: float, device: str, repeat: int) -> float:
     """Milliseconds of one denoising step of ``rows_n`` rows whose cached prompts are ``prefix``
-    positions long (ending in BOI), as the decoder runs it (with guidance: one batch with the twins)."""
+    positions long (ending in BOI), through the model's cached API as the decoder calls it (with
+    guidance: one batch with the unconditional twins, which share one cached BOS BOI)."""
     from transfusion.generate import KVCache
 
-    cfg, tok = dec.model.cfg, dec.tok
-    cache = KVCache(
-        dec.model, rows_n, prefix + cfg.patches_per_image + 2, torch.device(device), torch.float32
-    )
+    model, tok = dec.model, dec.tok
+    cfg, dev = model.cfg, torch.device(device)
+    sp = Specials.of(tok)
     rows = torch.arange(rows_n)
     x = torch.randn(rows_n, cfg.latent_channels, cfg.latent_size, cfg.latent_size, device=device)
     t = torch.full((rows_n,), 500)
-    prompt = Sample([Text([ord("a")] * (prefix - 2)), Text([tok.boi_id])], eos=False)  # BOS + text + BOI
+
+    def cached(prompts: list[Sample]) -> KVCache:
+        lengths = [sample_length(p, cfg.patches_per_image) for p in prompts]
+        cache = KVCache(model, len(prompts), max(lengths) + cfg.patches_per_image + 2, dev, torch.float32)
+        batch = pack(prompts, max(lengths), sp, cfg.patches_per_image, one_per_row=True).to(dev)
+        cache.commit(torch.arange(len(prompts)), model.prefill(batch, torch.tensor(lengths) - 1).kv,
+                     torch.tensor(lengths))  # fmt: skip
+        return cache
+
     with torch.no_grad():
-        dec._prefill(cache, rows, [prompt] * rows_n)
-        if scale == 1.0:
-            return timed(lambda: dec._image_pred(cache, rows, x, t, commit=False), repeat) * 1e3
-        uncond = dec._unconditional_prefix()
-        return timed(lambda: dec._image_pred_pair(cache, uncond, rows, x, t), repeat) * 1e3
+        cache = cached([Sample([Text([ord("a")] * (prefix - 2)), Text([sp.boi])], eos=False)] * rows_n)
+        shared = cached([Sample([Text([sp.boi])], eos=False)]) if scale != 1.0 else None
+        xs, ts = (x, t) if shared is None else (torch.cat([x, x]), torch.cat([t, t]))
+        start, past = cache.starts(rows, shared), cache.prefix(rows, shared)
+        return timed(lambda: model.extend_image(xs, ts, start, past), repeat) * 1e3
 
 
 def run_benchmarks(
@@ -269,35 +267,3 @@ def format_table(result: dict[str, Any]) -> str:
         f"load {m['load_avg_1m']}; torch {m['torch']}; {m['cuda'] or m['processor']}"
     )
     return head + "\n\n" + "\n".join(lines)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--configs",
-        nargs="+",
-        default=["tiny", "small", "w512"],
-        choices=sorted(CONFIGS),
-        help="model configs to measure (default: tiny small w512)",
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="rows per training step (default 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="positions per row (default 128)")
-    p.add_argument("--repeat", type=int, default=5, help="timed repetitions per number; the median is kept")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--no-sampling", action="store_true", help="only the training numbers")
-    p.add_argument("--out", default="bench-out", help="directory for bench.json (default bench-out)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    result = run_benchmarks(
-        args.configs, args.batch_size, args.seq_len, args.repeat, device, not args.no_sampling
-    )
-    print(format_table(result))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out / 'bench.json'}")
-    return 0

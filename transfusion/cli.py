@@ -1,8 +1,9 @@
 """`transfusion <command>`: the single entry point.
 
-Each command lives in the module that does the work; that module exposes ``add_arguments(parser)``
-and ``run(args) -> int``. Modules are imported only when their command is chosen, so ``--help`` is
-fast and a missing optional extra only affects the command that needs it.
+Each command is a module of ``transfusion.commands`` with ``add_arguments(parser)`` and
+``run(args) -> int``; the work itself is done by the library below. Modules are imported only when
+their command is chosen, so ``--help`` is fast and a missing optional extra only affects the command
+that needs it. Errors the user can fix print as one line (``TRANSFUSION_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -12,31 +13,23 @@ import importlib
 import os
 import sys
 
-# command -> (module, one-line help)
+from transfusion.errors import UserError
+
+# command -> (module under transfusion.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
-        "transfusion.demo",
+        "demo",
         "train a tokenizer, a VAE and a Transfusion model on built-in data, evaluate, write report.html",
     ),
-    "train": ("transfusion.train", "train a Transfusion model (one process, or many under torchrun)"),
-    "train-vae": ("transfusion.vae_train", "train the image autoencoder and compute its latent scale"),
-    "train-tokenizer": (
-        "transfusion.tokenizer",
-        "train a byte-level BPE tokenizer.json on a data source's text",
-    ),
-    "generate": ("transfusion.generate_cli", "generate text, images or both from a prompt"),
-    "caption": ("transfusion.caption_cli", "describe image files with a trained model"),
-    "eval": ("transfusion.evaluate", "evaluate a checkpoint and write metrics.json"),
-    "export": (
-        "transfusion.pretrained",
-        "write a checkpoint's text side in the Hugging Face Llama / Qwen2 layout",
-    ),
-    "bench": ("transfusion.bench", "measure speed and memory; print a table and write JSON"),
+    "train": ("train", "train a Transfusion model (one process, or many under torchrun)"),
+    "train-vae": ("train_vae", "train the image autoencoder and compute its latent scale"),
+    "train-tokenizer": ("train_tokenizer", "train a byte-level BPE tokenizer.json on a data source's text"),
+    "generate": ("generate", "generate text, images or both from a prompt"),
+    "caption": ("caption", "describe image files with a trained model"),
+    "eval": ("eval", "evaluate a checkpoint and write metrics.json"),
+    "export": ("export", "write a checkpoint's text side in the Hugging Face Llama / Qwen2 layout"),
+    "bench": ("bench", "measure speed and memory; print a table and write JSON"),
 }
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, no traceback."""
 
 
 def _top_help() -> str:
@@ -57,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transfusion: unknown command {name!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
     module_name, text = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    module = importlib.import_module(f"transfusion.commands.{module_name}")
     about = (module.__doc__ or "").strip().split("\n\n")[0]
     parser = argparse.ArgumentParser(
         prog=f"transfusion {name}",

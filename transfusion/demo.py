@@ -22,16 +22,27 @@ on 2 CPU cores, see the README):
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from transfusion.config import Config, DataConfig, DiffusionConfig, TrainConfig, VAEConfig, preset
+from transfusion.evaluation.report import write_report
+from transfusion.io import atomic_write_text
+
+
+def note(message: str) -> None:
+    """The demo's progress lines (stderr: the final summary is the command's result, on stdout)."""
+    import sys
+
+    print(message, file=sys.stderr)
+
 
 SHARES = {"vae": 0.08, "train": 0.78}  # the rest: tokenizer, latent cache, evaluation
 POOL = 20_000  # distinct training scenes of the shapes source, encoded once
@@ -83,25 +94,23 @@ def seconds_per_step(fn: Callable[[], None], warmup: int = 2, repeat: int = 8) -
 
 
 def calibrate_train(cfg: Config, encode: Any, cache: Any = None) -> float:
-    """Seconds per optimizer step of this model on this machine, measured on real batches."""
+    """Seconds per optimizer step of this model on this machine, measured on real batches with the
+    training loop's own step."""
     from transfusion.data.loader import BatchLoader
     from transfusion.diffusion import make_schedule
-    from transfusion.losses import training_loss
     from transfusion.model import Transfusion
     from transfusion.tokenizer import load_tokenizer
-    from transfusion.train import make_optimizer
+    from transfusion.training import make_optimizer, train_step
 
     torch.manual_seed(cfg.train.seed)
     model = Transfusion(cfg.model)
     opt = make_optimizer(model, cfg.train)
     loader = BatchLoader(cfg, load_tokenizer(cfg.train.tokenizer), encode, latent_cache=cache)
     schedule = make_schedule(cfg.diffusion)
+    tc = cfg.train
 
     def step() -> None:
-        losses = training_loss(model, next(loader), schedule, cfg.diffusion)
-        opt.zero_grad()
-        losses.total.backward()
-        opt.step()
+        train_step(model, opt, [next(loader)], schedule, cfg.diffusion, lr=tc.lr, grad_clip=tc.grad_clip)
 
     return seconds_per_step(step)
 
@@ -115,6 +124,26 @@ def eval_seconds(source: str, prompts_per_kind: int, captions: int) -> float:
     return 0.3 * 6 * prompts_per_kind + 0.1 * captions + 10  # six GenEval kinds
 
 
+@dataclass
+class Plan:
+    """How the demo shares out its budget (seconds)."""
+
+    budget: float
+    reserve: float  # evaluation's share (at least what it needs whatever the budget)
+    fit: float  # the factor that shrinks the VAE's and the model's shares to fit the rest
+
+    @classmethod
+    def make(cls, minutes: float, source: str, prompts_per_kind: int, captions: int) -> Plan:
+        budget = minutes * 60
+        # evaluation does not shrink with the budget: hold back what it needs, and shrink the VAE's and
+        # the Transfusion model's shares to fit (the default 15 minutes hold back more than it needs)
+        reserve = max(
+            (1 - SHARES["vae"] - SHARES["train"]) * budget, eval_seconds(source, prompts_per_kind, captions)
+        )
+        fit = max(0.0, budget - reserve) / ((SHARES["vae"] + SHARES["train"]) * budget)
+        return cls(budget, reserve, fit)
+
+
 def run_demo(
     out: Path,
     minutes: float,
@@ -124,65 +153,82 @@ def run_demo(
     source: str = "shapes",
     overrides: list[str] | None = None,
 ) -> dict:
-    from transfusion.data.latent_cache import LatentCache, build_latent_cache
-    from transfusion.evaluate import evaluate, evaluate_fashion
-    from transfusion.generate_cli import load_for_inference
-    from transfusion.report import write_report
-    from transfusion.train import image_encoder, train
-    from transfusion.vae import KLVAE, vae_hash
-    from transfusion.vae_train import load_images, train_vae
-
-    budget = minutes * 60
-    # evaluation does not shrink with the budget: hold back what it needs, and shrink the VAE's and
-    # the Transfusion model's shares to fit (the default 15 minutes hold back more than it needs)
-    reserve = max(
-        (1 - SHARES["vae"] - SHARES["train"]) * budget,
-        eval_seconds(source, eval_prompts_per_kind, n_captions),
-    )
-    fit = max(0.0, budget - reserve) / ((SHARES["vae"] + SHARES["train"]) * budget)
-    if fit < 0.5:
-        left = budget - reserve
-        print(
-            f"note: evaluation takes about {reserve:.0f} s of the {budget:.0f} s budget; the VAE and the model "
-            + (
-                f"train in the {left:.0f} s left"
-                if left >= 30
-                else "still need a minimum: the demo will run over"
-            )
+    """The five stages in order: tokenizer, VAE, latent cache, Transfusion model, evaluation and the
+    report; returns {"metrics", "report", "timings"}."""
+    plan = Plan.make(minutes, source, eval_prompts_per_kind, n_captions)
+    if plan.fit < 0.5:
+        left = plan.budget - plan.reserve
+        how = (
+            f"train in the {left:.0f} s left"
+            if left >= 30
+            else "still need a minimum: the demo will run over"
         )
+        note(f"note: evaluation takes about {plan.reserve:.0f} s of the {plan.budget:.0f} s budget; the VAE "
+             f"and the model {how}")  # fmt: skip
     t_start = time.time()
     timings: dict[str, float] = {}
     out.mkdir(parents=True, exist_ok=True)
-    use_cache = source == "shapes"  # a pool of scenes; Fashion-MNIST's 55k images are encoded as they come
-    cache_dir = str(out / "latents") if use_cache else None
+    cache_dir = str(out / "latents") if source == "shapes" else None  # Fashion-MNIST is encoded as it comes
 
-    # 1. the tokenizer: byte-level BPE on the captions (bytes if the optional `tokenizers` is missing)
-    t0 = time.time()
-    tokenizer_path = None
-    cfg = demo_config(1, seed, source, None, cache_dir, overrides)
-    if cfg.train.tokenizer is None:
-        try:
-            from transfusion.data.sources import source_texts
-            from transfusion.tokenizer import train_bpe
-
-            texts = source_texts(cfg.data, POOL)
-            tok = train_bpe(texts, TOKENIZER_VOCAB, out / "tokenizer")
-            tokenizer_path = tok.path
-            example = texts[0]
-            print(f"[1/5] tokenizer: byte-level BPE, {tok.vocab_size} ids; {example!r} is "
-                  f"{len(tok.encode(example))} tokens ({len(example.encode())} bytes)")  # fmt: skip
-        except ModuleNotFoundError:
-            print(
-                "[1/5] tokenizer: bytes (install the 'hf' extra for a BPE tokenizer trained on the captions)"
-            )
-    else:
-        tokenizer_path = cfg.train.tokenizer
-        print(f"[1/5] tokenizer: {tokenizer_path}")
+    with _timed(timings, "tokenizer"):
+        tokenizer_path = make_tokenizer(out, seed, source, cache_dir, overrides)
     cfg = demo_config(1, seed, source, tokenizer_path, cache_dir, overrides)
-    timings["tokenizer"] = time.time() - t0
+    with _timed(timings, "vae training"):
+        vae, vae_result = make_vae(cfg, out, seed, SHARES["vae"] * plan.budget * plan.fit)
+    cfg.vae = vae.config
+    with _timed(timings, "latent cache"):
+        encode, cache = make_latent_cache(cfg, vae, cache_dir)
+    with _timed(timings, "transfusion training"):
+        remaining = plan.budget - plan.reserve - (time.time() - t_start)
+        cfg = train_model(
+            cfg, out, seed, source, tokenizer_path, cache_dir, overrides, encode, cache, remaining
+        )
+    with _timed(timings, "evaluation"):
+        metrics, details, loaded = evaluate_demo(out, eval_prompts_per_kind, n_captions, vae_result)
+    timings["total"] = time.time() - t_start
+    notes = _report_notes(minutes, vae_result, metrics, loaded, tokenizer_path, source)
+    title = "Transfusion demo: " + ("shape scenes" if source == "shapes" else "Fashion-MNIST")
+    report = write_report(out / "report.html", out / "model", metrics, details, title, timings, notes)
+    return {"metrics": metrics, "report": str(report), "timings": timings}
 
-    # 2. the VAE
-    print(f"[2/5] VAE on {source} ({SHARES['vae'] * budget * fit:.0f} s budget)")
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.time()
+    yield
+    timings[name] = time.time() - t0
+
+
+def make_tokenizer(
+    out: Path, seed: int, source: str, cache_dir: str | None, overrides: list[str] | None
+) -> str | None:
+    """Stage 1: a byte-level BPE trained on the captions (bytes if the optional ``tokenizers`` is
+    missing), or the tokenizer ``--set train.tokenizer=...`` names; returns its path (None: bytes)."""
+    cfg = demo_config(1, seed, source, None, cache_dir, overrides)
+    if cfg.train.tokenizer is not None:
+        note(f"[1/5] tokenizer: {cfg.train.tokenizer}")
+        return cfg.train.tokenizer
+    try:
+        from transfusion.data.sources import source_texts
+        from transfusion.tokenizer import train_bpe
+
+        texts = source_texts(cfg.data, POOL)
+        tok = train_bpe(texts, TOKENIZER_VOCAB, out / "tokenizer")
+    except ModuleNotFoundError:
+        note("[1/5] tokenizer: bytes (install the 'hf' extra for a BPE tokenizer trained on the captions)")
+        return None
+    example = texts[0]
+    note(f"[1/5] tokenizer: byte-level BPE, {tok.vocab_size} ids; {example!r} is "
+         f"{len(tok.encode(example))} tokens ({len(example.encode())} bytes)")  # fmt: skip
+    return tok.path
+
+
+def make_vae(cfg: Config, out: Path, seed: int, seconds: float) -> tuple[Any, dict]:
+    """Stage 2: the VAE, with as many steps as ``seconds`` hold (measured here, 50 to 2000)."""
+    from transfusion.training.vae import load_images, train_vae
+    from transfusion.vae import KLVAE
+
+    note(f"[2/5] VAE on {cfg.data.source} ({seconds:.0f} s budget)")
     train_images = load_images(cfg.data, "train", 4096)
     val_images = load_images(cfg.data, "val", 256)
     probe = KLVAE(cfg.vae)
@@ -194,66 +240,81 @@ def run_demo(
         loss.backward()
         opt.step()
 
-    vae_steps = max(50, min(2000, int(SHARES["vae"] * budget * fit / seconds_per_step(vae_step))))
-    t0 = time.time()
-    vae_result = train_vae(cfg.vae, train_images, val_images, out / "vae", steps=vae_steps, seed=seed)
-    timings["vae training"] = time.time() - t0
-    vae = vae_result["vae"]
-    cfg.vae = vae.config
-    print(f"      held-out PSNR {vae_result['psnr_val']:.1f} dB after {vae_steps} steps")
+    steps = max(50, min(2000, int(seconds / seconds_per_step(vae_step))))
+    result = train_vae(cfg.vae, train_images, val_images, out / "vae", steps=steps, seed=seed)
+    note(f"      held-out PSNR {result['psnr_val']:.1f} dB after {steps} steps")
+    return result["vae"], {**result, "steps": steps}
 
-    # 3. the latent cache: the pool of training scenes through the encoder, once
+
+def make_latent_cache(cfg: Config, vae: Any, cache_dir: str | None) -> tuple[Any, Any]:
+    """Stage 3: the pool of training scenes through the encoder, once (shapes only); returns the
+    image encoder and the cache (None for sources encoded as batches need them)."""
+    from transfusion.data.latent_cache import LatentCache, build_latent_cache
+    from transfusion.data.sources import make_source
+    from transfusion.training import image_encoder
+    from transfusion.vae import vae_hash
+
     encode = image_encoder(vae, torch.device("cpu"))
-    cache = None
-    if use_cache:
-        from transfusion.data.sources import make_source
+    if cache_dir is None:
+        note("[3/5] latent cache: not used for this source (images are encoded as batches need them)")
+        return encode, None
+    note(f"[3/5] latent cache: {POOL} scenes through the VAE encoder")
+    build_latent_cache(make_source(cfg.data, "train"), encode, vae_hash(vae), cache_dir, POOL)
+    return encode, LatentCache(cache_dir, vae_hash(vae))
 
-        t0 = time.time()
-        print(f"[3/5] latent cache: {POOL} scenes through the VAE encoder")
-        build_latent_cache(make_source(cfg.data, "train"), encode, vae_hash(vae), cache_dir, POOL)
-        cache = LatentCache(cache_dir, vae_hash(vae))
-        timings["latent cache"] = time.time() - t0
-    else:
-        print("[3/5] latent cache: not used for this source (images are encoded as batches need them)")
 
-    # 4. the Transfusion model: as many steps as its share of the budget holds
-    spent_before = time.time() - t_start
-    remaining_train = budget - reserve - spent_before
+def train_model(
+    cfg: Config, out: Path, seed: int, source: str, tokenizer_path: str | None, cache_dir: str | None,
+    overrides: list[str] | None, encode: Any, cache: Any, seconds: float,
+) -> Config:  # fmt: skip
+    """Stage 4: the Transfusion model, with as many steps as ``seconds`` hold at the step time
+    measured here."""
+    from transfusion.training import train
+
     per_step = calibrate_train(cfg, encode, cache)
-    steps = max(20, int(remaining_train / per_step))
+    steps = max(20, int(seconds / per_step))
+    vae_config = cfg.vae
     cfg = demo_config(steps, seed, source, tokenizer_path, cache_dir, overrides)
-    cfg.vae = vae.config
+    cfg.vae = vae_config
     m = cfg.model
-    print(
+    note(
         f"[4/5] Transfusion ({m.dim} wide, {m.n_layers} layers, {m.patcher} patcher): {steps} steps of {per_step:.2f} s"
     )
-    t0 = time.time()
     train(
         cfg,
         out / "model",
         vae=str(out / "vae"),
         progress=True,
-        max_seconds=max(remaining_train, steps * per_step) * 1.05,
+        max_seconds=max(seconds, steps * per_step) * 1.05,
     )
-    timings["transfusion training"] = time.time() - t0
+    return cfg
 
-    # 5. evaluation and the report
-    print("[5/5] generating, captioning and scoring held-out data")
-    t0 = time.time()
+
+def evaluate_demo(
+    out: Path, prompts_per_kind: int, captions: int, vae_result: dict
+) -> tuple[dict, dict, Any]:
+    """Stage 5: generate, caption and score held-out data with the trained checkpoint."""
+    from transfusion.checkpoint import load_for_inference
+    from transfusion.evaluation import evaluate_checkpoint
+
+    note("[5/5] generating, captioning and scoring held-out data")
     loaded, vae = load_for_inference(str(out / "model"))
-    judge = evaluate_fashion if source == "fashion_mnist" else evaluate
-    metrics, details = judge(
-        loaded.model, loaded.tokenizer, vae, loaded.config, out, eval_prompts_per_kind, n_captions
-    )
+    metrics, details = evaluate_checkpoint(loaded.model, loaded.tokenizer, vae, loaded.config, out,
+                                           prompts_per_kind, captions)  # fmt: skip
     metrics["vae_psnr_val"] = round(vae_result["psnr_val"], 3)
+    metrics["vae_steps"] = vae_result["steps"]
     metrics["train_steps"] = int(loaded.meta["step"])
     metrics["params_M"] = round(loaded.model.num_params() / 1e6, 3)
-    timings["evaluation"] = time.time() - t0
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics, details, loaded
 
-    timings["total"] = time.time() - t_start
+
+def _report_notes(
+    minutes: float, vae_result: dict, metrics: dict, loaded: Any, tokenizer_path: str | None, source: str
+) -> list[str]:
+    m = loaded.config.model
     notes = [
-        f"Budget {minutes:g} min on {torch.get_num_threads()} CPU threads; VAE {vae_steps} steps, "
+        f"Budget {minutes:g} min on {torch.get_num_threads()} CPU threads; VAE {vae_result['steps']} steps, "
         f"Transfusion {metrics['train_steps']} steps ({m.dim} wide, {m.n_layers} layers, {m.patcher} patcher, "
         f"{loaded.model.num_params() / 1e6:.1f}M parameters).",
         f"Tokenizer: {'byte-level BPE trained on the captions' if tokenizer_path else 'UTF-8 bytes'} "
@@ -263,58 +324,4 @@ def run_demo(
         notes.append(
             "FD uses the features of a small CNN the project trains on the scenes, not Inception: not comparable to FID."
         )
-    title = "Transfusion demo: " + ("shape scenes" if source == "shapes" else "Fashion-MNIST")
-    report = write_report(out / "report.html", out / "model", metrics, details, title, timings, notes)
-    return {"metrics": metrics, "report": str(report), "timings": timings}
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, help="output directory (default runs/demo-<date>-<time>)")
-    p.add_argument(
-        "--minutes",
-        type=float,
-        default=15.0,
-        help="total time budget; stages scale to fit, evaluation needing about 1-2 min of it (default 15)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--dataset",
-        choices=["shapes", "fashion_mnist"],
-        default="shapes",
-        help="built-in shape scenes (default) or Fashion-MNIST from Debian's package",
-    )
-    p.add_argument(
-        "--prompts-per-kind", type=int, default=20, help="held-out prompts per GenEval kind (default 20)"
-    )
-    p.add_argument("--captions", type=int, default=100, help="held-out images to caption (default 100)")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="change the demo's configuration, e.g. --set model.patcher=linear (repeatable; see `train --help`)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; choose another --out")
-    if args.minutes <= 0:
-        raise ValueError("--minutes must be > 0")
-    demo_config(1, args.seed, args.dataset, None, None, args.set)  # bad --set values fail before any work
-    result = run_demo(
-        out, args.minutes, args.seed, args.prompts_per_kind, args.captions, args.dataset, args.set
-    )
-    m = result["metrics"]
-    if args.dataset == "fashion_mnist":
-        print(f"\nreport: {result['report']}\nclass-conditional generation accuracy {m['fashion_generation_accuracy']:.2f}, "
-              f"caption accuracy {m['fashion_caption_accuracy']:.2f}, {result['timings']['total'] / 60:.1f} min")  # fmt: skip
-        return 0
-    print(
-        f"\nreport: {result['report']}\n"
-        f"composition overall {m['geneval_overall']:.2f} (single object {m['geneval_single_object']:.2f}), "
-        f"caption accuracy {m['caption_accuracy']:.2f}, CIDEr-D {m['caption_cider_d']:.2f}, "
-        f"text {m['text_bits_per_byte']:.2f} bits/byte, VAE PSNR {m['vae_psnr_val']:.1f} dB, "
-        f"{result['timings']['total'] / 60:.1f} min"
-    )
-    return 0
+    return notes

@@ -448,3 +448,20 @@ def make_sampler(
         fix = "use sampler 'flow'" if objective == "flow" else "use sampler 'ddpm' or 'ddim'"
         raise ValueError(f"sampler {name!r} does not fit a model trained with objective {objective!r}; {fix}")
     return Sampler(name, schedule, num_steps, eta=eta, clip_x0=clip_x0)
+
+
+def default_sampler(cfg: DiffusionConfig) -> str:
+    """The sampler a model trained with ``cfg`` uses unless told otherwise: 'flow' (Euler) for a
+    velocity model, else ``cfg.sampler`` (the paper's: 'ddpm', ancestral)."""
+    return "flow" if cfg.objective == "flow" else cfg.sampler
+
+
+def sampler_for(
+    cfg: DiffusionConfig, schedule: NoiseSchedule, name: str | None = None, steps: int | None = None
+) -> Sampler:
+    """The sampling policy, in one place: ``name`` (default ``default_sampler``) over ``steps``
+    (default ``cfg.sample_steps``), checked against the training objective, with DDPM/DDIM clipping
+    the predicted clean latent at ``cfg.sample_clip`` (flow needs none)."""
+    name = name or default_sampler(cfg)
+    clip = None if name == "flow" else cfg.sample_clip
+    return make_sampler(name, schedule, steps or cfg.sample_steps, cfg.objective, clip_x0=clip)

@@ -8,6 +8,8 @@ function here is a no-op for a single process.
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +35,23 @@ class DistInfo:
 
 
 def init(device: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun; pick this process's device."""
+    """Join the process group when launched by torchrun; pick this process's device.
+
+    Each local rank takes the GPU of its number; more local ranks than visible GPUs is an error that
+    says what to do (before this check, rank 1 of two on a one-GPU machine died with "invalid device
+    ordinal")."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        gpus = torch.cuda.device_count()
+        if local >= gpus:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1)))
+            raise ValueError(
+                f"local rank {local} has no GPU: this machine shows {gpus} and torchrun started "
+                f"{local_world} processes on it; use torchrun --nproc_per_node={gpus}, or "
+                "--set train.device=cpu to train on the CPU (gloo)"
+            )
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -52,8 +67,9 @@ def cleanup() -> None:
 
 
 def print0(*args: Any, **kw: Any) -> None:
+    """A note from rank 0 only, on stderr unless ``file=`` says otherwise (results go to stdout)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kw)
+        print(*args, **{"file": sys.stderr, **kw})
 
 
 def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
@@ -73,11 +89,60 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
     return model
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 shards in place: the model is its own)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 holds this model's parameters as shards (every rank a part)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in unwrap(model).parameters())
+
+
+def no_sync(model: nn.Module, skip: bool) -> Any:
+    """DDP's ``no_sync()`` for the micro-batches of gradient accumulation that are not the last
+    (``skip``), so gradients are all-reduced once per optimizer step; a null context otherwise."""
+    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return nullcontext()
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's whole state dict, gathered from every rank under FSDP2 (all ranks call it)."""
+    if dist.is_initialized() and is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, opt, options=opts)
+    return opt.state_dict()
+
+
+def load_state(
+    model: nn.Module, opt: torch.optim.Optimizer, weights: dict[str, torch.Tensor], opt_state: dict[str, Any]
+) -> None:
+    """Whole weights and optimizer state into a model that may be wrapped (DDP) or sharded (FSDP2)."""
+    if dist.is_initialized() and is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(model, weights, options=opts)
+        set_optimizer_state_dict(model, opt, opt_state, options=opts)
+        return
+    unwrap(model).load_state_dict(weights)
+    opt.load_state_dict(opt_state)
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded weights on the CPU (every rank must call it under FSDP2; rank 0 uses them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap(model)
     if dist.is_initialized():
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(inner, options=opts)
@@ -125,6 +190,13 @@ def any_across(*flags: bool) -> list[bool]:
     if not dist.is_initialized():
         return [bool(f) for f in flags]
     return [v > 0 for v in _all_reduce([float(f) for f in flags], dist.ReduceOp.MAX)]
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on every rank."""
+    if not dist.is_initialized():
+        return bool(flag)
+    return _all_reduce([float(flag)], dist.ReduceOp.MIN)[0] > 0
 
 
 def mean_across(value: float) -> float:

@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from transfusion import masks
 from transfusion.config import DiffusionConfig
-from transfusion.diffusion import Sampler, guided, make_sampler, make_schedule
+from transfusion.diffusion import Sampler, default_sampler, guided, make_schedule, sampler_for
 from transfusion.layers import KV, Prefix
 from transfusion.model import Transfusion
 from transfusion.sequence import Image, Sample, Specials, Text, pack, sample_length
@@ -117,6 +116,21 @@ class KVCache:
             return [(len(rows), k[sl, :, :upto], v[sl, :, :upto], valid) for k, v in zip(self.k, self.v)]
         idx = rows.to(self.k[0].device)
         return [(len(rows), k[idx, :, :upto], v[idx, :, :upto], valid) for k, v in zip(self.k, self.v)]
+
+    def prefix(self, rows: Tensor, shared: KVCache | None = None) -> list[Prefix]:
+        """Each layer's ``Prefix`` for the model's cached calls: ``rows`` of this cache, then (with
+        ``shared``, a one-row cache) as many twin rows that all read ``shared``'s single row."""
+        groups = [self.past(rows)]
+        if shared is not None:
+            groups.append(
+                [(len(rows), k, v, valid) for _, k, v, valid in shared.past(torch.zeros(1, dtype=torch.long))]
+            )
+        return [Prefix([group[layer] for group in groups]) for layer in range(len(groups[0]))]
+
+    def starts(self, rows: Tensor, shared: KVCache | None = None) -> Tensor:
+        """Cached positions per row (R,), followed by ``shared``'s for each twin row."""
+        lens = self.lens[rows]
+        return lens if shared is None else torch.cat([lens, shared.lens[:1].expand(len(rows))])
 
     def commit(self, rows: Tensor, new_kv: list[KV], counts: Tensor) -> None:
         """Append the first ``counts[i]`` of the q new positions of sub-batch row i to cache row rows[i]."""
@@ -206,7 +220,7 @@ class Decoder:
         gen, d = gen or GenerationConfig(), self.dcfg
         return dataclasses.replace(
             gen,
-            sampler=gen.sampler or ("flow" if d.objective == "flow" else d.sampler),
+            sampler=gen.sampler or default_sampler(d),
             steps=gen.steps or d.sample_steps,
             cfg_scale=d.cfg_scale if gen.cfg_scale is None else gen.cfg_scale,
         )
@@ -233,8 +247,7 @@ class Decoder:
             raise ValueError(f"give one seed and one force_image flag per prompt ({B} prompts)")
         if B == 0:
             return []
-        clip = None if gen.sampler == "flow" else getattr(self.dcfg, "sample_clip", None)
-        sampler = make_sampler(gen.sampler, self.schedule, gen.steps, self.dcfg.objective, clip_x0=clip)
+        sampler = sampler_for(self.dcfg, self.schedule, gen.sampler, gen.steps)
         scale = gen.cfg_scale
 
         samples = [self._prompt_sample(p, f) for p, f in zip(prompts, force)]
@@ -365,50 +378,29 @@ class Decoder:
             row.out.append(self.tok.decode(row.tokens))
             row.tokens = []
 
-    # --- the model, run on new positions against the cache --------------------------------------
-    def _forward(self, x: Tensor, lens: Tensor, parts: list[list[tuple]]) -> tuple[Tensor, list[KV]]:
-        """New positions x (R, q, D) after each row's ``lens`` (R,) cached ones; ``parts`` holds, per
-        group of rows, each layer's ``Prefix`` part (``KVCache.past``). The q new positions see the
-        whole prefix and each other (one token, or one image's patches).
-
-        Returns final-normed hidden states (R, q, D) and the new positions' (k, v) per layer."""
-        q = x.shape[1]
-        positions = (lens[:, None] + torch.arange(q)[None, :]).to(self.device)  # (R, q) continue each row
-        past = [Prefix([group[layer] for group in parts]) for layer in range(len(parts[0]))]
-        return self.model.trunk(x, positions, None, past)
-
-    def _run(self, cache: KVCache, rows: Tensor, x: Tensor) -> tuple[Tensor, list[KV]]:
-        return self._forward(x, cache.lens[rows], [cache.past(rows)])
-
+    # --- the model's cached API, on this decoder's caches -----------------------------------------
     def _text_step(self, cache: KVCache, rows: Tensor, tokens: list[int]) -> Tensor:
         """Feed one token per row and commit it; returns next-token logits (R, V)."""
-        x = self.model.tok_emb(torch.tensor(tokens, device=self.device)[:, None])  # (R, 1, D)
-        h, kv = self._run(cache, rows, x)
-        cache.commit(rows, kv, torch.ones(len(rows), dtype=torch.long))
-        return self.model.lm_head(h[:, -1]).float()
+        out = self.model.extend_text(torch.tensor(tokens), cache.starts(rows), cache.prefix(rows))
+        cache.commit(rows, out.kv, torch.ones(len(rows), dtype=torch.long))
+        return out.logits
 
     def _image_pred(self, cache: KVCache, rows: Tensor, images: Tensor, t: Tensor, commit: bool) -> Tensor:
         """Images (R, C, H, W) at timesteps t (R,) as the rows' next n positions; returns the
         prediction (R, C, H, W). ``commit`` writes their keys/values (for clean images, t = 0)."""
-        patches, ctx = self.model.patcher.encode(images.to(self.dtype), t.to(self.device))  # (R, n, D)
-        h, kv = self._run(cache, rows, patches)
+        out = self.model.extend_image(images, t, cache.starts(rows), cache.prefix(rows))
         if commit:
-            cache.commit(rows, kv, torch.full((len(rows),), self.n, dtype=torch.long))
-        return self.model.patcher.decode(h, ctx).float()
+            cache.commit(rows, out.kv, torch.full((len(rows),), self.n, dtype=torch.long))
+        return out.image_pred
 
     def _image_pred_pair(
         self, cache: KVCache, uncond: KVCache, rows: Tensor, images: Tensor, t: Tensor
     ) -> Tensor:
         """One forward over R conditional rows and their R unconditional twins: (2R, C, H, W), the
         conditional predictions first. ``uncond`` is a one-row cache shared by every twin."""
-        R = len(rows)
-        lens = torch.cat([cache.lens[rows], uncond.lens[:1].expand(R)])  # (2R,)
-        # the twins share the one unconditional prompt: a part of R rows over its single cache row
-        twin = [(R, k, v, valid) for _, k, v, valid in uncond.past(torch.zeros(1, dtype=torch.long))]
-        x, tt = torch.cat([images, images]).to(self.dtype), torch.cat([t, t]).to(self.device)
-        patches, ctx = self.model.patcher.encode(x, tt)  # (2R, n, D)
-        h, _ = self._forward(patches, lens, [cache.past(rows), twin])
-        return self.model.patcher.decode(h, ctx).float()
+        x, tt = torch.cat([images, images]), torch.cat([t, t])
+        out = self.model.extend_image(x, tt, cache.starts(rows, uncond), cache.prefix(rows, uncond))
+        return out.image_pred
 
     def _prefill(self, cache: KVCache, rows: Tensor, samples: list[Sample]) -> Tensor:
         """Run whole prompts (packed one per row) into the cache; returns last-position logits (R, V)."""
@@ -418,11 +410,9 @@ class Decoder:
                 f"prompt needs {max(lengths)} positions but the context is {cache.capacity}; shorten it"
             )
         b = pack(samples, max(lengths), self.sp, self.n, one_per_row=True).to(self.device)
-        x, _ = self.model.embed(b.ids, b.patch_mask, b.latents.to(self.dtype), b.timesteps.clamp(min=0))
-        h, kv = self.model.trunk(x, b.positions, masks.dense_mask(b.doc_ids, b.image_index))
-        cache.commit(rows, kv, torch.tensor(lengths))
-        last = torch.tensor(lengths, device=self.device) - 1
-        return self.model.lm_head(h[torch.arange(len(samples), device=self.device), last]).float()
+        out = self.model.prefill(b, torch.tensor(lengths) - 1)
+        cache.commit(rows, out.kv, torch.tensor(lengths))
+        return out.logits
 
     def _unconditional_prefix(self) -> KVCache:
         """BOS BOI in a one-row cache: what training shows before an image whose text was dropped."""

@@ -24,16 +24,29 @@ class Losses:
     total: Tensor
     text: Tensor
     image: Tensor
-    text_tokens: int
+    text_tokens: Tensor
+    """Positions with a text target (0-d: counting them on the host would make a GPU wait)."""
     images: int
+
+
+def text_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(summed negative log-likelihood in nats, number of scored positions), both 0-d tensors, over
+    the positions whose target is not IGNORE; logits (..., V), targets (...). No host sync: on a GPU
+    nothing waits for the count."""
+    targets = targets.to(logits.device)
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return nll, (targets != IGNORE).sum()
 
 
 def text_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy over positions whose target is not IGNORE; 0 when there are none."""
-    valid = targets != IGNORE
-    if not valid.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[valid].float(), targets[valid])
+    nll, n = text_nll(logits, targets)
+    return nll / n.clamp(min=1)
 
 
 def image_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -90,11 +103,6 @@ def training_loss(
         batch = batch.replace(latents=x_t, timesteps=t)
     out = model(batch)
     lt = text_loss(out.logits, batch.text_targets)
+    count = (batch.text_targets != IGNORE).sum()
     li = image_loss(out.image_pred, target) if N else out.image_pred.sum() * 0.0
-    return Losses(
-        total=combine(lt, li, cfg.loss_weight),
-        text=lt,
-        image=li,
-        text_tokens=int((batch.text_targets != IGNORE).sum()),
-        images=N,
-    )
+    return Losses(total=combine(lt, li, cfg.loss_weight), text=lt, image=li, text_tokens=count, images=N)

@@ -26,6 +26,27 @@ from transfusion.sequence import MixedBatch
 
 
 @dataclass
+class Cached:
+    """What a cached call returns: the new positions' keys/values per layer (to append to the cache)
+    and the prediction the call is for."""
+
+    kv: list[KV]
+    logits: Tensor | None = None  # (R, V) next-token logits
+    image_pred: Tensor | None = None  # (R, C, H, W) predicted noise (or velocity)
+
+
+def _can_check(t: Tensor) -> bool:
+    """Whether a data-dependent check is free here: on the CPU and not inside ``torch.compile`` (on a
+    GPU it would wait for the device; in a compiled graph it would break the graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _continue(start: Tensor, q: int, device: torch.device) -> Tensor:
+    """RoPE positions (R, q) of q new positions after each row's ``start`` (R,) cached ones."""
+    return (start.to(device)[:, None] + torch.arange(q, device=device)[None, :]).long()
+
+
+@dataclass
 class ModelOutput:
     logits: Tensor  # (B, L, V) next-token logits at every position
     image_pred: Tensor  # (N, C, H, W) predicted noise (or velocity) of every image
@@ -73,7 +94,7 @@ class Transfusion(nn.Module):
             self.patcher.reset_parameters()
         self.patcher.zero_init_output()
 
-    # --- pieces, used by forward() and by the cached decoder -------------------------------------
+    # --- pieces, shared by forward() and the cached API ---------------------------------------------
     def backend(self, device: torch.device) -> str:
         if self.cfg.attention == "auto":
             return "flex" if device.type == "cuda" else "sdpa"
@@ -88,12 +109,16 @@ class Transfusion(nn.Module):
     def embed(
         self, ids: Tensor, patch_mask: Tensor, latents: Tensor, timesteps: Tensor
     ) -> tuple[Tensor, Any]:
-        """Token embeddings, with the patch vectors of every image written at its patch positions."""
+        """Token embeddings, with the patch vectors of every image written at its patch positions
+        (``patch_mask`` must hold exactly N x n positions: ``pack`` lays them out so)."""
         x = self.tok_emb(ids)  # (B, L, D)
         if latents.shape[0] == 0:
             return x, None
-        patches, ctx = self.patcher.encode(latents, timesteps)  # (N, n, D)
-        assert int(patch_mask.sum()) == patches.shape[0] * patches.shape[1], "patch positions != patches"
+        patches, ctx = self.patcher.encode(latents.to(x.dtype), timesteps)  # (N, n, D)
+        if _can_check(ids) and int(patch_mask.sum()) != patches.shape[0] * patches.shape[1]:
+            raise ValueError(
+                f"{int(patch_mask.sum())} patch positions for {patches.shape[0]} images x {patches.shape[1]} patches"
+            )
         x = x.masked_scatter(patch_mask[..., None], patches.to(x.dtype))
         return x, ctx
 
@@ -116,7 +141,7 @@ class Transfusion(nn.Module):
 
     # --- the training / scoring forward ----------------------------------------------------------
     def forward(self, batch: MixedBatch) -> ModelOutput:
-        if batch.num_images and (batch.timesteps < 0).any():
+        if batch.num_images and _can_check(batch.timesteps) and bool((batch.timesteps < 0).any()):
             raise ValueError("batch has images without a timestep; noise them first (diffusion)")
         patch_mask = batch.patch_mask
         x, ctx = self.embed(batch.ids, patch_mask, batch.latents, batch.timesteps)  # (B, L, D)
@@ -128,6 +153,35 @@ class Transfusion(nn.Module):
         else:
             image_pred = batch.latents.new_zeros(batch.latents.shape)
         return ModelOutput(logits=logits, image_pred=image_pred.float())
+
+    # --- decoding: the public cached API -----------------------------------------------------------
+    # The caller keeps the keys/values (``generate.KVCache``) and passes, per layer, a ``Prefix`` of
+    # what each row has cached; every call returns the new positions' keys/values for it to append.
+    def prefill(self, batch: MixedBatch, last: Tensor) -> Cached:
+        """Whole prompts, one per row (clean prompt images at t = 0): the next-token logits (R, V) at
+        positions ``last`` (R,) of each row, and every position's keys/values."""
+        x, _ = self.embed(batch.ids, batch.patch_mask, batch.latents, batch.timesteps.clamp(min=0))
+        h, kv = self.trunk(x, batch.positions, masks.dense_mask(batch.doc_ids, batch.image_index))
+        rows = torch.arange(h.shape[0], device=h.device)
+        return Cached(kv=kv, logits=self.lm_head(h[rows, last.to(h.device)]).float())
+
+    def extend_text(self, tokens: Tensor, start: Tensor, past: list[Prefix]) -> Cached:
+        """One token per row (R,) after each row's ``start`` (R,) cached positions: its next-token
+        logits (R, V) and keys/values."""
+        x = self.tok_emb(tokens.to(self.tok_emb.weight.device)[:, None])  # (R, 1, D)
+        h, kv = self.trunk(x, _continue(start, 1, x.device), None, past)
+        return Cached(kv=kv, logits=self.lm_head(h[:, -1]).float())
+
+    def extend_image(self, latents: Tensor, t: Tensor, start: Tensor, past: list[Prefix]) -> Cached:
+        """One image per row, latents (R, C, H, W) at timesteps t (R,), as the n positions after each
+        row's ``start`` cached ones (bidirectional among themselves): the predicted noise (or
+        velocity) (R, C, H, W) and the patches' keys/values (commit them for a clean image, t = 0)."""
+        device = self.tok_emb.weight.device
+        patches, ctx = self.patcher.encode(
+            latents.to(device, self.tok_emb.weight.dtype), t.to(device)
+        )  # (R, n, D)
+        h, kv = self.trunk(patches, _continue(start, patches.shape[1], device), None, past)
+        return Cached(kv=kv, image_pred=self.patcher.decode(h, ctx).float())
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

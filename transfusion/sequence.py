@@ -170,17 +170,47 @@ def layout(
     return ids, img, images
 
 
-def assign_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
-    """Greedy in-order packing: start a new row when the next sample does not fit."""
-    rows: list[list[int]] = []
-    used = seq_len
-    for i, n in enumerate(lengths):
-        if used + n > seq_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
-    return rows
+class RowPlanner:
+    """The one row-packing rule: greedy and in order. A sample goes into the current row when it
+    fits, else it opens the next row; with ``max_rows``, a sample that would open one row too many
+    is refused (``add`` returns False) and the plan stays as it was. ``pack`` and the training
+    loader (``BatchLoader``) both plan with it, so they cannot disagree."""
+
+    def __init__(self, seq_len: int, max_rows: int | None = None):
+        self.seq_len, self.max_rows = seq_len, max_rows
+        self.rows: list[list[int]] = []
+        self.room = 0
+        self.count = 0
+
+    def add(self, length: int) -> bool:
+        """Place the next sample (index ``count``) of ``length`` positions; False if it does not fit."""
+        if length > self.seq_len:
+            raise ValueError(f"a sample of {length} positions cannot fit rows of {self.seq_len}")
+        if length > self.room:
+            if self.max_rows is not None and len(self.rows) == self.max_rows:
+                return False
+            self.rows.append([])
+            self.room = self.seq_len
+        self.rows[-1].append(self.count)
+        self.count += 1
+        self.room -= length
+        return True
+
+
+def fit_length(
+    sample: Sample, seq_len: int, patches_per_image: int, allow_truncation: bool, name: str
+) -> Sample:
+    """The sample itself when it fits a row; cut at a text boundary (``truncate``) when it is too
+    long and truncation is allowed; else a ``ValueError`` naming it and the two ways out."""
+    n = sample_length(sample, patches_per_image)
+    if n <= seq_len:
+        return sample
+    if not allow_truncation:
+        raise ValueError(
+            f"{name}: the sample needs {n} positions but rows hold {seq_len} (train.seq_len is {seq_len}); "
+            "raise train.seq_len, or set data.truncate=true to cut long samples at a text boundary"
+        )
+    return truncate(sample, seq_len, patches_per_image)
 
 
 def pack(
@@ -192,8 +222,10 @@ def pack(
     num_rows: int | None = None,
     allow_truncation: bool = False,
     one_per_row: bool = False,
+    rows: list[list[int]] | None = None,
 ) -> MixedBatch:
-    """Lay samples into rows of ``seq_len`` positions; several samples share a row when they fit.
+    """Lay samples into rows of ``seq_len`` positions; several samples share a row when they fit
+    (``RowPlanner``), or follow ``rows`` (a plan already made, lists of sample indices).
 
     A sample longer than a row is an error, or with ``allow_truncation`` is cut at a text boundary
     (``truncate``) and counted in ``batch.stats['truncated']``. ``num_rows`` pads the batch with
@@ -202,40 +234,43 @@ def pack(
     """
     if not samples:
         raise ValueError("pack() needs at least one sample")
-    samples = list(samples)
-    truncated = 0
-    for i, s in enumerate(samples):
-        n = sample_length(s, patches_per_image)
-        if n > seq_len:
-            if not allow_truncation:
-                raise ValueError(
-                    f"sample {i} needs {n} positions but rows hold {seq_len}; raise the sequence length "
-                    "(train.seq_len) or allow truncation at a text boundary"
-                )
-            samples[i] = truncate(s, seq_len, patches_per_image)
-            truncated += 1
-    lengths = [sample_length(s, patches_per_image) for s in samples]
-    rows = [[i] for i in range(len(samples))] if one_per_row else assign_rows(lengths, seq_len)
+    fitted = [
+        fit_length(s, seq_len, patches_per_image, allow_truncation, f"sample {i}")
+        for i, s in enumerate(samples)
+    ]
+    truncated = sum(a is not b for a, b in zip(fitted, samples))
+    if rows is None and one_per_row:
+        rows = [[i] for i in range(len(fitted))]
+    elif rows is None:
+        planner = RowPlanner(seq_len)
+        for s in fitted:
+            planner.add(sample_length(s, patches_per_image))
+        rows = planner.rows
+    rows = [list(r) for r in rows]
     if num_rows is not None:
         if len(rows) > num_rows:
             raise ValueError(f"the samples need {len(rows)} rows of {seq_len}, more than num_rows={num_rows}")
         rows += [[] for _ in range(num_rows - len(rows))]
+    batch = _fill_rows(fitted, rows, seq_len, specials, patches_per_image)
+    batch.stats = {"truncated": truncated, "samples": len(fitted), "rows": len(rows)}
+    return batch
 
+
+def _fill_rows(
+    samples: list[Sample], rows: list[list[int]], seq_len: int, specials: Specials, patches_per_image: int
+) -> MixedBatch:
+    """The tensors of a packing plan: every sample laid out (``layout``) in its row, in order."""
     B, L = len(rows), seq_len
     ids = torch.full((B, L), specials.pad, dtype=torch.long)
     image_index = torch.zeros(B, L, dtype=torch.long)
     doc_ids = torch.zeros(B, L, dtype=torch.long)
     positions = torch.zeros(B, L, dtype=torch.long)
     is_token = torch.zeros(B, L, dtype=torch.bool)  # text positions that belong to a sample (not padding)
-    latents: list[Tensor] = []
-    timesteps: list[int] = []
-    limited: list[bool] = []
-    seeds: list[int] = []
-
+    images: list[Image] = []
     for b, row in enumerate(rows):
         p, k = 0, 0
         for d, si in enumerate(row):
-            row_ids, row_img, images = layout(samples[si], specials, patches_per_image)
+            row_ids, row_img, row_images = layout(samples[si], specials, patches_per_image)
             n = len(row_ids)
             ids[b, p : p + n] = torch.tensor(row_ids)
             img = torch.tensor(row_img)
@@ -243,42 +278,40 @@ def pack(
             is_token[b, p : p + n] = img == 0
             doc_ids[b, p : p + n] = d
             positions[b, p : p + n] = torch.arange(n)
-            p, k = p + n, k + len(images)
-            for seg in images:
-                latents.append(seg.latent)
-                timesteps.append(-1 if seg.t is None else int(seg.t))
-                limited.append(seg.noise_limited)
-                seeds.append(-1 if seg.seed is None else int(seg.seed))
+            p, k = p + n, k + len(row_images)
+            images += row_images
         # padding is a sample of its own so that its rows of the mask are never empty
         doc_ids[b, p:] = len(row)
         positions[b, p:] = torch.arange(L - p)
-
-    # LM loss at i predicts the token at i + 1 when both are text of the same sample and i is not BOI
-    text_targets = torch.full((B, L), IGNORE, dtype=torch.long)
-    has_loss = (
-        is_token[:, :-1]
-        & is_token[:, 1:]
-        & (doc_ids[:, :-1] == doc_ids[:, 1:])
-        & (ids[:, :-1] != specials.boi)
-    )
-    text_targets[:, :-1] = torch.where(has_loss, ids[:, 1:], IGNORE)
-
-    if latents:
-        shapes = {tuple(x.shape) for x in latents}
-        if len(shapes) > 1:
-            raise ValueError(f"all image latents in a batch must share one shape, got {sorted(shapes)}")
-        lat = torch.stack([x.float() for x in latents])
-    else:
-        lat = torch.zeros(0, 0, 0, 0)
     return MixedBatch(
         ids=ids,
         image_index=image_index,
         doc_ids=doc_ids,
         positions=positions,
-        text_targets=text_targets,
-        latents=lat,
-        timesteps=torch.tensor(timesteps, dtype=torch.long),
-        noise_limited=torch.tensor(limited, dtype=torch.bool),
-        noise_seeds=torch.tensor(seeds, dtype=torch.long),
-        stats={"truncated": truncated, "samples": len(samples), "rows": B},
+        text_targets=text_targets(ids, is_token, doc_ids),
+        latents=_stack_latents([seg.latent for seg in images]),
+        timesteps=torch.tensor([-1 if seg.t is None else int(seg.t) for seg in images], dtype=torch.long),
+        noise_limited=torch.tensor([seg.noise_limited for seg in images], dtype=torch.bool),
+        noise_seeds=torch.tensor(
+            [-1 if seg.seed is None else int(seg.seed) for seg in images], dtype=torch.long
+        ),
     )
+
+
+def text_targets(ids: Tensor, is_token: Tensor, doc_ids: Tensor) -> Tensor:
+    """(B, L) targets of the LM loss: at i, the token at i + 1 when both are text of the same sample,
+    else IGNORE. An input BOI is followed by a patch, so it gets no loss (PAPER.md); nor does a
+    patch, padding, or the last position of a sample."""
+    targets = torch.full_like(ids, IGNORE)
+    has_loss = is_token[:, :-1] & is_token[:, 1:] & (doc_ids[:, :-1] == doc_ids[:, 1:])
+    targets[:, :-1] = torch.where(has_loss, ids[:, 1:], IGNORE)
+    return targets
+
+
+def _stack_latents(latents: list[Tensor]) -> Tensor:
+    if not latents:
+        return torch.zeros(0, 0, 0, 0)
+    shapes = {tuple(x.shape) for x in latents}
+    if len(shapes) > 1:
+        raise ValueError(f"all image latents in a batch must share one shape, got {sorted(shapes)}")
+    return torch.stack([x.float() for x in latents])

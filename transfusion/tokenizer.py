@@ -10,10 +10,11 @@ source's captions.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
+
+from transfusion.io import atomic_write_with
 
 
 class Tokenizer(Protocol):
@@ -173,35 +174,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> HFToke
     path = Path(path)
     file = path / "tokenizer.json" if path.suffix != ".json" else path
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    tok.save(str(tmp))
-    tmp.replace(file)  # atomic: a crash leaves no half-written tokenizer
+    atomic_write_with(file, lambda tmp: tok.save(tmp))  # a crash leaves no half-written tokenizer
     return HFTokenizer(file)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="directory (or .json file) for tokenizer.json")
-    p.add_argument(
-        "--data", default="shapes", help="data source whose texts train it: shapes (default), fashion_mnist, "
-        "folder, jsonl, text, webdataset",
-    )  # fmt: skip
-    p.add_argument("--data-path", default=None, help="path for file-based data sources")
-    p.add_argument("--vocab-size", type=int, default=512, help="bytes + merges (default 512)")
-    p.add_argument("--texts", type=int, default=20000, help="texts to read from the source (default 20000)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from transfusion.config import DataConfig
-    from transfusion.data.sources import source_texts
-
-    texts = source_texts(DataConfig(source=args.data, path=args.data_path), args.texts)
-    if not texts:
-        raise ValueError(f"data source {args.data!r} gave no text to train a tokenizer on")
-    tok = train_bpe(texts, args.vocab_size, args.out)
-    example = texts[0]
-    print(f"wrote {tok.path}: {tok.vocab_size} ids with the specials, trained on {len(texts)} texts; "
-          f"{example!r} -> {len(tok.encode(example))} tokens ({len(example.encode())} bytes)")  # fmt: skip
-    return 0
 
 
 def tokenizer_from_dict(d: dict | None, base: str | Path | None = None) -> ByteTokenizer | HFTokenizer:

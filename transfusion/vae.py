@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from transfusion.config import VAEConfig
+from transfusion.io import atomic_write_text, load_tensors, save_tensors
 
 WEIGHTS, CONFIG = "vae.safetensors", "vae.json"
 
@@ -191,9 +191,27 @@ def vae_hash(vae: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def save_vae(vae: KLVAE, directory: str | Path) -> Path:
-    from transfusion.checkpoint import atomic_write_text, save_tensors
+@torch.no_grad()
+def encode_images(vae: Any, images: list[Image.Image] | Tensor, batch_size: int = 256) -> Tensor:
+    """PIL images (or pixels (N, 3, S, S) in [-1, 1]) -> latents scaled for diffusion, (N, C, h, w)
+    float32 on the CPU; encoded ``batch_size`` at a time on the VAE's device."""
+    pixels = pil_to_tensor(images) if isinstance(images, list) else images
+    device = next(vae.parameters()).device
+    out = [
+        vae.to_diffusion(vae.encode(pixels[i : i + batch_size].to(device))).float().cpu()
+        for i in range(0, len(pixels), batch_size)
+    ]
+    return torch.cat(out) if out else torch.zeros(0)
 
+
+@torch.no_grad()
+def decode_latents(vae: Any, latents: Tensor) -> list[Image.Image]:
+    """Latents scaled for diffusion (N, C, h, w) -> PIL images, decoded on the VAE's device."""
+    device = next(vae.parameters()).device
+    return tensor_to_pil(vae.decode(vae.from_diffusion(latents.to(device))).cpu())
+
+
+def save_vae(vae: KLVAE, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_tensors(directory / WEIGHTS, vae.state_dict())
@@ -209,7 +227,7 @@ def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> Any:
         meta = json.loads((directory / CONFIG).read_text())
         cfg = VAEConfig(**{**meta["config"], "path": str(directory)})
         vae = KLVAE(cfg)
-        vae.load_state_dict(load_file(directory / WEIGHTS))
+        vae.load_state_dict(load_tensors(directory / WEIGHTS))
         return vae.to(device).eval()
     hf = directory / "config.json"
     if hf.is_file() and json.loads(hf.read_text()).get("_class_name") == "AutoencoderKL":

@@ -12,16 +12,14 @@ unreadable) are stored as NaN latents and the loader skips them.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from transfusion.checkpoint import atomic_write_text, save_tensors
+from transfusion.io import atomic_directory, atomic_write_text, load_tensors, save_tensors
 
 INDEX = "index.json"
 
@@ -61,12 +59,22 @@ def build_latent_cache(
     ident = source_id(source)
     if cache_is_valid(out, vae_hash, count, ident):
         return out
-    if out.exists():
-        shutil.rmtree(out)  # stale (another VAE, changed data) or half-built: start over
-    tmp = out.with_name(f".{out.name}.building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards, buffer, shape = [], [], None
+    with atomic_directory(out) as tmp:  # a stale cache (another VAE, changed data) is replaced whole
+        shards, shape = _encode_shards(source, encode_images, count, batch_size, shard_size, tmp, progress)
+        meta = {"count": count, "shard_size": shard_size, "shape": list(shape), "vae_hash": vae_hash,
+                "source": ident, "shards": shards}  # fmt: skip
+        atomic_write_text(tmp / INDEX, json.dumps(meta, indent=2))
+    return out
+
+
+def _encode_shards(
+    source: Any, encode_images: Callable[[list], torch.Tensor], count: int, batch_size: int, shard_size: int,
+    directory: Path, progress: bool,
+) -> tuple[list[str], tuple[int, ...]]:  # fmt: skip
+    """Encode items 0..count-1 into ``shard_size`` shards in ``directory``; (shard names, latent shape)."""
+    shards: list[str] = []
+    buffer: list[torch.Tensor | None] = []
+    shape = None
     bar = tqdm(total=count, desc="latent cache", disable=not progress, dynamic_ncols=True)
     for start in range(0, count, batch_size):
         records = [source[i] for i in range(start, min(count, start + batch_size))]
@@ -74,24 +82,17 @@ def build_latent_cache(
         z = encode_images(images).float().cpu() if images else None
         shape = shape or (tuple(z.shape[1:]) if z is not None else None)
         it = iter(z) if z is not None else iter(())
-        for r in records:
-            ok = r is not None and r.image is not None
-            buffer.append(next(it) if ok else None)
+        buffer += [next(it) if r is not None and r.image is not None else None for r in records]
         bar.update(len(records))
         while len(buffer) >= shard_size or (buffer and start + batch_size >= count):
             chunk, buffer = buffer[:shard_size], buffer[shard_size:]
             if shape is None:
                 raise ValueError("the source yielded no images to cache")
             stacked = torch.stack([x if x is not None else torch.full(shape, float("nan")) for x in chunk])
-            name = f"shard_{len(shards):05d}.safetensors"
-            save_tensors(tmp / name, {"latents": stacked})
-            shards.append(name)
+            shards.append(f"shard_{len(shards):05d}.safetensors")
+            save_tensors(directory / shards[-1], {"latents": stacked})
     bar.close()
-    meta = {"count": count, "shard_size": shard_size, "shape": list(shape or ()), "vae_hash": vae_hash,
-            "source": ident, "shards": shards}  # fmt: skip
-    atomic_write_text(tmp / INDEX, json.dumps(meta, indent=2))
-    tmp.rename(out)
-    return out
+    return shards, shape or ()
 
 
 class LatentCache:
@@ -116,6 +117,6 @@ class LatentCache:
     def __getitem__(self, i: int) -> torch.Tensor | None:
         s, j = divmod(i, self.meta["shard_size"])
         if self._shard is None or self._shard[0] != s:
-            self._shard = (s, load_file(self.dir / self.meta["shards"][s])["latents"])
+            self._shard = (s, load_tensors(self.dir / self.meta["shards"][s])["latents"])
         z = self._shard[1][j]
         return None if torch.isnan(z).any() else z

@@ -21,7 +21,17 @@ from torch import Tensor
 from transfusion.config import Config
 from transfusion.data.pairing import pair
 from transfusion.data.sources import TextFiles, make_source
-from transfusion.sequence import Image, MixedBatch, Sample, Specials, Text, pack, sample_length
+from transfusion.sequence import (
+    Image,
+    MixedBatch,
+    RowPlanner,
+    Sample,
+    Specials,
+    Text,
+    fit_length,
+    pack,
+    sample_length,
+)
 
 EncodeFn = Callable[[list[PILImage.Image]], Tensor]
 
@@ -50,6 +60,7 @@ class BatchLoader:
         self.next_index = rank  # the next source index this rank reads
         self.carry: int | None = None  # index of a sample that did not fit the last batch
         self.stats: Counter[str] = Counter()
+        self.skipped_items: set[int] = set()  # distinct source items skipped (stats count encounters)
         self._iter: Iterator[Any] | None = None
         self._iter_pos = 0
         self._epoch_len = 0  # items per pass of an iterable source, once measured
@@ -57,12 +68,24 @@ class BatchLoader:
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"next_index": self.next_index, "carry": self.carry, "stats": dict(self.stats)}
+        return {
+            "next_index": self.next_index,
+            "carry": self.carry,
+            "stats": dict(self.stats),
+            "skipped_items": sorted(self.skipped_items),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_index, self.carry = int(state["next_index"]), state["carry"]
         self.stats = Counter(state.get("stats", {}))
+        self.skipped_items = set(state.get("skipped_items", []))
         self._iter = None
+
+    def _item(self, i: int) -> int:
+        """Which source item index i reads (sources are cycled)."""
+        if self.map_style:
+            return i % len(self.source)
+        return i % self._epoch_len if self._epoch_len else i
 
     # --- reading --------------------------------------------------------------------------------------
     def _record(self, i: int) -> Any:
@@ -100,12 +123,14 @@ class BatchLoader:
             if self.cfg.data.strict:
                 raise
             self.stats["data_errors"] += 1
+            self.skipped_items.add(self._item(i))
             import warnings
 
             warnings.warn(f"skipping item {i}: {e}", stacklevel=2)
             return None
         if record is None:
             self.stats["skipped"] += 1
+            self.skipped_items.add(self._item(i))
             for reason, n in (Counter(getattr(self.source, "skipped", {})) - before).items():
                 self.stats[f"skipped_{reason}"] += n  # by reason: empty, unreadable, not_utf8, too_small
             return None
@@ -116,9 +141,12 @@ class BatchLoader:
         return self
 
     def __next__(self) -> MixedBatch:
-        B, L = self.cfg.train.batch_size, self.cfg.train.seq_len
+        """The next ``batch_size`` rows: samples in index order, placed by the packing planner until
+        the next one would open a row too many (it then starts the next batch)."""
+        cfg = self.cfg
+        B, L = cfg.train.batch_size, cfg.train.seq_len
+        planner = RowPlanner(L, max_rows=B)
         chosen: list[tuple[int, Sample, Any]] = []
-        rows_used, room = 0, 0
         while True:
             if self.carry is not None:
                 i, self.carry = self.carry, None
@@ -129,33 +157,16 @@ class BatchLoader:
             if got is None:
                 continue
             sample, record = got
-            n = sample_length(sample, self.n_patches)
-            if n > L:
-                if not self.cfg.data.truncate:
-                    where = (getattr(record, "meta", None) or {}).get("source", f"item {i}")
-                    raise ValueError(
-                        f"{where}: the sample needs {n} positions but train.seq_len is {L}; raise "
-                        "train.seq_len, or set data.truncate=true to cut long samples at a text boundary"
-                    )
-                n = L
-            if n > room:
-                if rows_used == B:
-                    self.carry = i  # starts the next batch
-                    break
-                rows_used, room = rows_used + 1, L
-            room -= n
-            chosen.append((i, sample, record))
+            where = (getattr(record, "meta", None) or {}).get("source", f"item {i}")
+            fitted = fit_length(sample, L, self.n_patches, cfg.data.truncate, where)
+            if not planner.add(sample_length(fitted, self.n_patches)):
+                self.carry = i  # starts the next batch
+                break
+            self.stats["truncated"] += int(fitted is not sample)
+            chosen.append((i, fitted, record))
         self._fill_latents(chosen)
-        batch = pack(
-            [s for _, s, _ in chosen],
-            L,
-            self.sp,
-            self.n_patches,
-            num_rows=B,
-            allow_truncation=self.cfg.data.truncate,
-        )
+        batch = pack([s for _, s, _ in chosen], L, self.sp, self.n_patches, num_rows=B, rows=planner.rows)
         self.stats["samples"] += len(chosen)
-        self.stats["truncated"] += batch.stats["truncated"]
         return batch
 
     def _fill_latents(self, chosen: list[tuple[int, Sample, Any]]) -> None:

@@ -1,4 +1,4 @@
-"""Synthetic shape scenes: the built-in data, rendered on the fly, and a detector that reads them back.
+"""Synthetic shape scenes: the built-in data, rendered on the fly with their captions.
 
 A scene holds one to three objects (3 shapes x 6 colours x 2 sizes) drawn without anti-aliasing on a
 black background. Placement is a coarse grid: each object sits in its own cell of a 2 x 2 grid (centres
@@ -10,30 +10,17 @@ side along the axis of their relation and by at most twice the jitter along the 
 Every item carries its scene (``Scene``: objects with shape, colour, size and centre) and a *prompt
 spec*, the structured meaning of its caption: a list of objects, each ``{"shape", "color", "size",
 "count"}`` (colour and size None where the caption does not state them), and an optional relation.
-Evaluation checks generated images and captions exactly with it:
-
-- ``judge_image(detect_scene(image), spec)``: does a generated image show what the prompt asked?
-- ``judge_caption(text, scene)``: does a generated caption describe the scene correctly?
-
 Prompt kinds follow GenEval: single_object, two_objects, counting, colors, position, color_attr.
-
-The detector (``detect_scene``) models every pixel as a palette colour scaled by a coverage in [0, 1]
-over the black background, which is what blur (a VAE decoder's, or a resize's) makes of an object's
-edge; a pixel belongs to an object when it is at least half covered. Shapes are told apart by two
-measures that blur barely moves: the skewness of the object's vertical mass profile (a triangle, apex
-up, piles its mass near its base) and how far it reaches along the diagonals compared with the axes
-(a square sqrt(2) times as far, a circle as far).
+Reading scenes back (the detector, and the judges of generated images and captions) is evaluation's
+job: ``transfusion.evaluation.scenes``.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from transfusion.data.base import Record
@@ -67,15 +54,6 @@ ONE_WORD_PROB = 0.15  # "one red circle" rather than "a red circle"
 SIZE_WORD_PROB = 0.25  # single objects: "a large red circle"
 COLORED_TEMPLATE_PROB = 0.5  # colour prompts: "a circle colored red"
 AND_PROB = 0.7  # two objects: "... and ..." rather than "... with ..."
-
-# detection
-MIN_AREA_FRACTION = 0.012  # components smaller than this share of the image are noise
-MAX_COLOR_DISTANCE = 90.0  # how far (RGB, 0-255) a pixel may lie from every scaled palette colour
-MIN_COVERAGE = 0.5  # a pixel belongs to an object when it holds at least this much of its colour
-HALO_PER_32_PIXELS = 2  # how far blur may spread an object's edge, in pixels per 32 of the side
-TRIANGLE_MAX_SKEW = -0.2  # vertical skewness: triangle (apex up) -0.57, circle and square 0
-SQUARE_MIN_DIAGONAL = 1.15  # diagonal over axial extent: square sqrt(2), circle 1
-SIZE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2
 
 
 @dataclass
@@ -215,222 +193,6 @@ def caption_for(spec: dict[str, Any], rng: random.Random | None = None) -> str:
         return f"{_phrase(objs[0], rng)} {spec['relation']} {_phrase(objs[1], rng)}"
     joiner = " and " if not rng or rng.random() < AND_PROB else " with "
     return _phrase(objs[0], rng) + joiner + _phrase(objs[1], rng)
-
-
-def parse_caption(text: str) -> dict[str, Any] | None:
-    """The prompt spec of a caption in the template language (``{"objects": [...], "relation": ...}``,
-    without a kind), or None when it does not parse."""
-    words = text.strip().lower().rstrip(".").split()
-    if not words:
-        return None
-    parts: list[list[str]] = [words]
-    rel = None
-    for r in RELATIONS:
-        rw = r.split()
-        hits = [i for i in range(len(words) - len(rw) + 1) if words[i : i + len(rw)] == rw]
-        if hits:
-            rel, i = r, hits[0]
-            parts = [words[:i], words[i + len(rw) :]]
-            break
-    if rel is None:
-        for sep in ("and", "with"):
-            if sep in words:
-                i = words.index(sep)
-                parts = [words[:i], words[i + 1 :]]
-                break
-    objects = []
-    for p in parts:
-        obj = _parse_phrase(p)
-        if obj is None:
-            return None
-        objects.append(obj)
-    return {"objects": objects, "relation": rel}
-
-
-def _parse_phrase(words: list[str]) -> dict[str, Any] | None:
-    """``[article] [size] [colour] shape(s)``, or ``a shape colored colour``."""
-    if len(words) == 4 and words[0] in ("a", "an") and words[2] == "colored":
-        words = [words[0], words[3], words[1]]
-    if len(words) < 2 or words[0] not in ARTICLES:
-        return None
-    n, rest = ARTICLES[words[0]], words[1:]
-    size = rest.pop(0) if len(rest) > 1 and rest[0] in SIZES else None
-    color = rest.pop(0) if len(rest) > 1 and rest[0] in COLORS else None
-    if len(rest) != 1:
-        return None
-    shape = rest[0]
-    if n > 1:
-        if not shape.endswith("s"):
-            return None
-        shape = shape[:-1]
-    if shape not in SHAPES:
-        return None
-    return {"shape": shape, "color": color, "size": size, "count": n}
-
-
-# --- judging -----------------------------------------------------------------------------------------
-def _as_spec(prompt: Record | dict[str, Any]) -> dict[str, Any]:
-    """A prompt spec from a ``Record``, its ``meta`` or the spec itself."""
-    if isinstance(prompt, Record):
-        prompt = prompt.meta
-    if "spec" in prompt:
-        prompt = prompt["spec"]
-    if "objects" not in prompt:
-        raise ValueError(f"not a prompt spec, record or meta: {sorted(prompt)}")
-    return prompt
-
-
-def _matches(o: SceneObject, want: dict[str, Any]) -> bool:
-    """Whether an object fits a prompt object (colour and size only where the prompt states them)."""
-    return (
-        o.shape == want["shape"]
-        and want.get("color") in (None, o.color)
-        and want.get("size") in (None, o.size)
-    )
-
-
-def judge_image(detected: Scene, prompt: Record | dict[str, Any]) -> bool:
-    """True when the detected scene shows exactly the prompt's objects (every one matching its
-    shape, and its colour and size where the prompt states them; the right count; nothing else) and,
-    for position prompts, their relation. ``prompt`` is a prompt ``Record``, its meta or its spec."""
-    spec = _as_spec(prompt)
-    slots = [(g, want) for g, want in enumerate(spec["objects"]) for _ in range(want["count"])]
-    if len(detected.objects) != len(slots):
-        return False
-    # few objects (at most 3 from a template): try every assignment of objects to the prompt's slots
-    for order in itertools.permutations(detected.objects):
-        if not all(_matches(o, want) for o, (_, want) in zip(order, slots)):
-            continue
-        if not spec.get("relation"):
-            return True
-        groups: dict[int, list[SceneObject]] = {}
-        for o, (g, _) in zip(order, slots):
-            groups.setdefault(g, []).append(o)
-        if len(groups) == 2 and all(relation(a, b) == spec["relation"] for a in groups[0] for b in groups[1]):
-            return True
-    return False
-
-
-def judge_caption(text: str, scene: Scene, require_colors: bool = False) -> bool:
-    """True when a caption names every object of the scene with its count, nothing else, every colour
-    and size it states is right (with ``require_colors``, it must state every colour), and any
-    relation it states holds."""
-    spec = parse_caption(text)
-    if spec is None or (require_colors and any(o["color"] is None for o in spec["objects"])):
-        return False
-    return judge_image(scene, spec)
-
-
-# --- detection -----------------------------------------------------------------------------------------
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a boolean (H, W) mask, as arrays of (y, x) pixel coordinates."""
-    seen = np.zeros_like(mask, dtype=bool)
-    H, W = mask.shape
-    out = []
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        queue, pixels = deque([(y0, x0)]), []
-        seen[y0, x0] = True
-        while queue:
-            y, x = queue.popleft()
-            pixels.append((y, x))
-            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                if 0 <= ny < H and 0 <= nx < W and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    queue.append((ny, nx))
-        out.append(np.array(pixels))
-    return out
-
-
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """A boolean mask grown by ``radius`` pixels (a square structuring element)."""
-    out = mask.copy()
-    for _ in range(radius):
-        grown = out.copy()
-        grown[1:] |= out[:-1]
-        grown[:-1] |= out[1:]
-        grown[:, 1:] |= grown[:, :-1].copy()
-        grown[:, :-1] |= grown[:, 1:].copy()
-        out = grown
-    return out
-
-
-def _shape_of(pixels: np.ndarray, mass: np.ndarray) -> str:
-    """Classify an object from its pixels (an (N, 2) array of (y, x)) and its soft mass (coverage,
-    an (H, W) map that is zero away from the object).
-
-    A triangle (apex up) piles its mass towards its base: the vertical profile's skewness is about
-    -0.57, and blur, a symmetric convolution, keeps the third central moment, only growing the
-    variance. A square reaches sqrt(2) times further along the diagonals than along the axes, a
-    circle as far; pixel extents blur barely moves, as edges stay where coverage crosses one half.
-    """
-    ys = np.arange(mass.shape[0], dtype=np.float64)[:, None]
-    total = max(float(mass.sum()), 1e-6)
-    mean = float((mass * ys).sum()) / total
-    var = max(float((mass * (ys - mean) ** 2).sum()) / total, 1e-6)
-    skew = float((mass * (ys - mean) ** 3).sum()) / total / var**1.5
-    if skew < TRIANGLE_MAX_SKEW:
-        return "triangle"
-    y, x = pixels[:, 0], pixels[:, 1]
-    axial = max(np.ptp(x), np.ptp(y)) + 1
-    # a pixel spans 2 in x + y (and in x - y); a diagonal unit is sqrt(2) of those
-    diagonal = (np.ptp(x + y) + np.ptp(x - y) + 2 * 2) / 2 / np.sqrt(2)
-    return "square" if diagonal / axial >= SQUARE_MIN_DIAGONAL else "circle"
-
-
-def detect_scene(
-    image: Image.Image | np.ndarray,
-    max_color_distance: float = MAX_COLOR_DISTANCE,
-    min_area_fraction: float = MIN_AREA_FRACTION,
-) -> Scene:
-    """Objects in an image (PIL, or an (H, W, 3) array with values in 0-255).
-
-    Each pixel is explained as the palette colour, scaled by a coverage, that lies nearest to it
-    (its hue, in effect); pixels at least half covered and within ``max_color_distance`` of that
-    scaled colour are foreground, and 4-connected regions of one colour with at least
-    ``min_area_fraction`` of the image are objects. Shape comes from the region's soft coverage and
-    extents (see ``_shape_of``), size from its box's extent; the centre is the box's.
-    """
-    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
-    if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {arr.shape}")
-    background = np.asarray(BACKGROUND, dtype=np.float32)
-    arr = arr - background
-    H, W, _ = arr.shape
-    names = list(COLORS)
-    palette = np.array([COLORS[n] for n in names], dtype=np.float32) - background  # (K, 3)
-    coverage = np.clip(arr @ palette.T / (palette**2).sum(-1), 0.0, None)  # (H, W, K)
-    residual = np.linalg.norm(arr[:, :, None, :] - coverage[..., None] * palette, axis=-1)  # (H, W, K)
-    label = residual.argmin(-1)
-    best_cov = np.take_along_axis(coverage, label[..., None], -1)[..., 0]
-    best_res = np.take_along_axis(residual, label[..., None], -1)[..., 0]
-    foreground = (best_cov >= MIN_COVERAGE) & (best_res <= max_color_distance)
-    min_area = min_area_fraction * H * W
-    found = [
-        (k, pix)
-        for k in range(len(names))
-        for pix in _components(foreground & (label == k))
-        if len(pix) >= min_area
-    ]
-    claimed = np.zeros((H, W), dtype=bool)
-    for _, pix in found:
-        claimed[pix[:, 0], pix[:, 1]] = True
-    halo = HALO_PER_32_PIXELS * max(1, round(max(H, W) / 32))
-    objects = []
-    for k, pix in found:
-        own = np.zeros((H, W), dtype=bool)
-        own[pix[:, 0], pix[:, 1]] = True
-        # the blurred rim belongs to the object, up to where another object begins
-        region = _dilate(own, halo) & ~(claimed & ~own)
-        mass = np.where(region, np.clip(coverage[..., k], 0.0, 1.0), 0.0)
-        (y0, x0), (y1, x1) = pix.min(0), pix.max(0)
-        # a shape drawn with half-extent r spans 2r + 1 pixels
-        extent = max(x1 - x0, y1 - y0) / max(H, W) / 2
-        size = "small" if extent < SIZE_THRESHOLD else "large"
-        cy, cx = (y0 + y1 + 1) / 2 / H, (x0 + x1 + 1) / 2 / W
-        objects.append(SceneObject(_shape_of(pix, mass), names[k], size, float(cx), float(cy)))
-    return Scene(objects)
 
 
 # --- the dataset -----------------------------------------------------------------------------------------

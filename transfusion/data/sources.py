@@ -25,6 +25,7 @@ import json
 import random
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -367,10 +368,16 @@ def make_source(cfg: DataConfig, split: str = "train") -> Any:
     return WebDatasetSource(cfg, split)
 
 
+def iterate(source: Any) -> Iterator[Record | None]:
+    """A source's items in order, map-style (by index) or iterable alike (None for a skipped item)."""
+    if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
+        return (source[i] for i in range(len(source)))
+    return iter(source)
+
+
 def source_texts(cfg: DataConfig, count: int, split: str = "train") -> list[str]:
     """The first ``count`` non-empty texts of a source's split, in order (what a tokenizer trains on)."""
     from itertools import islice
 
-    source = make_source(cfg, split)
-    items = (source[i] for i in range(len(source))) if hasattr(source, "__getitem__") else iter(source)
+    items = iterate(make_source(cfg, split))
     return [r.text for r in islice((r for r in items if r is not None and r.text), count)]

@@ -1,4 +1,4 @@
-"""Describe image files with a trained checkpoint: one caption per image, printed as ``path<TAB>caption``
+"""`transfusion caption`: describe image files with a trained checkpoint: one caption per image, printed as ``path<TAB>caption``
 (whitespace inside a caption collapsed to single spaces, so each image takes one line).
 
 Images must have the size the model was trained at (its latent size times the VAE's downsampling):
@@ -13,14 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from transfusion.checkpoint import load_for_inference
+from transfusion.commands.generate import add_generation_options, generation_config, read_images_as_latents
+from transfusion.commands.options import pick_device
 from transfusion.generate import Decoder, caption
-from transfusion.generate_cli import (
-    add_generation_options,
-    generation_config,
-    load_for_inference,
-    pick_device,
-    read_images_as_latents,
-)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

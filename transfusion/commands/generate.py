@@ -1,4 +1,4 @@
-"""Generate images, text or both from a prompt with a trained checkpoint.
+"""`transfusion generate`: images, text or both from a prompt, with a trained checkpoint.
 
 Writes every image as a PNG decoded through the checkpoint's VAE (or, for a checkpoint without one,
 its latent as a ``.safetensors`` file), plus ``output.json`` and ``output.md`` with the interleaved
@@ -17,31 +17,15 @@ from typing import Any
 
 import torch
 
+from transfusion.checkpoint import load_for_inference, vae_directory
+from transfusion.commands.options import add_checkpoint_option, add_device_option, note, out_dir, pick_device
 from transfusion.generate import Decoder, GenerationConfig
-
-
-def load_for_inference(checkpoint: str, device: str = "cpu") -> tuple[Any, Any | None]:
-    """(``checkpoint.Loaded``, VAE or None) from a checkpoint or run directory. The VAE is the
-    directory meta.json names under "vae" (relative to the checkpoint); None if there is none."""
-    from transfusion.checkpoint import load_model
-    from transfusion.vae import load_vae
-
-    loaded = load_model(checkpoint, device)
-    vae_dir = vae_directory(loaded)
-    return loaded, (load_vae(vae_dir, device) if vae_dir is not None and vae_dir.is_dir() else None)
-
-
-def vae_directory(loaded: Any) -> Path | None:
-    """The VAE directory a checkpoint's meta.json names (it may be missing on disk), or None."""
-    name = loaded.meta.get("vae")
-    return (loaded.path / name).resolve() if name else None
+from transfusion.vae import decode_latents, encode_images
 
 
 def add_generation_options(p: argparse.ArgumentParser, images: bool = True) -> None:
     """Options shared by ``generate`` and ``caption`` (which draws no images: no diffusion options)."""
-    p.add_argument(
-        "--checkpoint", required=True, help="a checkpoint directory, or a run directory (its latest)"
-    )
+    add_checkpoint_option(p)
     if images:
         p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's, 250)")
         p.add_argument(
@@ -68,7 +52,7 @@ def add_generation_options(p: argparse.ArgumentParser, images: bool = True) -> N
         "--max-new-tokens", type=int, default=64, help="text tokens to generate at most, per output"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the first output; output i uses seed + i")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    add_device_option(p)
 
 
 def generation_config(args: argparse.Namespace, temperature: float = 1.0, **kw: Any) -> GenerationConfig:
@@ -85,25 +69,13 @@ def generation_config(args: argparse.Namespace, temperature: float = 1.0, **kw: 
     )
 
 
-def pick_device(name: str) -> str:
-    """'auto' -> cuda when available, else cpu; a CUDA device asked for where there is none is an error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
-    return name
-
-
 def read_images_as_latents(
     names: list[str], loaded: Any, vae: Any, device: str, resize: bool
 ) -> list[torch.Tensor]:
     """Image files -> latents (C, H, W) scaled for diffusion, checked against the model's image size."""
-    import sys
-
     from PIL import Image as PILImage
 
     from transfusion.data.sources import BadItem, read_image
-    from transfusion.vae import pil_to_tensor
 
     for name in names:
         if not Path(name).is_file():
@@ -127,12 +99,8 @@ def read_images_as_latents(
                         f"{name} is {w}x{h}, but this model reads {size}x{size} images; "
                         "resize it, or pass --resize to resize and centre-crop it"
                     )
-                print(
-                    f"note: {name} is {w}x{h}; resized and centre-cropped to {size}x{size}", file=sys.stderr
-                )
-    with torch.no_grad():
-        latents = vae.to_diffusion(vae.encode(pil_to_tensor(pictures).to(device))).float()
-    return list(latents)
+                note(f"note: {name} is {w}x{h}; resized and centre-cropped to {size}x{size}")
+    return list(encode_images(vae, pictures).to(device))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -170,9 +138,7 @@ def run(args: argparse.Namespace) -> int:
     gen = generation_config(
         args, max_images=args.max_images, force_image=not args.text, stop_after_image=not args.text
     )
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory")
+    out = out_dir(args.out)
     device = pick_device(args.device)
     loaded, vae = load_for_inference(args.checkpoint, device)
     images = read_images_as_latents(args.image, loaded, vae, device, args.resize) if args.image else []
@@ -221,12 +187,12 @@ def run(args: argparse.Namespace) -> int:
             "settings": settings}  # fmt: skip
     (out / "output.json").write_text(json.dumps({**meta, "outputs": record}, indent=2, ensure_ascii=False))
     (out / "output.md").write_text("".join(md))
-    note = ""
+    why = ""
     if vae is None:
         missing = vae_directory(loaded)
-        why = f"its VAE directory {missing} is missing" if missing else "the checkpoint has no VAE"
-        note = f" ({why}: images saved as latents, .safetensors)"
-    print(f"wrote {n} output(s) to {out}{note}")
+        reason = f"its VAE directory {missing} is missing" if missing else "the checkpoint has no VAE"
+        why = f" ({reason}: images saved as latents, .safetensors)"
+    print(f"wrote {n} output(s) to {out}{why}")
     return 0
 
 
@@ -237,9 +203,5 @@ def save_image(latent: torch.Tensor, stem: Path, vae: Any | None, device: str) -
 
         save_file({"latent": latent.contiguous()}, stem.with_suffix(".safetensors"))
         return stem.name + ".safetensors"
-    from transfusion.vae import tensor_to_pil
-
-    with torch.no_grad():
-        pixels = vae.decode(vae.from_diffusion(latent[None].to(device)))  # (1, 3, S, S) in [-1, 1]
-    tensor_to_pil(pixels.cpu())[0].save(stem.with_suffix(".png"))
+    decode_latents(vae, latent[None])[0].save(stem.with_suffix(".png"))
     return stem.name + ".png"

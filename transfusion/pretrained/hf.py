@@ -32,25 +32,21 @@ re-initialised the same way, and the model keeps the checkpoint's row count.
 **Training choices.** ``freeze_text`` freezes the text weights (embedding, LM head, trunk, final
 norm) and trains the image side, selected trunk layers, and optionally only the new rows of the
 embedding and LM head (an LMFusion-style start, Shi et al. 2024, without its separate image
-copies of the trunk). ``export_hf`` writes the text side back in the Hugging Face layout.
+copies of the trunk). ``freeze_text`` (``pretrained.freeze``) and ``export_hf`` (``pretrained.export``) live beside this.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from transfusion.config import ModelConfig
+from transfusion.io import load_tensors
 from transfusion.model import Transfusion
 from transfusion.tokenizer import HFTokenizer
 
@@ -324,7 +320,7 @@ def load_pretrained(
     vocab_keys = {"model.embed_tokens.weight", "lm_head.weight"}
     loaded: set[str] = set()
     for file in files:
-        for hf_key, tensor in load_file(file).items():
+        for hf_key, tensor in load_tensors(file).items():
             if hf_key.endswith(_IGNORED_SUFFIXES) or (cfg.tie_embeddings and hf_key == "lm_head.weight"):
                 continue
             if hf_key not in keys:
@@ -350,274 +346,3 @@ def load_pretrained(
     if not cfg.tie_embeddings:
         _init_new_rows(model.lm_head.weight, new_ids, n_known)
     return model, cfg, tokenizer
-
-
-# ---------------------------------------------------------------------------------------------
-# what trains
-# ---------------------------------------------------------------------------------------------
-_ROWS_ATTR = "_transfusion_trained_rows"
-
-
-@dataclass
-class TextFreeze:
-    """What ``freeze_text`` did. Call ``attach(optimizer)`` once the optimizer exists (before its
-    first step, and before loading its state on resume) when embedding rows train."""
-
-    trainable: list[str]
-    """Parameter names trained in full."""
-    frozen: list[str]
-    """Parameter names with ``requires_grad=False``."""
-    new_rows: list[int]
-    """Rows of the embedding and LM head that train (the rest of those matrices is frozen)."""
-    row_masked: list[str] = field(default_factory=list)
-    """Parameter names trained in ``new_rows`` only (gradient mask)."""
-    row_params: list[nn.Parameter] = field(default_factory=list, repr=False)
-    handles: list[Any] = field(default_factory=list, repr=False)
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Move the row-masked matrices into a parameter group without weight decay.
-
-        Their frozen rows get zero gradients, so Adam moves them by exactly zero; but decoupled
-        weight decay (AdamW) would still shrink them by ``lr * weight_decay`` per step. Outside
-        that group they stay bit-identical. (The new rows then train without weight decay.)"""
-        ids = {id(p) for p in self.row_params}
-        moved: list[nn.Parameter] = []
-        for group in optimizer.param_groups:
-            moved += [p for p in group["params"] if id(p) in ids and all(p is not q for q in moved)]
-            group["params"] = [p for p in group["params"] if id(p) not in ids]
-        if any(optimizer.state.get(p) for p in moved):
-            raise ValueError("attach() must run before the optimizer's first step")
-        if moved:
-            optimizer.add_param_group({"params": moved, "weight_decay": 0.0})
-
-    def remove(self) -> None:
-        """Undo the gradient masks (not ``requires_grad``)."""
-        for h in self.handles:
-            h.remove()
-        for p in self.row_params:
-            if hasattr(p, _ROWS_ATTR):
-                delattr(p, _ROWS_ATTR)
-        self.handles.clear()
-
-
-def freeze_text(
-    model: nn.Module,
-    train_layers: Iterable[int] | None = None,
-    train_embeddings_new_rows: bool = True,
-    tokenizer: HFTokenizer | None = None,
-) -> TextFreeze:
-    """Freeze the language model's weights; train the image side and what is chosen here.
-
-    - frozen: the embedding, the LM head, every trunk layer not in ``train_layers``, the final norm;
-    - trained: everything else (the patcher: the image-specific parts) and the layers in
-      ``train_layers`` (indices; negative ones count from the end);
-    - ``train_embeddings_new_rows``: the rows of the ids the tokenizer added (BOI, EOI...; needs
-      ``tokenizer``) train through a gradient mask on the embedding and LM head; call
-      ``attach(optimizer)`` on the result so weight decay leaves the other rows alone. Otherwise
-      those rows stay at their mean initialisation.
-
-    With ``train_layers`` empty the text behaviour cannot change (the patcher does not touch
-    text-only sequences; BOI/EOI logits can only move probability mass onto BOI/EOI). Call it before
-    wrapping the model (DDP records the parameters that need gradients) and before building the
-    optimizer. Works under DDP; under FSDP2 (which replaces the parameters, and the hooks with them)
-    use ``train_embeddings_new_rows=False``.
-    """
-    model = getattr(model, "module", model)
-    n_layers = len(model.layers)
-    chosen: set[int] = set()
-    for i in train_layers or []:
-        if not -n_layers <= int(i) < n_layers:
-            raise ValueError(
-                f"train_layers: layer {i} does not exist (the model has {n_layers}: 0..{n_layers - 1})"
-            )
-        chosen.add(int(i) % n_layers)
-    trained_prefixes = tuple(f"layers.{i}." for i in sorted(chosen))
-    trainable, frozen = [], []
-    for name, p in model.named_parameters():
-        train = not name.startswith(TEXT_PREFIXES) or name.startswith(trained_prefixes)
-        p.requires_grad_(train)
-        (trainable if train else frozen).append(name)
-    freeze = TextFreeze(trainable=trainable, frozen=frozen, new_rows=[])
-    if not train_embeddings_new_rows:
-        return freeze
-    if tokenizer is None or not hasattr(tokenizer, "base_vocab_size"):
-        raise ValueError(
-            "freeze_text: train_embeddings_new_rows needs the HFTokenizer (tokenizer=...) to know which "
-            "rows are new; or pass train_embeddings_new_rows=False"
-        )
-    rows = added_token_ids(tokenizer)
-    freeze.new_rows = rows
-    params = [model.tok_emb.weight]
-    if model.lm_head.weight is not model.tok_emb.weight:
-        params.append(model.lm_head.weight)
-    for p in params:
-        mask = torch.zeros(p.shape[0], 1, dtype=torch.bool, device=p.device)
-        mask[rows] = True
-        p.requires_grad_(True)
-        freeze.handles.append(p.register_hook(lambda g, m=mask: torch.where(m, g, torch.zeros_like(g))))
-        setattr(p, _ROWS_ATTR, rows)
-        freeze.row_params.append(p)
-    names = {id(p): n for n, p in model.named_parameters()}
-    for p in params:
-        freeze.frozen.remove(names[id(p)])
-        freeze.row_masked.append(names[id(p)])
-    return freeze
-
-
-def trainable_parameters_summary(model: nn.Module) -> str:
-    """A small table: parameters per part of the model (tok_emb, patcher, layers.i, norm, lm_head)
-    and how many of them train (row-masked matrices count their trained rows only)."""
-    model = getattr(model, "module", model)
-    groups: dict[str, list[int]] = {}
-    notes: dict[str, str] = {}
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        group = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
-        total, trained = groups.setdefault(group, [0, 0])
-        rows = getattr(p, _ROWS_ATTR, None)
-        if rows is not None and p.requires_grad:
-            n = len(rows) * math.prod(p.shape[1:])
-            notes[group] = f"rows {rows[0]}..{rows[-1]}" if len(rows) > 1 else f"row {rows[0]}"
-        else:
-            n = p.numel() if p.requires_grad else 0
-        groups[group] = [total + p.numel(), trained + n]
-    lm_head, tok_emb = getattr(model, "lm_head", None), getattr(model, "tok_emb", None)
-    if lm_head is not None and tok_emb is not None and lm_head.weight is tok_emb.weight:
-        notes["tok_emb"] = ", ".join(filter(None, [notes.get("tok_emb"), "tied with lm_head"]))
-    all_total = sum(t for t, _ in groups.values())
-    all_trained = sum(n for _, n in groups.values())
-    width = max(len(g) for g in groups)
-    lines = [f"trainable parameters: {all_trained:,} of {all_total:,} ({100 * all_trained / all_total:.2f}%)"]
-    for group, (total, trained) in groups.items():
-        state = "trained" if trained == total else "frozen" if trained == 0 else f"{trained:,} trained"
-        note = f" ({notes[group]})" if group in notes else ""
-        lines.append(f"  {group:<{width}}  {total:>14,}  {state}{note}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# export
-# ---------------------------------------------------------------------------------------------
-def export_hf(
-    model: nn.Module,
-    config: Any,
-    tokenizer: HFTokenizer,
-    out_dir: str | Path,
-    arch: str = "llama",
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write the text side in the Hugging Face layout: config.json, model.safetensors, tokenizer.json.
-
-    The vocabulary keeps BOI/EOI (config ``vocab_size`` is ours, the tokenizer file holds the added
-    tokens), so ``AutoModelForCausalLM.from_pretrained(out_dir)`` reproduces our text logits, and
-    ``load_pretrained(out_dir)`` gives back the same text weights. The image side (patcher) is not
-    written: keep our checkpoint for it. ``config`` is a ``ModelConfig`` or a ``Config``.
-    ``arch='qwen2'`` writes zero q/k/v biases for a model without them; a model with q/k/v biases
-    exports as ``qwen2`` only (Llama's ``attention_bias`` also biases the output projection).
-    """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"arch {arch!r} is not supported; choose one of {sorted(ARCHITECTURES)}")
-    cfg: ModelConfig = getattr(config, "model", config)
-    model = getattr(model, "module", getattr(model, "_orig_mod", model))
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size} rows"
-        )
-    if arch == "llama" and cfg.qkv_bias:
-        raise ValueError("this model has q/k/v biases (qkv_bias, Qwen2-style): export it with arch='qwen2'")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    keys = hf_key_map(cfg, qkv_bias=arch == "qwen2")
-    state = {k.replace("_orig_mod.", "").replace("module.", ""): v for k, v in model.state_dict().items()}
-    tensors: dict[str, Tensor] = {}
-    for hf_key, ours in keys.items():
-        if ours:
-            t = state[ours]
-        else:  # a bias our model does not have: zero
-            t = torch.zeros(state[keys[hf_key.removesuffix("bias") + "weight"]].shape[0])
-        tensors[hf_key] = t.detach().to("cpu", dtype).contiguous().clone()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-
-    dtype_name = str(dtype).removeprefix("torch.")
-    hf: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[arch]],
-        "model_type": arch,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,  # transformers v4 reads these two,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # v5 this one
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "attention_dropout": 0.0,
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
-        "use_cache": True,
-        "dtype": dtype_name,
-        "torch_dtype": dtype_name,
-    }
-    if arch == "llama":
-        hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-    else:
-        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
-    (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-
-    tokenizer._tok.save(str(out / "tokenizer.json"))
-    name = tokenizer._tok.id_to_token
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": name(tokenizer.bos_id),
-        "eos_token": name(tokenizer.eos_id),
-        "pad_token": name(tokenizer.pad_id),
-        "additional_special_tokens": [HFTokenizer.BOI, HFTokenizer.EOI],
-        "model_max_length": cfg.max_seq_len,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# command line: transfusion export
-# ---------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint", required=True, help="a checkpoint directory, or a run directory (its latest)"
-    )
-    p.add_argument(
-        "--out", required=True, help="directory for config.json, model.safetensors, tokenizer.json"
-    )
-    p.add_argument(
-        "--arch", choices=sorted(ARCHITECTURES), default=None,
-        help="Hugging Face architecture (default: qwen2 for models with q/k/v biases, else llama)",
-    )  # fmt: skip
-    p.add_argument("--no-ema", action="store_true", help="export the raw weights even when EMA weights exist")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Export a trained checkpoint's text side to the Hugging Face layout."""
-    from transfusion.checkpoint import load_model
-
-    loaded = load_model(args.checkpoint, use_ema=not args.no_ema)
-    if not isinstance(loaded.tokenizer, HFTokenizer):
-        raise ValueError(
-            f"{loaded.path} uses the byte tokenizer, which has no tokenizer.json to export; export works for "
-            "models trained with --tokenizer or --init-from"
-        )
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory")
-    arch = args.arch or ("qwen2" if loaded.config.model.qkv_bias else "llama")
-    export_hf(loaded.model, loaded.config, loaded.tokenizer, out, arch=arch)
-    print(f"wrote {out}: the text side of {loaded.path} as {ARCHITECTURES[arch]} "
-          "(AutoModelForCausalLM.from_pretrained loads it; the image side stays in the checkpoint)")  # fmt: skip
-    return 0

@@ -1,0 +1,1 @@
+"""Every `transfusion <command>`: argparse options and run(), one module each, on the library below."""

@@ -1,0 +1,214 @@
+"""Evaluate a model trained on the built-in shape scenes with the paper's kinds of metric.
+
+- **Composition (GenEval-style)**: images generated for held-out prompts of six kinds (single object,
+  two objects, counting, colours, position, colour attribution), judged by the deterministic scene
+  detector of ``data/shapes.py``; per kind and overall (mean over kinds).
+- **Captioning**: held-out images captioned greedily; attribute accuracy (objects, counts, stated
+  colours and relations all right, judged against the scene) and CIDEr-D against template references.
+- **Text**: bits per byte and per-token perplexity on held-out captions.
+- **FD**: Fréchet distance between generated and real images in the feature space of a small CNN the
+  project trains on the scenes ("FD (project classifier features)"), or, when ``--fid-inception`` names a
+  local TorchScript Inception file, FID with its features. The two are never mixed up in the output.
+- **Blank images**: generated images in which the detector finds no object at all, per kind and
+  overall (``geneval_blank_rate``): the failure a mean-seeking model falls into on a black background.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transfusion.data.shapes import COLORS, KINDS, SHAPES, Scene, ShapesDataset, caption_for, eval_prompts
+from transfusion.evaluation import metrics as M
+from transfusion.evaluation.scenes import detect_scene, judge_caption, judge_image
+from transfusion.evaluation.text import text_scores
+from transfusion.generate import Decoder, GenerationConfig, caption, text_to_image
+from transfusion.io import atomic_write_text, load_tensors, save_tensors
+from transfusion.vae import decode_latents, encode_images, pil_to_tensor
+
+
+# --- the feature extractor for FD -----------------------------------------------------------------------
+class SceneClassifier(nn.Module):
+    """A small CNN predicting which (colour, shape) pairs a scene holds (18 binary labels); its
+    64-d penultimate activations are the FD features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(64, len(COLORS) * len(SHAPES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def scene_labels(scene: Scene) -> torch.Tensor:
+    y = torch.zeros(len(COLORS) * len(SHAPES))
+    for o in scene.objects:
+        y[list(COLORS).index(o.color) * len(SHAPES) + SHAPES.index(o.shape)] = 1
+    return y
+
+
+def train_scene_classifier(
+    image_size: int, steps: int = 1000, seed: int = 7
+) -> tuple[SceneClassifier, float]:
+    """Trained on freshly rendered scenes; returns the model and its exact-match accuracy on new ones."""
+    torch.manual_seed(seed)
+    ds = ShapesDataset(image_size, seed=seed + 1)
+    data = [ds[i] for i in range(3000)]
+    x = pil_to_tensor([r.image for r in data])
+    y = torch.stack([scene_labels(Scene.from_dict(r.meta["scene"])) for r in data])
+    clf = SceneClassifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, 2500, (64,))
+        loss = F.binary_cross_entropy_with_logits(clf(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = ((clf(x[2500:]) > 0) == (y[2500:] > 0.5)).all(1).float().mean().item()
+    return clf.eval(), acc
+
+
+@torch.no_grad()
+def features(extractor: nn.Module, images: torch.Tensor) -> np.ndarray:
+    if isinstance(extractor, SceneClassifier):
+        return extractor.features(images).numpy()
+    x = F.interpolate(
+        (images + 1) / 2, size=(299, 299), mode="bilinear", align_corners=False
+    )  # Inception input
+    return extractor(x).reshape(len(images), -1).numpy()
+
+
+# --- the evaluations -----------------------------------------------------------------------------------
+def composition(
+    decoder: Decoder, vae: Any, n_per_kind: int, gen: GenerationConfig, image_size: int, seed: int
+) -> tuple[dict[str, float], list[dict], list]:
+    """Images for ``n_per_kind`` held-out prompts of each GenEval kind, judged by the detector:
+    (scores per kind and overall, with blank-image rates; a row per image; (prompt, image) pairs)."""
+    prompts = eval_prompts(n_per_kind, seed=seed, image_size=image_size)
+    latents = torch.stack(
+        text_to_image(decoder, [p.text for p in prompts], gen, seeds=list(range(len(prompts))))
+    )
+    images = decode_latents(vae, latents)
+    rows = []
+    for p, im in zip(prompts, images):
+        found = detect_scene(im)
+        rows.append({"prompt": p.text, "kind": p.meta["kind"], "correct": judge_image(found, p.meta["spec"]),
+                     "blank": not found.objects, "found": len(found.objects)})  # fmt: skip
+    scores = M.composition_scores([(r["kind"], r["correct"]) for r in rows])
+    scores.update(blank_rates(rows))
+    return scores, rows, list(zip(prompts, images))
+
+
+def blank_rates(rows: list[dict]) -> dict[str, float]:
+    """Share of generated images with no object at all, overall and per kind present in ``rows``:
+    {'blank_rate': ..., 'blank_rate_<kind>': ...}."""
+    out = {"blank_rate": M.accuracy([r["blank"] for r in rows])}
+    for kind in KINDS:
+        mine = [r["blank"] for r in rows if r["kind"] == kind]
+        if mine:
+            out[f"blank_rate_{kind}"] = M.accuracy(mine)
+    return out
+
+
+def captioning(
+    decoder: Decoder, vae: Any, n: int, image_size: int, seed: int
+) -> tuple[dict[str, float], list[dict]]:
+    ds = ShapesDataset(image_size, seed=seed + 2)
+    records = [ds[i] for i in range(n)]
+    latents = encode_images(vae, [r.image for r in records])
+    texts = caption(decoder, list(latents), GenerationConfig(max_new_tokens=64, temperature=0.0))
+    rows, refs = [], []
+    for i, (r, text) in enumerate(zip(records, texts)):
+        scene = Scene.from_dict(r.meta["scene"])
+        rng = random.Random(f"refs-{seed}-{i}")
+        refs.append(sorted({r.text} | {caption_for(r.meta["spec"], rng) for _ in range(4)}))
+        rows.append(
+            {"caption": text, "truth": r.text, "correct": judge_caption(text, scene), "image": r.image}
+        )
+    scores = {
+        "caption_accuracy": M.accuracy([row["correct"] for row in rows]),
+        "caption_cider_d": M.cider_d([row["caption"] for row in rows], refs),
+    }
+    return scores, rows
+
+
+def frechet(prompts_images: list, image_size: int, inception: str | None, run_dir: Path | None) -> dict:
+    real = pil_to_tensor([p.image for p, _ in prompts_images])
+    fake = pil_to_tensor([im for _, im in prompts_images])
+    if inception:
+        extractor = torch.jit.load(inception, map_location="cpu").eval()
+        return {"fid_inception": M.frechet_distance(features(extractor, real), features(extractor, fake))}
+    cache = run_dir / f"fd_classifier_{image_size}.safetensors" if run_dir else None
+    if cache is not None and cache.is_file():  # trained once per run directory
+        clf = SceneClassifier()
+        state = load_tensors(cache)
+        acc = float(state.pop("accuracy").item())
+        clf.load_state_dict(state)
+        clf.eval()
+    else:
+        clf, acc = train_scene_classifier(image_size)
+        if cache is not None:
+            save_tensors(cache, {**clf.state_dict(), "accuracy": torch.tensor(acc)})
+    fd = M.frechet_distance(features(clf, real), features(clf, fake))
+    return {"fd_project_classifier": fd, "fd_classifier_exact_match_accuracy": acc}
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    vae: Any,
+    config: Any,
+    out_dir: str | Path,
+    n_per_kind: int = 10,
+    n_captions: int = 60,
+    steps: int | None = None,
+    sampler: str | None = None,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    inception: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run every evaluation; returns (metrics, details for the report) and writes metrics.json."""
+    start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    d = config.diffusion
+    decoder = Decoder(model, tokenizer, d)
+    # the checkpoint's sampling settings unless told otherwise (the paper's: DDPM, 250 steps, guidance 3)
+    gen = decoder.settings(GenerationConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale))
+    size = vae.config.image_size
+    comp, comp_rows, pairs = composition(decoder, vae, n_per_kind, gen, size, seed + 100)
+    cap, cap_rows = captioning(decoder, vae, n_captions, size, seed + 200)
+    metrics: dict[str, Any] = {f"geneval_{k}": v for k, v in comp.items()}
+    metrics.update(cap)
+    held_out = ShapesDataset(size, seed=seed + 300)
+    metrics.update(text_scores(model, tokenizer, [held_out[i].text for i in range(200)]))
+    metrics.update(frechet(pairs, size, inception, out))
+    metrics.update(
+        {
+            "eval_sampler": gen.sampler,
+            "eval_steps": gen.steps,
+            "eval_cfg": gen.cfg_scale,
+            "eval_seconds": time.time() - start,
+        }
+    )
+    metrics = {
+        k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics, {"composition": comp_rows, "pairs": pairs, "captions": cap_rows}

@@ -1,0 +1,354 @@
+"""Train a Transfusion model: one process on a CPU or GPU, or many under torchrun (DDP or FSDP2).
+
+``train(config, out_dir, ...)`` is a plain loop, read top to bottom: build the run, restore it when
+resuming, then ``train_step`` after ``train_step`` (``training.step``) with logging, validation,
+sample grids and checkpoints on their own schedules. bf16 autocast on CUDA, fp32 on CPU. A run
+directory holds::
+
+    config.json             the configuration it ran with
+    metrics.jsonl           one JSON object per logging step (losses, lr, tokens/s, cumulative FLOPs)
+    checkpoints/step_N/     model.safetensors, ema.safetensors, meta.json, state.pt, loader.json
+    latest                  the name of the newest complete checkpoint
+    samples/step_N.png      sample grids with their prompts (when sample_every > 0)
+    vae/                    the image autoencoder the latents came from
+
+Resume (``--resume``) restores weights, optimizer, schedule, EMA, the data position and counters; with
+deterministic settings on the CPU the resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from transfusion import checkpoint as ckpt
+from transfusion import distributed as D
+from transfusion.config import Config
+from transfusion.data.loader import BatchLoader
+from transfusion.diffusion import make_schedule
+from transfusion.flops import batch_train_flops
+from transfusion.io import atomic_write_text, output_directory
+from transfusion.losses import training_loss
+from transfusion.training.setup import (
+    build_model,
+    check_consistency,
+    load_or_make_vae,
+    make_loaders,
+    resolve_text_side,
+)
+from transfusion.training.step import BadSteps, StepResult, lr_at, make_optimizer, train_step
+
+SAMPLE_PROMPTS = [
+    "a red circle",
+    "two blue squares",
+    "a green triangle to the left of a yellow circle",
+    "a cyan square",
+]
+
+
+@dataclass
+class Run:
+    """The pieces of one training run, built once by ``start_run``."""
+
+    cfg: Config
+    out: Path
+    info: D.DistInfo
+    vae: Any
+    model: torch.nn.Module  # the plain model (its parameters; sampling, EMA)
+    wrapped: torch.nn.Module  # DDP-wrapped or FSDP2-sharded (or the model itself in one process)
+    forward: torch.nn.Module  # what runs batches: torch.compile(wrapped) or wrapped
+    optimizer: torch.optim.Optimizer
+    tokenizer: Any
+    loader: BatchLoader
+    val_loader: BatchLoader | None
+    ema: dict[str, torch.Tensor] | None
+    autocast: Any
+    step: int = 0
+    counters: dict[str, int] = field(default_factory=lambda: {k: 0 for k in ckpt.COUNTERS})
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    vae: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    max_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Train to ``cfg.train.steps``; ``stop_after`` ends the process early (as an interruption would),
+    ``max_seconds`` ends it (with a checkpoint) once the wall-clock budget is spent."""
+    run = start_run(resolve_text_side(cfg), out_dir, vae, resume)
+    tc, schedule = run.cfg.train, make_schedule(run.cfg.diffusion)
+    bad = BadSteps(tc.max_bad_steps, run.counters["bad_steps_total"])
+    log = MetricsLog(run)
+    started, interrupted, last_saved = time.time(), False, run.step if run.step else -1
+    bar = tqdm(total=tc.steps, initial=run.step, desc="train", dynamic_ncols=True,
+               disable=not (progress and run.info.is_main))  # fmt: skip
+    with _Signals() as signals:
+        while run.step < tc.steps:
+            batches = [next(run.loader).to(run.info.device) for _ in range(tc.grad_accum)]
+            result = train_step(run.wrapped, run.optimizer, batches, schedule, run.cfg.diffusion,
+                                lr=lr_at(run.step, tc), grad_clip=tc.grad_clip, autocast=run.autocast,
+                                forward=run.forward)  # fmt: skip
+            bad.record(result.finite, run.step, str(run.out))
+            if result.finite and run.ema is not None:
+                update_ema(run.ema, run.model, tc.ema_decay)
+            run.step += 1
+            run.counters["bad_steps_total"] = bad.total
+            run.counters["tokens_seen"] += result.tokens * run.info.world_size
+            run.counters["flops_seen"] += int(sum(batch_train_flops(run.cfg.model, b) for b in batches)
+                                              * run.info.world_size)  # fmt: skip
+            bar.update(1)
+            log.after_step(run, result, schedule, bar)
+            if tc.sample_every and run.step % tc.sample_every == 0 and can_sample(run):
+                save_sample_grid(run, run.out / "samples" / f"step_{run.step:07d}.png")
+            # every rank must take the same decision: a signal or a clock seen by one rank stops all
+            stop, out_of_time = D.any_across(
+                signals.stop, max_seconds is not None and time.time() - started > max_seconds
+            )
+            if run.step % tc.ckpt_every == 0 or run.step == tc.steps or stop:
+                save(run)
+                last_saved = run.step
+            if stop or out_of_time or (stop_after is not None and run.step >= stop_after):
+                if out_of_time:
+                    D.print0(f"time budget of {max_seconds:.0f} s spent at step {run.step}")
+                interrupted = stop
+                break
+    bar.close()
+    log.close()
+    if last_saved != run.step:
+        save(run)
+    D.cleanup()
+    return {"step": run.step, "out": str(run.out), "interrupted": interrupted, **run.counters}
+
+
+def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -> Run:
+    """Check the run directory, join the process group, build model, optimizer, EMA and data, and
+    restore the latest checkpoint when resuming."""
+    tc = cfg.train
+    out = output_directory(out_dir)
+    latest = ckpt.resolve_checkpoint(out) if resume and (out / ckpt.LATEST).is_file() else None
+    if not resume and (out / ckpt.LATEST).is_file():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    info = D.init(tc.device)
+    if resume and latest is None:
+        D.print0(f"note: {out} holds no checkpoint yet; starting from step 0")
+    # the VAE first: the run's config records the autoencoder it actually trains with
+    vae_model = load_or_make_vae(vae, cfg, out, info.is_main, resume)
+    cfg.vae = dataclasses.replace(vae_model.config, path=None)
+    check_consistency(cfg)
+    torch.manual_seed(tc.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        atomic_write_text(out / "config.json", cfg.to_json())
+
+    model, tokenizer, freeze = build_model(cfg)
+    model = model.to(info.device).train()
+    wrapped = D.wrap_model(model, tc.parallel, info)
+    optimizer = make_optimizer(
+        wrapped if D.is_sharded(wrapped) else model, tc, fused=info.device.type == "cuda"
+    )
+    if freeze is not None:
+        freeze.attach(optimizer)  # frozen rows out of weight decay, before any optimizer state is loaded
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if tc.ema_decay > 0 else None
+    use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and info.device.type == "cuda")
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    loader, val_loader = make_loaders(cfg, tokenizer, vae_model, info.device, info)
+    run = Run(cfg, out, info, vae_model, model, wrapped, compiled(wrapped, cfg, info), optimizer, tokenizer,
+              loader, val_loader, ema, autocast)  # fmt: skip
+    if latest is not None:
+        restore(run, latest)
+        D.print0(f"resumed from {latest} at step {run.step}")
+    return run
+
+
+def compiled(model: torch.nn.Module, cfg: Config, info: D.DistInfo) -> torch.nn.Module:
+    """``torch.compile(model)`` when ``train.compile`` asks for it (dynamic shapes: the number of images
+    changes from batch to batch), else the model itself."""
+    if not cfg.train.compile:
+        return model
+    D.print0("note: compiling the model; the first steps take about a minute")
+    return torch.compile(model, dynamic=True)
+
+
+def restore(run: Run, path: Path) -> None:
+    """Weights, optimizer, EMA, data positions, counters and random states from a run checkpoint."""
+    weights, ema, state = ckpt.load_run_checkpoint(path, run.info.world_size)
+    D.load_state(run.wrapped, run.optimizer, weights, state.optimizer)
+    if run.ema is not None and ema is not None:
+        D.load_full_tensors(run.ema, ema)
+    if state.rng is not None:
+        ckpt.set_rng_state(state.rng[run.info.rank])
+    run.loader.load_state_dict(state.loader_states[run.info.rank])
+    run.step, run.counters = state.step, {**run.counters, **state.counters}
+
+
+def save(run: Run) -> None:
+    """A run checkpoint (every rank takes part in gathering; rank 0 writes)."""
+    loader_states = D.all_gather_object(run.loader.state_dict())
+    weights = D.full_state_dict(run.wrapped)
+    optimizer = D.optimizer_state(run.wrapped, run.optimizer)
+    ema = D.full_tensors(run.ema) if run.ema is not None else None  # under FSDP2 the EMA is sharded too
+    rng = D.all_gather_object(ckpt.rng_state())
+    if run.info.is_main:
+        state = ckpt.TrainingState(run.step, optimizer, loader_states, dict(run.counters), rng)
+        ckpt.save_run_checkpoint(
+            run.out, weights, ema, run.cfg, run.tokenizer, state, run.cfg.train.keep_last
+        )
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    for k, v in model.state_dict().items():
+        ema[k].lerp_(v.float(), 1 - decay)
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    cfg: Config,
+    schedule: Any,
+    batches: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean text and image loss over the first ``batches`` held-out batches (fixed noise)."""
+    was = model.training
+    model.eval()
+    loader.load_state_dict({"next_index": loader.rank, "carry": None})
+    text = image = 0.0
+    for i in range(batches):
+        b = next(loader).to(device)
+        losses = training_loss(model, b, schedule, cfg.diffusion, torch.Generator().manual_seed(i))
+        text, image = text + losses.text.item(), image + losses.image.item()
+    model.train(was)
+    return {"val_text_loss": D.mean_across(text / batches), "val_image_loss": D.mean_across(image / batches)}
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (rank 0) and the progress bar's numbers, every ``log_every`` steps and at
+    every validation. On resume, lines past the resumed step (written before a crash) are dropped."""
+
+    def __init__(self, run: Run):
+        path = run.out / "metrics.jsonl"
+        if run.info.is_main:
+            _truncate_metrics(path, run.step)
+        self.file = open(path, "a") if run.info.is_main else None  # noqa: SIM115
+        self.started = self.window_start = time.time()
+        self.window_tokens = 0
+
+    def after_step(self, run: Run, result: StepResult, schedule: Any, bar: tqdm) -> None:
+        tc = run.cfg.train
+        self.window_tokens += result.tokens * run.info.world_size
+        validate_now = run.val_loader is not None and run.step % tc.eval_every == 0
+        if not (run.step % tc.log_every == 0 or run.step == tc.steps or validate_now):
+            return
+        elapsed = time.time() - self.window_start
+        stats = run.loader.stats
+        record = {
+            "step": run.step,
+            "text_loss": D.mean_across(result.text_loss),
+            "image_loss": D.mean_across(result.image_loss),
+            "lr": lr_at(run.step - 1, tc),
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": self.window_tokens / max(elapsed, 1e-9),
+            "flops_seen": run.counters["flops_seen"],
+            "bad_steps_total": run.counters["bad_steps_total"],
+            "data_skipped": int(stats.get("skipped", 0) + stats.get("data_errors", 0)),
+            "data_skipped_items": len(run.loader.skipped_items),
+            "data_skipped_by_reason": {
+                k.removeprefix("skipped_"): int(v) for k, v in stats.items() if k.startswith("skipped_")
+            },
+            "truncated": int(stats.get("truncated", 0)),
+            "elapsed_s": time.time() - self.started,
+        }
+        self.window_tokens, self.window_start = 0, time.time()
+        if validate_now:
+            record.update(
+                validate(run.wrapped, run.val_loader, run.cfg, schedule, tc.eval_batches, run.info.device)
+            )
+        bar.set_postfix(text=f"{record['text_loss']:.3f}", image=f"{record['image_loss']:.3f}",
+                        lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step, so the curve of a resumed run has no duplicates."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def can_sample(run: Run) -> bool:
+    """Sample grids run on rank 0 alone: fine with whole weights (one process, DDP), not with shards."""
+    return run.info.is_main and not D.is_sharded(run.wrapped)
+
+
+def save_sample_grid(run: Run, path: Path, prompts: list[str] = SAMPLE_PROMPTS) -> None:
+    """Images for ``prompts`` (the config's sampler, at most 100 steps) in one PNG, prompts beneath."""
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    from transfusion.generate import Decoder, GenerationConfig, text_to_image
+    from transfusion.vae import decode_latents
+
+    dec = Decoder(run.model, run.tokenizer, run.cfg.diffusion)
+    gen = dec.settings(GenerationConfig(steps=min(100, run.cfg.diffusion.sample_steps)))
+    latents = torch.stack(text_to_image(dec, prompts, gen, seeds=list(range(len(prompts)))))
+    images = decode_latents(run.vae, latents)
+    cell = 96
+    grid = PILImage.new("RGB", (cell * len(images), cell + 28), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (im, p) in enumerate(zip(images, prompts)):
+        grid.paste(im.resize((cell, cell), PILImage.NEAREST), (i * cell, 0))
+        draw.text((i * cell + 2, cell + 2), p[:16], fill="black")
+        draw.text((i * cell + 2, cell + 14), p[16:32], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    run.model.train()
+
+
+class _Signals:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.stop = True
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,156 @@
+"""What a training run is built from: the model (fresh or from a pretrained LLM), its VAE, the
+image encoder and the data loaders, and the checks that these pieces agree."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transfusion import distributed as D
+from transfusion.config import Config, ModelConfig
+from transfusion.data.loader import BatchLoader
+from transfusion.io import copy_dir_atomic
+from transfusion.model import Transfusion
+from transfusion.tokenizer import load_tokenizer
+
+PRETRAINED_IMAGE_SIDE = (
+    "latent_channels",
+    "latent_size",
+    "patch_size",
+    "patcher",
+    "unet_channels",
+    "attention",
+)
+
+
+def model_config_for_init(model: ModelConfig, init_from: str) -> ModelConfig:
+    """The model config of a run that starts from a pretrained LLM: the checkpoint's text side, with
+    the image side of ``model`` and every other field that ``model`` sets away from its default
+    (``max_seq_len``, or a text-side field, which must then repeat the checkpoint's value)."""
+    from transfusion.pretrained import pretrained_config
+
+    default = ModelConfig()
+    overrides = {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(ModelConfig)
+        if f.name in PRETRAINED_IMAGE_SIDE or getattr(model, f.name) != getattr(default, f.name)
+    }
+    return pretrained_config(init_from, overrides)[0]
+
+
+def resolve_text_side(cfg: Config) -> Config:
+    """Fix what the text side's source dictates: a pretrained LLM its whole text config, a tokenizer
+    file the vocabulary size."""
+    if cfg.train.init_from:
+        cfg.model = model_config_for_init(cfg.model, cfg.train.init_from)
+    elif cfg.train.tokenizer:
+        cfg.model.vocab_size = load_tokenizer(cfg.train.tokenizer).vocab_size
+    return cfg
+
+
+def build_model(cfg: Config) -> tuple[Transfusion, Any, Any]:
+    """(model, tokenizer, freeze or None). With ``train.init_from`` the text side and the tokenizer
+    come from a local Llama / Qwen2 directory; ``train.freeze_text`` then trains the image side only."""
+    tc = cfg.train
+    if not tc.init_from:
+        return Transfusion(cfg.model), load_tokenizer(tc.tokenizer), None
+    from transfusion.pretrained import freeze_text, load_pretrained, trainable_parameters_summary
+
+    model, _, tokenizer = load_pretrained(tc.init_from, dataclasses.asdict(cfg.model))
+    freeze = None
+    if tc.freeze_text:
+        new_rows = tc.parallel != "fsdp"  # FSDP2 replaces parameters: the row mask cannot follow them
+        freeze = freeze_text(model, tc.train_layers, train_embeddings_new_rows=new_rows, tokenizer=tokenizer)
+        D.print0(trainable_parameters_summary(model))
+    return model, tokenizer, freeze
+
+
+def check_consistency(cfg: Config) -> None:
+    """The pieces of a config that must agree, with what to change."""
+    m, v = cfg.model, cfg.vae
+    if v.latent_channels != m.latent_channels:
+        raise ValueError(
+            f"vae.latent_channels {v.latent_channels} != model.latent_channels {m.latent_channels}"
+        )
+    if v.latent_size != m.latent_size:
+        raise ValueError(
+            f"the VAE makes {v.latent_size}x{v.latent_size} latents (image {v.image_size} / {v.downsample}) but "
+            f"model.latent_size is {m.latent_size}; set model.latent_size={v.latent_size}"
+        )
+    if cfg.data.image_size != v.image_size:
+        raise ValueError(f"data.image_size {cfg.data.image_size} != vae.image_size {v.image_size}")
+    if cfg.train.seq_len > m.max_seq_len:
+        raise ValueError(f"train.seq_len {cfg.train.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
+
+
+def load_or_make_vae(vae_arg: str | None, cfg: Config, out: Path, is_main: bool, resume: bool) -> Any:
+    """The run's VAE: ``out/vae`` when resuming, a trained directory, or 'random' (tests only)."""
+    from transfusion.vae import KLVAE, load_vae, save_vae
+
+    if (out / "vae").is_dir() and (resume or vae_arg is None):
+        return load_vae(out / "vae")
+    if vae_arg == "random":
+        torch.manual_seed(cfg.train.seed)
+        vae = KLVAE(cfg.vae).eval()
+        if is_main:
+            D.print0("warning: --vae random: an untrained autoencoder; for tests and smoke runs only")
+    elif vae_arg:
+        vae = load_vae(vae_arg)
+    else:
+        raise ValueError("give --vae DIR (a trained VAE: transfusion train-vae --out DIR) or --vae random")
+    if is_main:
+        if isinstance(vae, KLVAE):
+            save_vae(vae, out / "vae")
+        else:
+            copy_dir_atomic(Path(vae_arg), out / "vae")
+    return vae
+
+
+def image_encoder(vae: Any, device: torch.device | str) -> Callable[[list], torch.Tensor]:
+    """A function from PIL images to their latents scaled for diffusion, (N, C, h, w) on the CPU."""
+    from transfusion.vae import encode_images
+
+    vae = vae.to(device).eval()
+    return lambda images: encode_images(vae, images)
+
+
+def open_latent_cache(cfg: Config, source: Any, vae: Any, encode: Any, info: D.DistInfo) -> Any:
+    """Build (rank 0) or reuse the latent cache named by data.latent_cache; every rank then reads it."""
+    import torch.distributed as dist
+
+    from transfusion.data.latent_cache import LatentCache, build_latent_cache
+    from transfusion.vae import vae_hash
+
+    unbounded = cfg.data.source == "shapes" and cfg.data.length is None
+    if unbounded or not hasattr(source, "__len__") or len(source) > 5_000_000:
+        raise ValueError(
+            "data.latent_cache needs a finite map-style source: folder, jsonl, fashion_mnist, or shapes with "
+            "data.length set (a pool of scenes)"
+        )
+    digest = vae_hash(vae)
+    if info.is_main:
+        build_latent_cache(source, encode, digest, cfg.data.latent_cache, len(source))
+    if dist.is_initialized():
+        dist.barrier()
+    return LatentCache(cfg.data.latent_cache, digest)
+
+
+def make_loaders(
+    cfg: Config, tokenizer: Any, vae: Any, device: torch.device, info: D.DistInfo
+) -> tuple[BatchLoader, BatchLoader | None]:
+    """The training loader (reading a latent cache when ``data.latent_cache`` is set) and, when
+    validation is on, the held-out loader."""
+    encode = image_encoder(vae, device)
+    loader = BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "train")
+    if cfg.data.latent_cache:
+        loader.cache = open_latent_cache(cfg, loader.source, vae, encode, info)
+    val = (
+        BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "val")
+        if cfg.train.eval_every
+        else None
+    )
+    return loader, val

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transfusion import cli
 from transfusion import checkpoint as ckpt_mod
+from transfusion import cli
 from transfusion import losses as losses_mod
 from transfusion import training as T
 from transfusion.checkpoint import load_model, resolve_checkpoint

@@ -10,6 +10,7 @@ import torch
 from transfusion import cli
 from transfusion.config import VAEConfig
 from transfusion.data.shapes import ShapesDataset
+from transfusion.training.vae import train_vae
 from transfusion.vae import (
     KLVAE,
     compute_latent_stats,
@@ -19,7 +20,6 @@ from transfusion.vae import (
     tensor_to_pil,
     vae_hash,
 )
-from transfusion.training.vae import train_vae
 
 
 @pytest.mark.parametrize("down", [4, 8])

@@ -6,7 +6,6 @@ import random
 import tarfile
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,7 +236,11 @@ def test_images_are_segments_with_seeds():
         and isinstance(s.segments[1], ImageSeg)
         and s.segments[1].seed is not None
     )
-    assert np.isfinite(s.segments[1].seed)
+    seed = s.segments[1].seed
+    assert isinstance(seed, int) and 0 <= seed < 2**62
+    again = pair(rec, TOK.encode, DataConfig(caption_first_prob=1.0, cond_dropout=0.0), random.Random(0))
+    other = pair(rec, TOK.encode, DataConfig(caption_first_prob=1.0, cond_dropout=0.0), random.Random(1))
+    assert again.segments[1].seed == seed and other.segments[1].seed != seed  # a function of the sample
 
 
 def write_folder(root, n, start=0):
@@ -324,6 +327,28 @@ def test_iterable_source_cycles_past_its_end_and_counts_skips_by_reason(tmp_path
     texts = [None if g is None else g[1].text for g in got]
     assert texts == ["red", None, "blue"] * 3
     assert loader.stats["skipped"] == 3 and loader.stats["skipped_unreadable"] == 3
+    assert loader.skipped_items == {1}  # one item, met on each of three passes
+
+
+def test_skipped_items_are_counted_once_each_as_well_as_per_encounter(tmp_path):
+    """4 unreadable files in a 44-item folder, read over many passes: the per-encounter count grows
+    with every pass, the distinct count stays 4 (and survives a resume)."""
+    write_folder(tmp_path / "d", 44)
+    bad = sorted((tmp_path / "d").glob("*.png"))[::11]
+    for f in bad:
+        f.write_bytes(b"not a png")
+    cfg = loader_cfg()
+    cfg.data = DataConfig(source="folder", path=str(tmp_path / "d"), image_size=16, val_fraction=0.0)
+    loader = BatchLoader(cfg, TOK, fake_encode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(30):
+            next(loader)
+    assert loader.stats["skipped"] > 3 * 4  # every pass meets the 4 files again
+    assert len(loader.skipped_items) == 4
+    again = BatchLoader(cfg, TOK, fake_encode)
+    again.load_state_dict(loader.state_dict())
+    assert again.skipped_items == loader.skipped_items
 
 
 def test_latent_cache_follows_the_vae_and_the_files(tmp_path):

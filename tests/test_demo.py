@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from transfusion import cli
 
@@ -35,29 +36,70 @@ def test_demo_help_and_bad_budget(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--minutes", "0"]) == 2
 
 
-def test_fashion_evaluation_runs_on_a_tiny_model(tmp_path):
-    """Class-conditional generation and caption accuracy on Fashion-MNIST (skipped without the package)."""
-    import torch
+class PixelVAE(torch.nn.Module):
+    """A stand-in autoencoder whose latents are the pixels: what the evaluator generates is exactly
+    the image it judges."""
 
-    from transfusion.config import Config, DataConfig, VAEConfig, tiny
-    from transfusion.data.sources import FashionMNIST
-    from transfusion.evaluation.fashion import evaluate_fashion
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+    def to_diffusion(self, z):
+        return z
+
+    def from_diffusion(self, z):
+        return z
+
+
+def test_fashion_evaluation_judges_generated_images_and_captions(tmp_path, monkeypatch):
+    """Class-conditional generation and caption accuracy on Fashion-MNIST (skipped without the package):
+    real test images of the prompted class score far above images of the next class; captions that
+    name the right class score 1, the wrong class 0."""
+    from transfusion.config import Config, DataConfig, tiny
+    from transfusion.data.sources import FASHION_CLASSES, FashionMNIST, with_article
+    from transfusion.evaluation import fashion
     from transfusion.model import Transfusion
     from transfusion.tokenizer import ByteTokenizer
-    from transfusion.vae import KLVAE
+    from transfusion.vae import pil_to_tensor
 
-    cfg = Config(
-        model=tiny(),
-        vae=VAEConfig(image_size=16, base_channels=8),
-        data=DataConfig(source="fashion_mnist", image_size=16),
-    )
+    cfg = Config(model=tiny(latent_channels=3), data=DataConfig(source="fashion_mnist", image_size=16))
     try:
-        FashionMNIST(cfg.data, "test")
+        test = FashionMNIST(cfg.data, "test")
     except ValueError:
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
-    torch.manual_seed(0)
-    metrics, details = evaluate_fashion(Transfusion(cfg.model), ByteTokenizer(), KLVAE(cfg.vae).eval(), cfg, tmp_path,
-                                        per_class=1, n_captions=4, steps=2, classifier_steps=30)  # fmt: skip
-    assert 0 <= metrics["fashion_generation_accuracy"] <= 1 and 0 <= metrics["fashion_caption_accuracy"] <= 1
-    assert metrics["fashion_classifier_test_accuracy"] > 0.3  # 30 steps: far above chance (0.1)
-    assert len(details["composition"]) == 10 and (tmp_path / "metrics.json").is_file()
+    by_class: dict[int, list] = {}
+    for i in range(400):
+        by_class.setdefault(test[i].meta["label"], []).append(test[i].image)
+
+    def run(shift: int, caption_shift: int) -> dict:
+        def images_for(decoder, prompts, gen, seeds):  # "generates" real images of class c + shift
+            out = []
+            for j, p in enumerate(prompts):
+                c = next(k for k, name in enumerate(FASHION_CLASSES) if p.endswith(with_article(name)))
+                out.append(pil_to_tensor([by_class[(c + shift) % 10][j % 3]])[0])
+            return out
+
+        def captions_for(decoder, latents, gen):  # names the class of each image (+ caption_shift)
+            return [f"a photo of {with_article(FASHION_CLASSES[(test[i].meta['label'] + caption_shift) % 10])}"
+                    for i in range(len(latents))]  # fmt: skip
+
+        monkeypatch.setattr(fashion, "text_to_image", images_for)
+        monkeypatch.setattr(fashion, "caption", captions_for)
+        torch.manual_seed(0)
+        metrics, details = fashion.evaluate_fashion(Transfusion(cfg.model), ByteTokenizer(), PixelVAE(), cfg, tmp_path,
+                                                    per_class=3, n_captions=20, classifier_steps=60)  # fmt: skip
+        assert len(details["composition"]) == 30 and len(details["captions"]) == 20
+        return metrics
+
+    right, wrong = run(0, 0), run(1, 1)
+    assert right["fashion_classifier_test_accuracy"] > 0.3  # 60 steps: far above chance (0.1)
+    assert right["fashion_generation_accuracy"] > wrong["fashion_generation_accuracy"] + 0.3
+    assert right["fashion_caption_accuracy"] == 1.0 and wrong["fashion_caption_accuracy"] == 0.0
+    saved = json.loads((tmp_path / "metrics.json").read_text())  # the last run's
+    assert saved["fashion_generation_accuracy"] == wrong["fashion_generation_accuracy"]

@@ -206,9 +206,16 @@ def test_two_images_then_a_question_equals_uncached_greedy_reference(decoder):
     dec = Decoder(model, IdTokenizer(), DiffusionConfig())
     gen = GenerationConfig(max_new_tokens=6, temperature=0.0, max_images=0)
     out = dec.generate([[z1, z2, "which?"]], gen)[0]
+    ids = greedy_reference(model, [Image(z1, t=0), Image(z2, t=0), Text(TOK.encode("which?"))], 6)
+    assert out == ([" ".join(map(str, ids))] if ids else [])
+    assert len(ids) == 6  # an untrained model does not stop early: six real comparisons
+
+
+def greedy_reference(model, prompt: list, max_new_tokens: int) -> list[int]:
+    """Greedy text after ``prompt`` (no images drawn), every token from a full forward over the
+    whole sequence: no cache."""
     ids: list[int] = []
-    prompt = [Image(z1, t=0), Image(z2, t=0), Text(TOK.encode("which?"))]
-    while len(ids) < 6:
+    while len(ids) < max_new_tokens:
         o, _, L = full_forward(model, Sample([*prompt, Text(ids)], eos=False))
         logits = o.logits[0, L - 1]
         logits[[SP.bos, SP.eoi, SP.pad, SP.boi]] = float("-inf")
@@ -216,8 +223,7 @@ def test_two_images_then_a_question_equals_uncached_greedy_reference(decoder):
         if token == SP.eos:
             break
         ids.append(token)
-    assert out == ([" ".join(map(str, ids))] if ids else [])
-    assert len(ids) == 6  # an untrained model does not stop early: six real comparisons
+    return ids
 
 
 def test_batched_equals_one_at_a_time():
@@ -280,8 +286,11 @@ def test_forced_image_is_one_image_then_text_and_greedy_is_deterministic(decoder
     assert out[1] == again[1]
     images = text_to_image(decoder, ["a", "b"], GenerationConfig(steps=3, cfg_scale=2.0))
     assert len(images) == 2 and images[0].shape == (8, 4, 4) and not torch.allclose(images[0], images[1])
-    texts = caption(decoder, [latent(decoder.model.cfg)], GenerationConfig(max_new_tokens=4, temperature=0))
-    assert isinstance(texts[0], str)
+    z = latent(decoder.model.cfg)
+    dec = Decoder(decoder.model, IdTokenizer(), DiffusionConfig())
+    texts = caption(dec, [z], GenerationConfig(max_new_tokens=4, temperature=0))
+    ids = greedy_reference(decoder.model, [Image(z, t=0)], 4)
+    assert len(ids) == 4 and texts == [" ".join(map(str, ids))]  # the caption is the image-first greedy text
 
 
 def test_top_k_one_equals_greedy(decoder):

@@ -48,3 +48,32 @@ def test_total_is_text_plus_lambda_image_and_noise_follows_the_sample():
     )  # elsewhere in a batch
     t2, n2 = draw_noise(other, dcfg)
     assert torch.equal(t1, t2) and torch.equal(n1, n2) and t1[1] <= dcfg.noise_limit
+
+
+def test_training_draws_noise_limited_timesteps_through_sample_timesteps():
+    """The production path (``training_loss`` -> ``draw_noise``) gives image-first images exactly the
+    timesteps ``sample_timesteps(limited=...)`` draws from their seeds: t <= noise_limit, spread over
+    0..500; caption-first images range over all 1000."""
+    from transfusion.diffusion import sample_timesteps
+
+    cfg, dcfg = tiny(), DiffusionConfig()
+    seeds = list(range(200))
+    samples = [Sample([Image(latent(cfg), noise_limited=i % 2 == 0, seed=s)]) for i, s in enumerate(seeds)]
+    batch = pack(samples, 64, Specials.of(TOK), cfg.patches_per_image)
+    seen = {}
+
+    def spy(model, b):
+        seen["t"] = b.timesteps.clone()
+        return Transfusion.forward(model, b)
+
+    model = Transfusion(cfg)
+    model.forward = lambda b: spy(model, b)  # the model sees the timesteps training drew
+    training_loss(model, batch, make_schedule(dcfg), dcfg)
+    t = seen["t"]
+    for i, s in enumerate(seeds):
+        limited = torch.tensor([i % 2 == 0])
+        assert int(t[i]) == int(
+            sample_timesteps(1, dcfg, torch.Generator().manual_seed(s), limited=limited)[0]
+        )
+    assert int(t[0::2].max()) <= dcfg.noise_limit < int(t[1::2].max())
+    assert int(t[0::2].max()) > 0.8 * dcfg.noise_limit  # uniform up to the limit, not squeezed lower

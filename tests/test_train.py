@@ -307,3 +307,4 @@ def test_unreadable_items_are_skipped_and_counted_by_reason_in_the_log(tmp_path)
     assert last["data_skipped"] >= 1 and last["data_skipped_by_reason"] == {
         "unreadable": last["data_skipped"]
     }
+    assert last["data_skipped_items"] == 1  # one broken file, however often it is met

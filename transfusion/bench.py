@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from transfusion.config import ModelConfig, preset
+from transfusion.flops import batch_train_flops
 from transfusion.model import Transfusion
 from transfusion.sequence import Image, MixedBatch, Sample, Specials, Text, pack, sample_length
 from transfusion.tokenizer import ByteTokenizer
@@ -118,14 +119,6 @@ def synthetic_batch(
     )
 
 
-def train_flops_per_token(model: Transfusion, seq_len: int) -> float:
-    """6 N (forward + backward of the non-embedding parameters) + 12 layers x width x L (attention
-    scores and values, PaLM's appendix B), per token."""
-    cfg = model.cfg
-    n = model.num_params(exclude_embeddings=True)
-    return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
-
-
 # --- the benchmarks --------------------------------------------------------------------------------
 def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, device: str, repeat: int) -> dict[str, Any]:
     """The step users run (``training.train_step``: forward, both losses, backward, clipping, AdamW)
@@ -150,13 +143,14 @@ def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, device: str, re
         torch.cuda.reset_peak_memory_stats()
     sec = timed(step, repeat)
     tokens = batch_size * seq_len
-    flops = train_flops_per_token(model, seq_len) * tokens / sec
+    step_flops = batch_train_flops(cfg, batch)
     return {
         "params_M": model.num_params() / 1e6,
         "batch": f"{batch_size}x{seq_len}",
+        "step_gflop": step_flops / 1e9,
         "step_ms": sec * 1e3,
         "tokens_per_s": tokens / sec,
-        "model_gflops": flops / 1e9,
+        "model_gflops": step_flops / sec / 1e9,
         "attention": model.backend(torch.device(device)),
         "dtype": "bf16-autocast" if device == "cuda" else "fp32",
         "peak_rss_mb": peak_rss_mb(),
@@ -164,12 +158,9 @@ def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, device: str, re
     }
 
 
-def bench_sampling(cfg: ModelConfig, device: str, repeat: int) -> dict[str, Any]:
-    """Decoding and denoising speed through ``transfusion.generate`` (skipped if it is missing)."""
-    return _sampling_numbers(cfg, device, repeat)
-
-
-def _sampling_numbers(cfg: ModelConfig, device: str, repeat: int) -> dict[str, Any]:
+def bench_sampling(
+    cfg: ModelConfig, device: str, repeat: int, image_steps: tuple[int, ...] = (250, 50)
+) -> dict[str, Any]:
     """Cached text decoding, whole-image sampling, and one denoising step against prefixes of
     16, 256 and 1024 positions (it should stay nearly flat: only the attention reads grow)."""
     from transfusion.config import DiffusionConfig
@@ -185,7 +176,7 @@ def _sampling_numbers(cfg: ModelConfig, device: str, repeat: int) -> dict[str, A
     text = GenerationConfig(max_new_tokens=n_new, temperature=0.0, max_images=0)
     sec = timed(lambda: dec.generate([["a red circle to the"]], text), max(1, repeat // 2), warmup=1)
     row["decode_tokens_per_s"] = n_new / sec
-    for steps in (250, 50):
+    for steps in image_steps:
         for scale in (1.0, 3.0):
             gen = GenerationConfig(steps=steps, sampler="ddim", cfg_scale=scale)
             sec = timed(lambda gen=gen: text_to_image(dec, ["a red circle"], gen), 1, warmup=0)
@@ -230,8 +221,9 @@ def _denoise_step_ms(dec: Any, prefix: int, rows_n: int, scale: float, device: s
 
 
 def run_benchmarks(
-    names: list[str], batch_size: int, seq_len: int, repeat: int, device: str, sampling: bool = True
-) -> dict[str, Any]:
+    names: list[str], batch_size: int, seq_len: int, repeat: int, device: str, sampling: bool = True,
+    image_steps: tuple[int, ...] = (250, 50),
+) -> dict[str, Any]:  # fmt: skip
     peak = matmul_peak(device)
     rows = []
     for name in names:
@@ -239,7 +231,7 @@ def run_benchmarks(
         row = {"config": name, **bench_train(cfg, batch_size, seq_len, device, repeat)}
         row["mfu"] = row["model_gflops"] / peak
         if sampling:
-            row.update(bench_sampling(cfg, device, repeat))
+            row.update(bench_sampling(cfg, device, repeat, image_steps))
         rows.append(row)
     return {"machine": machine_info(torch.get_num_threads()), "matmul_peak_gflops": peak, "rows": rows}
 

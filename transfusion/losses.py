@@ -68,15 +68,15 @@ def draw_noise(
 
     An image with a seed draws both from its own generator, so they follow the sample wherever it is
     trained; the others draw from ``generator``. Fixed timesteps (t >= 0) are kept. Images placed
-    before their caption draw t <= noise_limit."""
+    before their caption draw t <= noise_limit (``diffusion.sample_timesteps(limited=...)``)."""
     N, shape = batch.num_images, tuple(batch.latents.shape[1:])
-    max_t = torch.where(batch.noise_limited.cpu(), cfg.noise_limit, cfg.num_train_timesteps - 1)
+    limited = batch.noise_limited.cpu()
     seeds = batch.noise_seeds.cpu() if batch.noise_seeds is not None else torch.full((N,), -1)
-    t = diffusion.sample_timesteps(N, cfg.num_train_timesteps, generator, max_t=max_t)
+    t = diffusion.sample_timesteps(N, cfg, generator, limited=limited)
     noise = torch.randn((N, *shape), generator=generator)
     for i in (seeds >= 0).nonzero().flatten().tolist():
         g = torch.Generator().manual_seed(int(seeds[i]))
-        t[i] = diffusion.sample_timesteps(1, cfg.num_train_timesteps, g, max_t=max_t[i : i + 1])[0]
+        t[i] = diffusion.sample_timesteps(1, cfg, g, limited=limited[i : i + 1])[0]
         noise[i] = torch.randn(shape, generator=g)
     fixed = batch.timesteps.cpu()
     return torch.where(fixed >= 0, fixed, t), noise

@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     add_device_option(p)
     p.add_argument("--no-sampling", action="store_true", help="only the training numbers")
+    p.add_argument(
+        "--image-steps", type=int, nargs="+", default=[250, 50],
+        help="denoising steps of the whole-image timings (default 250 50: the paper's, and a fast setting)",
+    )  # fmt: skip
     p.add_argument("--out", default="bench-out", help="directory for bench.json (default bench-out)")
 
 
@@ -37,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     result = run_benchmarks(
-        args.configs, args.batch_size, args.seq_len, args.repeat, device, not args.no_sampling
-    )
+        args.configs, args.batch_size, args.seq_len, args.repeat, device, not args.no_sampling,
+        tuple(args.image_steps),
+    )  # fmt: skip
     print(format_table(result))
     out = out_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,14 @@ def export_hf(
             t = torch.zeros(state[keys[hf_key.removesuffix("bias") + "weight"]].shape[0])
         tensors[hf_key] = t.detach().to("cpu", dtype).contiguous().clone()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf = hf_config(cfg, tokenizer, arch, dtype)
+    (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    _write_tokenizer(tokenizer, cfg, out)
+    return out
 
+
+def hf_config(cfg: ModelConfig, tokenizer: HFTokenizer, arch: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The ``config.json`` of the exported model (read by transformers v4 and v5)."""
     dtype_name = str(dtype).removeprefix("torch.")
     hf: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch]],
@@ -87,8 +94,11 @@ def export_hf(
         hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     else:
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
-    (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    return hf
 
+
+def _write_tokenizer(tokenizer: HFTokenizer, cfg: ModelConfig, out: Path) -> None:
+    """``tokenizer.json`` (with BOI/EOI among its added tokens) and a small ``tokenizer_config.json``."""
     tokenizer._tok.save(str(out / "tokenizer.json"))
     name = tokenizer._tok.id_to_token
     tok_config = {
@@ -100,4 +110,3 @@ def export_hf(
         "model_max_length": cfg.max_seq_len,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    return out

@@ -129,6 +129,7 @@ def reference_decode(
     scale: float,
     max_new_tokens: int,
     max_images: int,
+    guidance_max_t: int | None = None,
 ):
     """A forced image, then greedy decoding (more images on BOI), with no cache at all: every step
     packs the whole sequence and runs ``model(batch)``; the unconditional branch of guidance is
@@ -150,7 +151,8 @@ def reference_decode(
         for i, t in enumerate(sampler.timesteps):
             cond = full_forward(model, Sample([*segments, Image(x, t=t)], eos=False))[0].image_pred[-1:]
             uncond = full_forward(model, Sample([Image(x, t=t)], eos=False))[0].image_pred
-            x = sampler.step(guided(cond, uncond, scale), i, x[None], g)[0]
+            weight = scale if guidance_max_t is None or t <= guidance_max_t else 1.0
+            x = sampler.step(guided(cond, uncond, weight), i, x[None], g)[0]
         segments.append(Image(x, t=0))
 
     draw()
@@ -176,11 +178,17 @@ def reference_decode(
     return segments[1:] + ([Text(ids)] if ids else [])
 
 
-@pytest.mark.parametrize("patcher, objective", [("linear", "ddpm"), ("linear", "flow"), ("unet", "flow")])
-def test_generate_equals_uncached_reference(patcher, objective):
-    """(Flow samples stay O(1), so they compare tightly; DDPM samples of an untrained model blow up.)"""
+@pytest.mark.parametrize(
+    "patcher, objective, image_attention",
+    [("linear", "ddpm", "bidirectional"), ("linear", "flow", "bidirectional"), ("unet", "flow", "bidirectional"),
+     ("linear", "flow", "causal")],
+)  # fmt: skip
+def test_generate_equals_uncached_reference(patcher, objective, image_attention):
+    """(Flow samples stay O(1), so they compare tightly; DDPM samples of an untrained model blow up.)
+    Under causal image attention the patches of the image being drawn see only earlier patches, in
+    the cached decoder as in the training forward."""
     torch.manual_seed(1)
-    model = random_head(Transfusion(tiny(patcher=patcher, unet_channels=16)))
+    model = random_head(Transfusion(tiny(patcher=patcher, unet_channels=16, image_attention=image_attention)))
     with torch.no_grad():  # a direction every token carries, read by BOI's logit: greedy draws again
         model.tok_emb.weight[:, 0] += 1.0
         model.lm_head.weight[SP.boi, 0] = 3.0
@@ -196,6 +204,25 @@ def test_generate_equals_uncached_reference(patcher, objective):
     close(out[0], ref[0].latent)
     close(out[1], ref[1].latent)
     assert out[2] == " ".join(map(str, ref[2].ids))
+
+
+@pytest.mark.parametrize("max_t", [None, 600, 0])
+def test_guidance_interval_equals_uncached_reference(max_t):
+    """Guidance only at t <= guidance_max_t (the conditional prediction alone above): equal to a
+    full-forward loop that guides exactly those steps; rows guided and unguided share one batch."""
+    torch.manual_seed(2)
+    model = random_head(Transfusion(tiny()))
+    dec = Decoder(model, IdTokenizer(), DiffusionConfig(objective="flow", guidance_max_t=max_t))
+    gen = GenerationConfig(steps=4, cfg_scale=3.0)
+    out = text_to_image(dec, ["a red circle"], gen, seeds=[3])[0]
+    ref = reference_decode(model, "flow", "a red circle", 3, steps=4, scale=3.0, max_new_tokens=0, max_images=1,
+                           guidance_max_t=max_t)  # fmt: skip
+    close(out, ref[0].latent)
+    unguided = text_to_image(dec, ["a red circle"], dataclasses.replace(gen, cfg_scale=1.0), seeds=[3])[0]
+    assert not torch.equal(out, unguided)  # every setting guides at least the last step (t = 0)
+    # the generation setting overrides the checkpoint's: no interval at all is the paper's guidance
+    paper = text_to_image(dec, ["a red circle"], dataclasses.replace(gen, guidance_max_t=None), seeds=[3])[0]
+    assert torch.equal(paper, out) == (max_t is None)
 
 
 def test_two_images_then_a_question_equals_uncached_greedy_reference(decoder):
@@ -226,13 +253,16 @@ def greedy_reference(model, prompt: list, max_new_tokens: int) -> list[int]:
     return ids
 
 
-def test_batched_equals_one_at_a_time():
+@pytest.mark.parametrize("guidance_max_t", [None, 500])
+def test_batched_equals_one_at_a_time(guidance_max_t):
+    """Rows enter diffusion at different ticks; with a guidance interval, some rows of a tick are
+    guided (their twins in the batch) and others not."""
     torch.manual_seed(2)
     model = random_head(Transfusion(tiny()))
     with torch.no_grad():  # a direction every token carries, read by BOI's logit: BOI is sampled often
         model.tok_emb.weight[:, 0] += 1.0
         model.lm_head.weight[SP.boi, 0] = 0.6
-    dec = Decoder(model, TOK, DiffusionConfig())
+    dec = Decoder(model, TOK, DiffusionConfig(guidance_max_t=guidance_max_t))
     cfg = model.cfg
     prompts = [["a red circle"], [latent(cfg)], ["two"], ["x", latent(cfg), "y z"]]
     force = [True, False, False, True]

@@ -71,6 +71,16 @@ class ModelConfig:
     """Size of the sinusoidal timestep features fed to the timestep MLP."""
     attention: str = "auto"
     """'sdpa' (dense boolean mask), 'flex' (FlexAttention BlockMask) or 'auto' (flex on CUDA)."""
+    image_attention: str = "bidirectional"
+    """Inside an image: 'bidirectional' (the paper's: every patch sees every patch of its image) or
+    'causal' (patches see only earlier patches, as text does: the paper's Table 5 ablation)."""
+    image_tokens: str = "continuous"
+    """'continuous': images are VAE latents in patches, trained by diffusion (Transfusion). 'discrete':
+    images are VQ codes, extra vocabulary rows trained by the one next-token loss (the Chameleon
+    baseline; needs patch_size 1, latent_channels 1 and a 'vq' autoencoder)."""
+    codebook_size: int = 0
+    """With discrete image tokens: the VQ codebook's size; its codes take vocabulary ids
+    vocab_size .. vocab_size + codebook_size - 1."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation (Model.init_weights says where it applies)."""
 
@@ -93,6 +103,26 @@ class ModelConfig:
         if self.patcher == "unet" and self.patch_size == 1:
             raise ValueError("the U-Net patcher needs patch_size 2, 4 or 8 (it downsamples)")
         _choice("attention", self.attention, ("auto", "sdpa", "flex"))
+        _choice("image_attention", self.image_attention, ("bidirectional", "causal"))
+        _choice("image_tokens", self.image_tokens, ("continuous", "discrete"))
+        if self.discrete:
+            if self.codebook_size < 2:
+                raise ValueError("discrete image tokens need model.codebook_size (the VQ tokenizer's codes)")
+            if self.patch_size != 1 or self.latent_channels != 1:
+                raise ValueError(
+                    "discrete image tokens are one code per latent pixel: set model.patch_size=1 and "
+                    "model.latent_channels=1"
+                )
+
+    @property
+    def discrete(self) -> bool:
+        """Images are VQ codes (the Chameleon baseline), not diffused latents."""
+        return self.image_tokens == "discrete"
+
+    @property
+    def total_vocab(self) -> int:
+        """Rows of the embedding and the LM head: the text vocabulary, then any image codes."""
+        return self.vocab_size + (self.codebook_size if self.discrete else 0)
 
     @property
     def head_dim(self) -> int:
@@ -142,6 +172,10 @@ class DiffusionConfig:
     """Denoising steps at generation time (PAPER.md: 250 of the 1000 trained)."""
     cfg_scale: float = 3.0
     """Classifier-free guidance weight (PAPER.md: 3 in the ablations, 5 against Chameleon)."""
+    guidance_max_t: int | None = None
+    """Guidance applies only at timesteps t <= guidance_max_t (the conditional prediction alone above);
+    None: at every step (the paper's). Kynkäänniemi et al. 2024: guidance at high noise pulls samples
+    towards the mean and away from the data."""
     sample_clip: float | None = 4.0
     """DDPM/DDIM sampling clips the predicted clean latent to +-sample_clip (latents have unit
     variance). Without it the first step from t = 999, where the cosine schedule's alpha-bar is 2e-9,
@@ -160,12 +194,20 @@ class DiffusionConfig:
             )
         if self.loss_weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
+        if self.guidance_max_t is not None and not 0 <= self.guidance_max_t < self.num_train_timesteps:
+            raise ValueError(
+                f"guidance_max_t must be in 0..{self.num_train_timesteps - 1} (or null: guide every step), "
+                f"got {self.guidance_max_t}"
+            )
 
 
 @dataclass
 class VAEConfig:
-    """The image autoencoder: pixels (3, S, S) <-> latents (C, S/f, S/f)."""
+    """The image autoencoder: pixels (3, S, S) <-> latents (C, S/f, S/f), or codes (S/f, S/f) for 'vq'."""
 
+    kind: str = "kl"
+    """'kl': the KL-regularised VAE of continuous latents (Transfusion's); 'vq': a vector-quantised
+    tokenizer whose codes become text-like tokens (the Chameleon baseline's)."""
     image_size: int = 32
     """Image side in pixels."""
     in_channels: int = 3
@@ -184,9 +226,16 @@ class VAEConfig:
     """See ``scale``."""
     path: str | None = None
     """A trained VAE directory (ours, or a diffusers AutoencoderKL); None means untrained/none."""
+    codebook_size: int = 1024
+    """Codes of a 'vq' tokenizer (PAPER.md: Chameleon's has 16,384 at 256 px)."""
+    commitment: float = 0.25
+    """beta of the VQ commitment loss ||z - sg(e)||^2 (van den Oord et al. 2017)."""
 
     def __post_init__(self) -> None:
+        _choice("kind", self.kind, ("kl", "vq"))
         _choice("downsample", self.downsample, (4, 8))
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if self.image_size % self.downsample:
             raise ValueError(f"image_size {self.image_size} is not divisible by downsample {self.downsample}")
         _positive("latent_channels", self.latent_channels)
@@ -194,6 +243,11 @@ class VAEConfig:
     @property
     def latent_size(self) -> int:
         return self.image_size // self.downsample
+
+    @property
+    def model_channels(self) -> int:
+        """Channels of what the transformer reads per image: the latent's, or 1 (the code grid) for 'vq'."""
+        return 1 if self.kind == "vq" else self.latent_channels
 
 
 @dataclass

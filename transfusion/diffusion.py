@@ -450,6 +450,12 @@ def make_sampler(
     return Sampler(name, schedule, num_steps, eta=eta, clip_x0=clip_x0)
 
 
+def guidance_scale(scale: float, t: int, max_t: int | None) -> float:
+    """The guidance weight at timestep t: ``scale`` where guidance applies (t <= ``max_t``, or every t
+    when ``max_t`` is None), 1 (the conditional prediction alone) elsewhere."""
+    return scale if max_t is None or t <= max_t else 1.0
+
+
 def default_sampler(cfg: DiffusionConfig) -> str:
     """The sampler a model trained with ``cfg`` uses unless told otherwise: 'flow' (Euler) for a
     velocity model, else ``cfg.sampler`` (the paper's: 'ddpm', ancestral)."""

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from transfusion.config import DiffusionConfig
-from transfusion.diffusion import Sampler, default_sampler, guided, make_schedule, sampler_for
+from transfusion.diffusion import Sampler, default_sampler, guidance_scale, guided, make_schedule, sampler_for
 from transfusion.layers import KV, Prefix
 from transfusion.model import Transfusion
 from transfusion.sequence import Image, Sample, Specials, Text, pack, sample_length
@@ -70,6 +70,8 @@ class GenerationConfig:
     """Denoising steps; None: DiffusionConfig.sample_steps (250 of the 1000 trained, PAPER.md)."""
     cfg_scale: float | None = None
     """Classifier-free guidance weight; 1 runs no unconditional branch; None: DiffusionConfig.cfg_scale (3)."""
+    guidance_max_t: int | None = -1
+    """Guide only at timesteps t <= this (None: every step); -1: DiffusionConfig.guidance_max_t."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -117,20 +119,23 @@ class KVCache:
         idx = rows.to(self.k[0].device)
         return [(len(rows), k[idx, :, :upto], v[idx, :, :upto], valid) for k, v in zip(self.k, self.v)]
 
-    def prefix(self, rows: Tensor, shared: KVCache | None = None) -> list[Prefix]:
+    def prefix(self, rows: Tensor, shared: KVCache | None = None, twins: int | None = None) -> list[Prefix]:
         """Each layer's ``Prefix`` for the model's cached calls: ``rows`` of this cache, then (with
-        ``shared``, a one-row cache) as many twin rows that all read ``shared``'s single row."""
+        ``shared``, a one-row cache) ``twins`` more rows (default: one per row) that all read
+        ``shared``'s single row."""
         groups = [self.past(rows)]
         if shared is not None:
+            n = len(rows) if twins is None else twins
             groups.append(
-                [(len(rows), k, v, valid) for _, k, v, valid in shared.past(torch.zeros(1, dtype=torch.long))]
+                [(n, k, v, valid) for _, k, v, valid in shared.past(torch.zeros(1, dtype=torch.long))]
             )
         return [Prefix([group[layer] for group in groups]) for layer in range(len(groups[0]))]
 
-    def starts(self, rows: Tensor, shared: KVCache | None = None) -> Tensor:
+    def starts(self, rows: Tensor, shared: KVCache | None = None, twins: int | None = None) -> Tensor:
         """Cached positions per row (R,), followed by ``shared``'s for each twin row."""
         lens = self.lens[rows]
-        return lens if shared is None else torch.cat([lens, shared.lens[:1].expand(len(rows))])
+        n = len(rows) if twins is None else twins
+        return lens if shared is None else torch.cat([lens, shared.lens[:1].expand(n)])
 
     def commit(self, rows: Tensor, new_kv: list[KV], counts: Tensor) -> None:
         """Append the first ``counts[i]`` of the q new positions of sub-batch row i to cache row rows[i]."""
@@ -223,6 +228,7 @@ class Decoder:
             sampler=gen.sampler or default_sampler(d),
             steps=gen.steps or d.sample_steps,
             cfg_scale=d.cfg_scale if gen.cfg_scale is None else gen.cfg_scale,
+            guidance_max_t=d.guidance_max_t if gen.guidance_max_t == -1 else gen.guidance_max_t,
         )
 
     @torch.no_grad()
@@ -318,20 +324,20 @@ class Decoder:
     def _diffusion_tick(self, b: _Batch) -> None:
         """The denoising loop, one step per tick for every row in diffusion mode, as one batch.
 
-        Each row runs its n patches at its own timestep against its cached prefix; with guidance,
-        its unconditional twin (prefix BOS BOI) runs in the same batch. The step's result overwrites
-        the row's image; nothing is committed to the cache until the image is clean."""
+        Each row runs its n patches at its own timestep against its cached prefix; rows that are
+        guided at this timestep (``diffusion.guidance_scale``) add their unconditional twin (prefix
+        BOS BOI) to the same batch. The step's result overwrites the row's image; nothing is committed
+        to the cache until the image is clean."""
         active = [i for i, row in enumerate(b.rows) if row.image is not None]
         if not active:
             return
-        idx = torch.tensor(active)
         x = torch.stack([b.rows[i].image for i in active])  # (R, C, H, W)
         t = torch.tensor([b.sampler.timesteps[b.rows[i].step] for i in active])  # (R,)
-        if b.uncond is None:
-            pred = self._image_pred(b.cache, idx, x, t, commit=False)  # (R, C, H, W)
-        else:
-            both = self._image_pred_pair(b.cache, b.uncond, idx, x, t)  # (2R, C, H, W)
-            pred = guided(both[: len(active)], both[len(active) :], b.scale)
+        scales = [guidance_scale(b.scale, tt, b.gen.guidance_max_t) for tt in t.tolist()]
+        twins = [j for j, s in enumerate(scales) if s != 1.0] if b.uncond is not None else []
+        pred = self._image_pred_guided(b, torch.tensor(active), x, t, twins)  # (R + len(twins), C, H, W)
+        for k, j in enumerate(twins):
+            pred[j] = guided(pred[j], pred[len(active) + k], scales[j])
         for j, i in enumerate(active):
             row = b.rows[i]
             row.image = b.sampler.step(pred[j : j + 1], row.step, row.image[None], row.generator)[0]
@@ -401,6 +407,21 @@ class Decoder:
         x, tt = torch.cat([images, images]), torch.cat([t, t])
         out = self.model.extend_image(x, tt, cache.starts(rows, uncond), cache.prefix(rows, uncond))
         return out.image_pred
+
+    def _image_pred_guided(
+        self, b: _Batch, rows: Tensor, images: Tensor, t: Tensor, twins: list[int]
+    ) -> Tensor:
+        """One forward over R conditional rows and the unconditional twins of rows ``twins`` (indices
+        into the R): (R + len(twins), C, H, W), conditional predictions first. Every twin reads the
+        one cached BOS BOI of ``b.uncond``."""
+        if len(twins) == len(rows):
+            return self._image_pred_pair(b.cache, b.uncond, rows, images, t)
+        if not twins:
+            return self._image_pred(b.cache, rows, images, t, commit=False)
+        sel = torch.tensor(twins)
+        x, tt = torch.cat([images, images[sel]]), torch.cat([t, t[sel]])
+        start, past = b.cache.starts(rows, b.uncond, len(twins)), b.cache.prefix(rows, b.uncond, len(twins))
+        return self.model.extend_image(x, tt, start, past).image_pred
 
     def _prefill(self, cache: KVCache, rows: Tensor, samples: list[Sample]) -> Tensor:
         """Run whole prompts (packed one per row) into the cache; returns last-position logits (R, V)."""

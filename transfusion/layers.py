@@ -35,6 +35,8 @@ class Prefix:
     """
 
     parts: list[tuple[int, Tensor, Tensor, Tensor | None]]
+    causal: bool = False
+    """The new positions see only earlier new positions (an image under causal image attention)."""
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (B, H, L, Dh) and the new k, v (B, Hk, L, Dh) -> (B, H, L, Dh)."""
@@ -49,6 +51,9 @@ class Prefix:
             scores = torch.cat([qg @ pk.transpose(-1, -2), qg @ kn.transpose(-1, -2)], dim=-1)
             if valid is not None:
                 scores[..., :S].masked_fill_(~valid[:, None, None, :], float("-inf"))
+            if self.causal and L > 1:
+                later = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1).repeat(H // Hk, 1)
+                scores[..., S:].masked_fill_(later, float("-inf"))  # (rep L, L) rows: query i of each head
             p = scores.float().softmax(-1).to(q.dtype)  # (n, Hk, rep L, S + L)
             y = p[..., :S] @ pv + p[..., S:] @ vn
             out.append(y.view(n, H, L, Dh))

@@ -11,6 +11,7 @@ C/H/W latent channels/height/width.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -56,12 +57,12 @@ class Transfusion(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.patcher = make_patcher(cfg)
+        self.tok_emb = nn.Embedding(cfg.total_vocab, cfg.dim)
+        self.patcher = None if cfg.discrete else make_patcher(cfg)  # discrete images are tokens
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.dim, cfg.total_vocab, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
@@ -92,7 +93,8 @@ class Transfusion(nn.Module):
             nn.init.normal_(block.mlp.down.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
         if hasattr(self.patcher, "reset_parameters"):
             self.patcher.reset_parameters()
-        self.patcher.zero_init_output()
+        if self.patcher is not None:
+            self.patcher.zero_init_output()
 
     # --- pieces, shared by forward() and the cached API ---------------------------------------------
     def backend(self, device: torch.device) -> str:
@@ -100,9 +102,13 @@ class Transfusion(nn.Module):
             return "flex" if device.type == "cuda" else "sdpa"
         return self.cfg.attention
 
-    def attention_mask(self, doc_ids: Tensor, image_index: Tensor) -> Any:
-        """The rule of ``masks`` in the backend this model uses on this device."""
-        if self.backend(doc_ids.device) == "flex":
+    def attention_mask(self, doc_ids: Tensor, image_index: Tensor, dense: bool = False) -> Any:
+        """The rule of ``masks`` in the backend this model uses on this device (or dense), causal
+        inside images too when ``image_attention`` is 'causal' (no position is then in an image for
+        the rule)."""
+        if self.cfg.image_attention == "causal":
+            image_index = torch.zeros_like(image_index)
+        if self.backend(doc_ids.device) == "flex" and not dense:
             return masks.block_mask(doc_ids, image_index)
         return masks.dense_mask(doc_ids, image_index)
 
@@ -161,7 +167,9 @@ class Transfusion(nn.Module):
         """Whole prompts, one per row (clean prompt images at t = 0): the next-token logits (R, V) at
         positions ``last`` (R,) of each row, and every position's keys/values."""
         x, _ = self.embed(batch.ids, batch.patch_mask, batch.latents, batch.timesteps.clamp(min=0))
-        h, kv = self.trunk(x, batch.positions, masks.dense_mask(batch.doc_ids, batch.image_index))
+        h, kv = self.trunk(
+            x, batch.positions, self.attention_mask(batch.doc_ids, batch.image_index, dense=True)
+        )
         rows = torch.arange(h.shape[0], device=h.device)
         return Cached(kv=kv, logits=self.lm_head(h[rows, last.to(h.device)]).float())
 
@@ -174,12 +182,15 @@ class Transfusion(nn.Module):
 
     def extend_image(self, latents: Tensor, t: Tensor, start: Tensor, past: list[Prefix]) -> Cached:
         """One image per row, latents (R, C, H, W) at timesteps t (R,), as the n positions after each
-        row's ``start`` cached ones (bidirectional among themselves): the predicted noise (or
-        velocity) (R, C, H, W) and the patches' keys/values (commit them for a clean image, t = 0)."""
+        row's ``start`` cached ones (bidirectional among themselves, or causal under causal image
+        attention): the predicted noise (or velocity) (R, C, H, W) and the patches' keys/values
+        (commit them for a clean image, t = 0)."""
         device = self.tok_emb.weight.device
         patches, ctx = self.patcher.encode(
             latents.to(device, self.tok_emb.weight.dtype), t.to(device)
         )  # (R, n, D)
+        if self.cfg.image_attention == "causal":
+            past = [dataclasses.replace(p, causal=True) for p in past]
         h, kv = self.trunk(patches, _continue(start, patches.shape[1], device), None, past)
         return Cached(kv=kv, image_pred=self.patcher.decode(h, ctx).float())
 

@@ -43,33 +43,50 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
 
+def _widths(cfg: VAEConfig) -> list[int]:
+    """Channels at each resolution: ``base_channels``, doubling (up to 4x) at each downsampling."""
+    stages = {4: 2, 8: 3}[cfg.downsample]
+    return [cfg.base_channels * min(2**i, 4) for i in range(stages + 1)]
+
+
+def conv_encoder(cfg: VAEConfig, out_channels: int) -> nn.Sequential:
+    """Pixels (N, 3, S, S) -> (N, out_channels, S/f, S/f): a residual block and a strided convolution
+    per factor of two, then a residual block at the latent resolution. The KL-VAE and the VQ
+    tokenizer share it, so both see the same image grid."""
+    widths = _widths(cfg)
+    enc: list[nn.Module] = [nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)]
+    for i in range(len(widths) - 1):
+        enc += [ResBlock(widths[i], widths[i]), nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1)]
+    enc += [ResBlock(widths[-1], widths[-1]), nn.GroupNorm(8, widths[-1]), nn.SiLU()]
+    enc += [nn.Conv2d(widths[-1], out_channels, 3, padding=1)]
+    return nn.Sequential(*enc)
+
+
+def conv_decoder(cfg: VAEConfig, in_channels: int) -> nn.Sequential:
+    """The encoder's mirror: (N, in_channels, S/f, S/f) -> pixels (N, 3, S, S), roughly in [-1, 1]."""
+    widths = _widths(cfg)
+    dec: list[nn.Module] = [
+        nn.Conv2d(in_channels, widths[-1], 3, padding=1),
+        ResBlock(widths[-1], widths[-1]),
+    ]
+    for i in reversed(range(len(widths) - 1)):
+        dec += [
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(widths[i + 1], widths[i], 3, padding=1),
+        ]
+        dec += [ResBlock(widths[i], widths[i])]
+    dec += [nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)]
+    return nn.Sequential(*dec)
+
+
 class KLVAE(nn.Module):
+    """The KL-regularised autoencoder of continuous latents (Transfusion's images)."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.config = cfg
-        stages = {4: 2, 8: 3}[cfg.downsample]
-        widths = [cfg.base_channels * min(2**i, 4) for i in range(stages + 1)]
-        enc: list[nn.Module] = [nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)]
-        for i in range(stages):
-            enc += [
-                ResBlock(widths[i], widths[i]),
-                nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1),
-            ]
-        enc += [ResBlock(widths[-1], widths[-1]), nn.GroupNorm(8, widths[-1]), nn.SiLU()]
-        enc += [nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)]
-        self.encoder = nn.Sequential(*enc)
-        dec: list[nn.Module] = [
-            nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1),
-            ResBlock(widths[-1], widths[-1]),
-        ]
-        for i in reversed(range(stages)):
-            dec += [
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(widths[i + 1], widths[i], 3, padding=1),
-            ]
-            dec += [ResBlock(widths[i], widths[i])]
-        dec += [nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)]
-        self.decoder = nn.Sequential(*dec)
+        self.encoder = conv_encoder(cfg, 2 * cfg.latent_channels)  # mean and log-variance
+        self.decoder = conv_decoder(cfg, cfg.latent_channels)
 
     def encode_dist(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images (N, 3, S, S) -> mean, logvar (N, C, S/f, S/f)."""
@@ -211,7 +228,7 @@ def decode_latents(vae: Any, latents: Tensor) -> list[Image.Image]:
     return tensor_to_pil(vae.decode(vae.from_diffusion(latents.to(device))).cpu())
 
 
-def save_vae(vae: KLVAE, directory: str | Path) -> Path:
+def save_vae(vae: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_tensors(directory / WEIGHTS, vae.state_dict())
@@ -220,13 +237,23 @@ def save_vae(vae: KLVAE, directory: str | Path) -> Path:
     return directory
 
 
+def make_autoencoder(cfg: VAEConfig) -> nn.Module:
+    """A fresh autoencoder of ``cfg.kind``: the KL-VAE ('kl') or the VQ tokenizer ('vq', ``vq.VQVAE``)."""
+    if cfg.kind == "vq":
+        from transfusion.vq import VQVAE
+
+        return VQVAE(cfg)
+    return KLVAE(cfg)
+
+
 def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> Any:
-    """Our VAE (vae.json + vae.safetensors) or a diffusers AutoencoderKL directory (config.json)."""
+    """Our autoencoder (vae.json + vae.safetensors: a KL-VAE, or a VQ tokenizer by its config's kind)
+    or a diffusers AutoencoderKL directory (config.json)."""
     directory = Path(directory)
     if (directory / CONFIG).is_file():
         meta = json.loads((directory / CONFIG).read_text())
         cfg = VAEConfig(**{**meta["config"], "path": str(directory)})
-        vae = KLVAE(cfg)
+        vae = make_autoencoder(cfg)
         vae.load_state_dict(load_tensors(directory / WEIGHTS))
         return vae.to(device).eval()
     hf = directory / "config.json"

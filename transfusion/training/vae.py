@@ -1,7 +1,9 @@
-"""Train the image autoencoder: reconstruction (MSE) + beta x KL, then compute its latent scale.
+"""Train an image autoencoder: the KL-VAE (reconstruction MSE + beta x KL, then its latent scale) or
+the VQ tokenizer (MSE + codebook and commitment losses, dead codes restarted; ``vq.VQVAE``).
 
-Writes ``OUT/vae.safetensors`` + ``OUT/vae.json`` (config with the data-derived scale and shift, and
-a content hash) and ``OUT/metrics.json`` with the reconstruction PSNR on held-out images.
+Writes ``OUT/vae.safetensors`` + ``OUT/vae.json`` (the config, with a KL-VAE's data-derived scale
+and shift, and a content hash) and ``OUT/metrics.json``: the reconstruction PSNR on held-out images,
+and for a VQ tokenizer its codebook use (perplexity, dead codes).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tqdm import tqdm
 from transfusion.config import DataConfig, VAEConfig
 from transfusion.io import atomic_directory, atomic_write_text, load_tensors, output_directory, save_tensors
 from transfusion.training.step import warmup_cosine
-from transfusion.vae import KLVAE, compute_latent_stats, pil_to_tensor, psnr, save_vae
+from transfusion.vae import compute_latent_stats, make_autoencoder, pil_to_tensor, psnr, save_vae
 
 WARMUP_SHARE = 0.05
 """Share of the steps spent warming the learning rate up (at least one step)."""
@@ -63,7 +65,7 @@ def train_vae(
     out = output_directory(out_dir)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    vae = KLVAE(cfg)
+    vae = make_autoencoder(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     start, first, history = time.time(), 0, []
     if resume:
@@ -80,8 +82,8 @@ def train_vae(
         opt.step()
         if step % 10 == 0 or step == steps - 1:
             p = 10 * torch.log10(4.0 / mse.detach().clamp(min=1e-12)).item()
-            bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.2f}", psnr=f"{p:.1f}")
-            history.append({"step": step, "mse": mse.item(), "kl": kl.item()})
+            bar.set_postfix(mse=f"{mse.item():.4f}", aux=f"{kl.item():.3f}", psnr=f"{p:.1f}")
+            history.append({"step": step, "mse": mse.item(), "aux": kl.item()})
         done = step + 1
         if done % ckpt_every == 0 or (stop_after is not None and done >= stop_after):
             _save_state(out / "train_state", vae, opt, gen, done, history)
@@ -91,13 +93,21 @@ def train_vae(
 
 
 def _finish(
-    vae: KLVAE, train_images: torch.Tensor, val_images: torch.Tensor, out: Path, steps: int, seconds: float,
+    vae: torch.nn.Module, train_images: torch.Tensor, val_images: torch.Tensor, out: Path, steps: int, seconds: float,
     history: list,
 ) -> dict[str, Any]:  # fmt: skip
-    """Latent scale and shift from the training images, held-out PSNR, then the VAE and its metrics."""
+    """A KL-VAE's latent scale and shift (or a VQ tokenizer's code use) from the training images,
+    held-out PSNR, then the autoencoder and its metrics."""
     vae.eval()
-    scale, shift = compute_latent_stats(vae, train_images[:1024])
-    vae.config.scale, vae.config.shift = scale, shift
+    extra: dict[str, Any] = {}
+    if vae.config.kind == "kl":
+        scale, shift = compute_latent_stats(vae, train_images[:1024])
+        vae.config.scale, vae.config.shift = scale, shift
+        extra = {"scale": scale, "shift": shift}
+    else:
+        from transfusion.vq import code_usage
+
+        extra = code_usage(vae, train_images)
     with torch.no_grad():
         recon = torch.cat(
             [vae.decode(vae.encode(val_images[i : i + 64])) for i in range(0, len(val_images), 64)]
@@ -107,8 +117,7 @@ def _finish(
         "val_images": len(val_images),
         "steps": steps,
         "seconds": seconds,
-        "scale": scale,
-        "shift": shift,
+        **extra,
         "first_mse": history[0]["mse"] if history else None,
         "last_mse": history[-1]["mse"] if history else None,
     }
@@ -118,7 +127,12 @@ def _finish(
 
 
 def _save_state(
-    state_dir: Path, vae: KLVAE, opt: torch.optim.Optimizer, gen: torch.Generator, step: int, history: list
+    state_dir: Path,
+    vae: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    step: int,
+    history: list,
 ) -> None:
     """The whole training state in a temporary directory renamed into place (no code on load)."""
     with atomic_directory(state_dir) as tmp:
@@ -129,7 +143,7 @@ def _save_state(
 
 
 def _load_state(
-    state_dir: Path, vae: KLVAE, opt: torch.optim.Optimizer, gen: torch.Generator
+    state_dir: Path, vae: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator
 ) -> tuple[int, list]:
     if not (state_dir / "state.pt").is_file():
         raise ValueError(f"{state_dir.parent} holds no VAE training state to resume; drop --resume")

@@ -39,7 +39,7 @@ from transfusion.config import DiffusionConfig
 from transfusion.diffusion import Sampler, default_sampler, guidance_scale, guided, make_schedule, sampler_for
 from transfusion.layers import KV, Prefix
 from transfusion.model import Transfusion
-from transfusion.sequence import Image, Sample, Specials, Text, pack, sample_length
+from transfusion.sequence import Image, Sample, Specials, Text, images_as_tokens, pack, sample_length
 
 Segment = str | Tensor
 """A prompt or output segment: text, or an image as a latent (C, H, W) scaled for diffusion
@@ -58,6 +58,8 @@ class GenerationConfig:
     """Sample among the k most likely tokens; 0 keeps all."""
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of tokens holding this much probability; 1 keeps all."""
+    image_temperature: float = 1.0
+    """Softmax temperature of image codes (models with discrete images); 0 means greedy."""
     max_images: int = 4
     """Images per row at most; once reached, BOI cannot be sampled."""
     force_image: bool = False
@@ -170,7 +172,14 @@ class _Row:
     logits: Tensor | None = None  # (V,) next-token logits, in LM mode
     image: Tensor | None = None  # (C, H, W) the noisy image, in diffusion mode
     step: int = 0  # index into sampler.timesteps
+    codes: list[int] | None = None  # the image's codes so far, in code mode (discrete images)
+    twin_logits: Tensor | None = None  # (V,) the unconditional twin's next-code logits, in code mode
     done: bool = False
+
+    @property
+    def drawing(self) -> bool:
+        """In diffusion mode or code mode: an image is under way."""
+        return self.image is not None or self.codes is not None
 
 
 @dataclass
@@ -180,6 +189,7 @@ class _Batch:
     rows: list[_Row]
     cache: KVCache
     uncond: KVCache | None  # one row: BOS BOI, shared by every row's unconditional twin
+    twins: KVCache | None  # discrete images: a row per row, BOS BOI + the codes so far
     sampler: Sampler
     scale: float
     gen: GenerationConfig
@@ -216,8 +226,11 @@ class Decoder:
         cfg = model.cfg
         self.n = cfg.patches_per_image
         self.latent_shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        # tokens training never predicts (BOS opens, EOI follows patches, PAD pads): not sampled
+        self.discrete, self.code_offset = cfg.discrete, cfg.vocab_size
+        # tokens training never predicts as text (BOS opens, EOI follows an image, PAD pads, and the
+        # image codes of a discrete model, sampled only inside an image): not sampled as text
         banned = {self.sp.bos, self.sp.eoi, self.sp.pad} - {self.sp.eos, self.sp.boi}
+        banned |= set(range(cfg.vocab_size, cfg.total_vocab))
         self.banned = torch.tensor(sorted(banned), dtype=torch.long)
 
     def settings(self, gen: GenerationConfig | None = None) -> GenerationConfig:
@@ -271,18 +284,23 @@ class Decoder:
         rows = [_Row(torch.Generator().manual_seed(int(s))) for s in seeds]
         cache = KVCache(self.model, B, capacity, self.device, self.dtype)
         guide = scale != 1.0 and images > 0  # no images, no unconditional branch
-        uncond = self._unconditional_prefix() if guide else None
-        batch = _Batch(rows, cache, uncond, sampler, scale, gen, progress)
+        uncond = self._unconditional_prefix() if guide and not self.discrete else None
+        twins = (
+            KVCache(self.model, B, self.n + 2, self.device, self.dtype) if guide and self.discrete else None
+        )
+        batch = _Batch(rows, cache, uncond, twins, sampler, scale, gen, progress)
 
         logits = self._prefill(cache, torch.arange(B), samples)  # (B, V)
         for i, row in enumerate(rows):
+            row.logits = logits[i]
             if force[i]:
-                self._start_image(row)
-            else:
-                row.logits = logits[i]
+                self._start_image(batch, i)
         while not all(r.done for r in rows):
             self._lm_tick(batch)
-            self._diffusion_tick(batch)
+            if self.discrete:
+                self._code_tick(batch)
+            else:
+                self._diffusion_tick(batch)
         return [r.out for r in rows]
 
     # --- one tick of each mode ----------------------------------------------------------------
@@ -290,7 +308,7 @@ class Decoder:
         """Every row in LM mode samples a token; those that go on feed it through the model together."""
         feed: list[tuple[int, int]] = []
         for i, row in enumerate(b.rows):
-            if row.done or row.image is not None:
+            if row.done or row.drawing:
                 continue
             room = b.cache.capacity - int(b.cache.lens[i])  # positions left in this row
             if room == 0 or row.n_text >= b.gen.max_new_tokens:
@@ -315,11 +333,10 @@ class Decoder:
             return
         logits = self._text_step(b.cache, torch.tensor([i for i, _ in feed]), [t for _, t in feed])
         for j, (i, token) in enumerate(feed):
+            b.rows[i].logits = logits[j]
             if token == self.sp.boi:
                 self._flush_text(b.rows[i])
-                self._start_image(b.rows[i])
-            else:
-                b.rows[i].logits = logits[j]
+                self._start_image(b, i)
 
     def _diffusion_tick(self, b: _Batch) -> None:
         """The denoising loop, one step per tick for every row in diffusion mode, as one batch.
@@ -348,11 +365,64 @@ class Decoder:
         if finished:
             self._finish_images(b, finished)
 
-    def _start_image(self, row: _Row) -> None:
-        """Diffusion mode: pure noise x_T from the row's own generator (the same noise on any device)."""
-        row.image = torch.randn(self.latent_shape, generator=row.generator).to(self.device)
-        row.step = 0
-        row.logits = None
+    def _start_image(self, b: _Batch, i: int) -> None:
+        """Diffusion mode: pure noise x_T from the row's own generator (the same noise on any device).
+        Code mode (discrete images): the row's logits after BOI give the first code; a guided row's
+        twin starts from BOS BOI, the conditioning dropped as training drops it."""
+        row = b.rows[i]
+        if not self.discrete:
+            row.image = torch.randn(self.latent_shape, generator=row.generator).to(self.device)
+            row.step, row.logits = 0, None
+            return
+        row.codes = []
+        if b.twins is not None:
+            b.twins.lens[i] = 0
+            row.twin_logits = self._prefill(
+                b.twins, torch.tensor([i]), [Sample([Text([self.sp.boi])], eos=False)]
+            )[0]
+
+    def _code_tick(self, b: _Batch) -> None:
+        """Every row in code mode samples its next code (guided: the conditional and unconditional
+        logits combined, ``diffusion.guided``), and the rows feed their codes through the model
+        together (the twins theirs); a row with all n codes has its image: the code grid (1, h, w)
+        joins its output, then EOI and LM mode (or the row ends, with ``stop_after_image``)."""
+        active = [i for i, row in enumerate(b.rows) if row.codes is not None]
+        if not active:
+            return
+        lo = self.code_offset
+        for i in active:
+            row = b.rows[i]
+            logits = row.logits[lo:]
+            if row.twin_logits is not None:
+                logits = guided(logits, row.twin_logits[lo:], b.scale)
+            image_gen = dataclasses.replace(b.gen, temperature=b.gen.image_temperature, top_k=0, top_p=1.0)
+            row.codes.append(sample_token(logits, image_gen, row.generator))
+        done = [i for i in active if len(b.rows[i].codes) == self.n]
+        for i in done:
+            row = b.rows[i]
+            row.out.append(torch.tensor(row.codes, dtype=torch.float32).view(self.latent_shape))
+            row.n_images += 1
+            if b.gen.stop_after_image:
+                row.done, row.codes, row.twin_logits = True, None, None
+        feed = [i for i in active if not b.rows[i].done]
+        if feed:
+            idx = torch.tensor(feed)
+            logits = self._text_step(b.cache, idx, [lo + b.rows[i].codes[-1] for i in feed])
+            going = [j for j, i in enumerate(feed) if len(b.rows[i].codes) < self.n]
+            if b.twins is not None and going:
+                sub = idx[torch.tensor(going)]
+                twin = self._text_step(b.twins, sub, [lo + b.rows[int(i)].codes[-1] for i in sub])
+                for k, j in enumerate(going):
+                    b.rows[feed[j]].twin_logits = twin[k]
+            for j, i in enumerate(feed):
+                b.rows[i].logits = logits[j]
+        ended = [i for i in done if not b.rows[i].done]
+        if ended:  # the image is in the cache: EOI, and back to text
+            logits = self._text_step(b.cache, torch.tensor(ended), [self.sp.eoi] * len(ended))
+            for j, i in enumerate(ended):
+                b.rows[i].codes, b.rows[i].twin_logits, b.rows[i].logits = None, None, logits[j]
+        if b.progress is not None:
+            b.progress(len(active))
 
     def _finish_images(self, b: _Batch, finished: list[int]) -> None:
         """Each clean image joins its row's output. Rows that go on write it into the cache at t = 0,
@@ -456,7 +526,8 @@ class Decoder:
                 raise TypeError(f"prompt segments are str or latent tensors, got {type(seg).__name__}")
         if force_image:
             segs.append(Text([self.sp.boi]))
-        return Sample(segs, bos=True, eos=False)
+        sample = Sample(segs, bos=True, eos=False)
+        return images_as_tokens(sample, self.sp, self.code_offset) if self.discrete else sample
 
 
 # --- conveniences -------------------------------------------------------------------------------

@@ -126,6 +126,20 @@ def sample_length(sample: Sample, patches_per_image: int) -> int:
     return n
 
 
+def images_as_tokens(sample: Sample, specials: Specials, code_offset: int) -> Sample:
+    """The discrete-image layout (the Chameleon baseline): each Image segment, whose latent is a code
+    grid (1, h, w) or (h, w), becomes text: BOI, its codes in raster order as ids ``code_offset +
+    code``, EOI. Every position is then a token for the one next-token loss, with causal attention."""
+    segs: list[Text | Image] = []
+    for seg in sample.segments:
+        if isinstance(seg, Image):
+            codes = seg.latent.reshape(-1).round().long()
+            segs.append(Text([specials.boi, *(code_offset + codes).tolist(), specials.eoi]))
+        else:
+            segs.append(seg)
+    return Sample(segs, bos=sample.bos, eos=sample.eos)
+
+
 def truncate(sample: Sample, max_len: int, patches_per_image: int) -> Sample:
     """Cut a sample to at most ``max_len`` positions at a text boundary: a text segment may be
     shortened, an image is kept whole or dropped with everything after it. EOS is dropped."""

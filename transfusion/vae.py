@@ -105,6 +105,10 @@ class KLVAE(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         return self.decoder(latents)  # (N, 3, S, S), roughly in [-1, 1]
 
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Pixels through the autoencoder (the latent mean, no sampling)."""
+        return self.decode(self.encode(images))
+
     def to_diffusion(self, z: Tensor) -> Tensor:
         return (z - self.config.shift) * self.config.scale
 

@@ -75,6 +75,10 @@ class VQVAE(nn.Module):
         """Code vectors (N, D, h, w) -> pixels (N, 3, S, S)."""
         return self.decoder(latents)
 
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Pixels through the tokenizer: encoded, quantised, decoded."""
+        return self.decode(self.lookup(self.nearest(self.encoder(images))))
+
     def to_diffusion(self, z: Tensor) -> Tensor:
         return z  # the model reads the codes themselves
 

@@ -29,6 +29,7 @@ from transfusion.sequence import (
     Specials,
     Text,
     fit_length,
+    images_as_tokens,
     pack,
     sample_length,
 )
@@ -165,7 +166,10 @@ class BatchLoader:
             self.stats["truncated"] += int(fitted is not sample)
             chosen.append((i, fitted, record))
         self._fill_latents(chosen)
-        batch = pack([s for _, s, _ in chosen], L, self.sp, self.n_patches, num_rows=B, rows=planner.rows)
+        samples = [s for _, s, _ in chosen]
+        if cfg.model.discrete:  # codes become tokens, in the same positions the plan counted
+            samples = [images_as_tokens(s, self.sp, cfg.model.vocab_size) for s in samples]
+        batch = pack(samples, L, self.sp, self.n_patches, num_rows=B, rows=planner.rows)
         self.stats["samples"] += len(chosen)
         return batch
 

@@ -30,7 +30,7 @@ def matmul_params_per_position(cfg: ModelConfig) -> int:
     if cfg.qkv_bias:
         attn += cfg.head_dim * (cfg.n_heads + 2 * cfg.kv_heads)
     mlp = 3 * cfg.dim * cfg.ffn_dim
-    return cfg.n_layers * (attn + mlp) + cfg.dim * cfg.vocab_size
+    return cfg.n_layers * (attn + mlp) + cfg.dim * cfg.total_vocab
 
 
 def position_train_flops(cfg: ModelConfig, row_len: int) -> float:
@@ -41,7 +41,7 @@ def position_train_flops(cfg: ModelConfig, row_len: int) -> float:
 def patcher_forward_flops(cfg: ModelConfig) -> float:
     """Forward FLOPs of the patcher for one image (in and out, timestep embedding included); 0 for
     a model whose images are tokens."""
-    if getattr(cfg, "image_tokens", "continuous") == "discrete":
+    if cfg.discrete:
         return 0.0
     return _patcher_forward_flops(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
 

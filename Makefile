@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_CPU_VERSION ?= 2.13.0
 EXTRAS ?= test,hf,diffusers,webdataset,eval
-DEBIAN_PACKAGES ?= dataset-fashion-mnist chromium
+DEBIAN_PACKAGES ?= dataset-fashion-mnist fortunes chromium
 export HF_HUB_OFFLINE := 1
 
 .PHONY: test test-slow demo lint format system venv clean

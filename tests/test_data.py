@@ -376,3 +376,18 @@ def test_latent_cache_follows_the_vae_and_the_files(tmp_path):
     src = make_source(cfg)
     build_latent_cache(src, enc_b, hb, out, count=len(src), progress=False)
     torch.testing.assert_close(LatentCache(out, hb)[2], enc_b([src[2].image])[0])
+
+
+def test_fortune_files_split_at_percent_lines(tmp_path):
+    """Debian's fortune format: documents between lines holding a lone '%'; a folder's files without
+    a suffix are read beside its .txt files, binary index files (.dat) are not."""
+    from transfusion.data.sources import TextFiles, split_documents
+
+    assert split_documents("one\nline two\n%\nthree\n\nstill three\n%\nfour\n") == [
+        "one\nline two", "three\n\nstill three", "four\n"]  # fmt: skip
+    assert split_documents("a\n\nb") == ["a", "b"]
+    (tmp_path / "science").write_text("E = mc^2\n%\nF = ma\n%\n")
+    (tmp_path / "science.dat").write_bytes(b"\x00\x01binary")
+    (tmp_path / "notes.txt").write_text("para one\n\npara two")
+    docs = TextFiles(DataConfig(val_fraction=0.0), "train", str(tmp_path)).docs
+    assert sorted(docs) == ["E = mc^2", "F = ma", "para one", "para two"]

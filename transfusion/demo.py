@@ -2,11 +2,14 @@
 Transfusion model on caption/image pairs of synthetic shape scenes, generate images for held-out
 prompts, caption held-out images, evaluate, and write ``report.html``.
 
-The schedule adapts to ``--minutes``: each stage measures its own step time first and sets its step
-count to fit its share of the budget (VAE 8%, Transfusion 78%, the rest for the tokenizer, the latent
-cache and evaluation). Evaluation costs about a minute whatever the budget (``eval_seconds``): short
-budgets hold that back first and shrink the other shares. What the demo chooses, and why (measured
-on 2 CPU cores, see the README):
+The schedule follows ``--minutes``, and only it: the VAE's and the model's shares of the budget
+(``SHARES``) are turned into step counts with the speeds of the reference machine (``REFERENCE``: 2
+CPU cores), the model's through its training FLOPs per step (``flops``). So the same command trains
+the same number of steps whatever else the machine is doing, and runs with different seeds compare;
+a machine much slower than the reference is told so (the run then takes longer), and ``--calibrate``
+fits the steps to the machine's measured speed instead. Evaluation costs about the same whatever the
+budget (``eval_seconds``): short budgets hold that back first and shrink the other shares. What the
+demo chooses, and why (measured on 2 CPU cores, see the README):
 
 - a byte-level BPE tokenizer trained on the captions (``train-tokenizer``), as the paper's Llama-2
   BPE makes every caption word one token: shorter sequences, and conditioning the trunk reads easily;
@@ -44,7 +47,13 @@ def note(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-SHARES = {"vae": 0.08, "train": 0.78}  # the rest: tokenizer, latent cache, evaluation
+SHARES = {"vae": 0.10, "train": 0.72}  # the rest: tokenizer, latent cache, evaluation
+REFERENCE = {"vae_steps_per_s": 13.5, "train_gflops": 110.0}
+"""Speeds of the reference machine (2 x86_64 CPU cores, fp32): VAE steps (batch 32) per second, and
+training FLOP/s of the demo's model (``flops.batch_train_flops`` per step over seconds per step)."""
+VAE_LR = 5e-3
+"""The VAE's peak learning rate (warm-up, cosine decay); with base_channels 16 it reaches 35 dB in
+1,200 steps on the shape scenes (32 width: 19 dB in the same time)."""
 POOL = 20_000  # distinct training scenes of the shapes source, encoded once
 TOKENIZER_VOCAB = 512
 
@@ -65,7 +74,7 @@ def demo_config(
     cfg = Config(
         model=preset("small", patcher="unet", n_layers=3),
         diffusion=DiffusionConfig(),
-        vae=VAEConfig(image_size=32, downsample=4, latent_channels=8, base_channels=32),
+        vae=VAEConfig(image_size=32, downsample=4, latent_channels=8, base_channels=16),
         data=DataConfig(
             source=source, image_size=32, seed=seed, length=POOL if latent_cache else None, latent_cache=latent_cache,
             caption_first_prob=0.75,
@@ -93,11 +102,12 @@ def seconds_per_step(fn: Callable[[], None], warmup: int = 2, repeat: int = 8) -
     return sorted(times)[len(times) // 2]
 
 
-def calibrate_train(cfg: Config, encode: Any, cache: Any = None) -> float:
-    """Seconds per optimizer step of this model on this machine, measured on real batches with the
-    training loop's own step."""
+def calibrate_train(cfg: Config, encode: Any, cache: Any = None) -> tuple[float, float]:
+    """(training GFLOP per step, seconds per step on this machine) of this model, on real batches
+    with the training loop's own step."""
     from transfusion.data.loader import BatchLoader
     from transfusion.diffusion import make_schedule
+    from transfusion.flops import batch_train_flops
     from transfusion.model import Transfusion
     from transfusion.tokenizer import load_tokenizer
     from transfusion.training import make_optimizer, train_step
@@ -108,11 +118,14 @@ def calibrate_train(cfg: Config, encode: Any, cache: Any = None) -> float:
     loader = BatchLoader(cfg, load_tokenizer(cfg.train.tokenizer), encode, latent_cache=cache)
     schedule = make_schedule(cfg.diffusion)
     tc = cfg.train
+    batches = [next(loader) for _ in range(8)]
+    gflop = sum(batch_train_flops(cfg.model, b) for b in batches) / len(batches) / 1e9
+    cycle = iter(batches * 2)
 
     def step() -> None:
-        train_step(model, opt, [next(loader)], schedule, cfg.diffusion, lr=tc.lr, grad_clip=tc.grad_clip)
+        train_step(model, opt, [next(cycle)], schedule, cfg.diffusion, lr=tc.lr, grad_clip=tc.grad_clip)
 
-    return seconds_per_step(step)
+    return gflop, seconds_per_step(step, warmup=2, repeat=8)
 
 
 def eval_seconds(source: str, prompts_per_kind: int, captions: int) -> float:
@@ -126,14 +139,17 @@ def eval_seconds(source: str, prompts_per_kind: int, captions: int) -> float:
 
 @dataclass
 class Plan:
-    """How the demo shares out its budget (seconds)."""
+    """How the demo shares out its budget (seconds) and turns shares into step counts."""
 
     budget: float
     reserve: float  # evaluation's share (at least what it needs whatever the budget)
     fit: float  # the factor that shrinks the VAE's and the model's shares to fit the rest
+    calibrate: bool = False  # step counts from this machine's measured speed instead of the reference's
 
     @classmethod
-    def make(cls, minutes: float, source: str, prompts_per_kind: int, captions: int) -> Plan:
+    def make(
+        cls, minutes: float, source: str, prompts_per_kind: int, captions: int, calibrate: bool = False
+    ) -> Plan:
         budget = minutes * 60
         # evaluation does not shrink with the budget: hold back what it needs, and shrink the VAE's and
         # the Transfusion model's shares to fit (the default 15 minutes hold back more than it needs)
@@ -141,7 +157,22 @@ class Plan:
             (1 - SHARES["vae"] - SHARES["train"]) * budget, eval_seconds(source, prompts_per_kind, captions)
         )
         fit = max(0.0, budget - reserve) / ((SHARES["vae"] + SHARES["train"]) * budget)
-        return cls(budget, reserve, fit)
+        return cls(budget, reserve, fit, calibrate)
+
+    def seconds(self, stage: str) -> float:
+        return SHARES[stage] * self.budget * self.fit
+
+    def vae_steps(self, measured_steps_per_s: float | None = None) -> int:
+        speed = (
+            measured_steps_per_s if self.calibrate and measured_steps_per_s else REFERENCE["vae_steps_per_s"]
+        )
+        return max(50, round(self.seconds("vae") * speed))
+
+    def train_steps(self, gflop_per_step: float, measured_s_per_step: float) -> int:
+        """The model's steps: its share of the budget at the reference machine's FLOP rate (or, with
+        ``calibrate``, at this machine's measured step time)."""
+        per_step = measured_s_per_step if self.calibrate else gflop_per_step / REFERENCE["train_gflops"]
+        return max(20, round(self.seconds("train") / per_step))
 
 
 def run_demo(
@@ -152,10 +183,11 @@ def run_demo(
     n_captions: int = 100,
     source: str = "shapes",
     overrides: list[str] | None = None,
+    calibrate: bool = False,
 ) -> dict:
     """The five stages in order: tokenizer, VAE, latent cache, Transfusion model, evaluation and the
     report; returns {"metrics", "report", "timings"}."""
-    plan = Plan.make(minutes, source, eval_prompts_per_kind, n_captions)
+    plan = Plan.make(minutes, source, eval_prompts_per_kind, n_captions, calibrate)
     if plan.fit < 0.5:
         left = plan.budget - plan.reserve
         how = (
@@ -174,15 +206,12 @@ def run_demo(
         tokenizer_path = make_tokenizer(out, seed, source, cache_dir, overrides)
     cfg = demo_config(1, seed, source, tokenizer_path, cache_dir, overrides)
     with _timed(timings, "vae training"):
-        vae, vae_result = make_vae(cfg, out, seed, SHARES["vae"] * plan.budget * plan.fit)
+        vae, vae_result = make_vae(cfg, out, seed, plan)
     cfg.vae = vae.config
     with _timed(timings, "latent cache"):
         encode, cache = make_latent_cache(cfg, vae, cache_dir)
     with _timed(timings, "transfusion training"):
-        remaining = plan.budget - plan.reserve - (time.time() - t_start)
-        cfg = train_model(
-            cfg, out, seed, source, tokenizer_path, cache_dir, overrides, encode, cache, remaining
-        )
+        cfg = train_model(cfg, out, seed, source, tokenizer_path, cache_dir, overrides, encode, cache, plan)
     with _timed(timings, "evaluation"):
         metrics, details, loaded = evaluate_demo(out, eval_prompts_per_kind, n_captions, vae_result)
     timings["total"] = time.time() - t_start
@@ -223,27 +252,37 @@ def make_tokenizer(
     return tok.path
 
 
-def make_vae(cfg: Config, out: Path, seed: int, seconds: float) -> tuple[Any, dict]:
-    """Stage 2: the VAE, with as many steps as ``seconds`` hold (measured here, 50 to 2000)."""
+def make_vae(cfg: Config, out: Path, seed: int, plan: Plan) -> tuple[Any, dict]:
+    """Stage 2: the VAE, its share of the budget in steps at the reference speed (or, with
+    ``--calibrate``, at this machine's)."""
     from transfusion.training.vae import load_images, train_vae
-    from transfusion.vae import KLVAE
 
-    note(f"[2/5] VAE on {cfg.data.source} ({seconds:.0f} s budget)")
     train_images = load_images(cfg.data, "train", 4096)
     val_images = load_images(cfg.data, "val", 256)
+    measured = (
+        1 / seconds_per_step(_vae_probe(cfg, train_images), warmup=1, repeat=5) if plan.calibrate else None
+    )
+    steps = plan.vae_steps(measured)
+    note(f"[2/5] VAE on {cfg.data.source}: {steps} steps ({plan.seconds('vae'):.0f} s of the budget)")
+    result = train_vae(cfg.vae, train_images, val_images, out / "vae", steps=steps, lr=VAE_LR, seed=seed)
+    note(f"      held-out PSNR {result['psnr_val']:.1f} dB")
+    return result["vae"], {**result, "steps": steps}
+
+
+def _vae_probe(cfg: Config, images: torch.Tensor) -> Callable[[], None]:
+    """One VAE training step on a fixed batch (for ``--calibrate``)."""
+    from transfusion.vae import KLVAE
+
     probe = KLVAE(cfg.vae)
     opt = torch.optim.AdamW(probe.parameters())
 
-    def vae_step() -> None:
-        loss, _, _ = probe.loss(train_images[:32])
+    def step() -> None:
+        loss, _, _ = probe.loss(images[:32])
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    steps = max(50, min(2000, int(seconds / seconds_per_step(vae_step))))
-    result = train_vae(cfg.vae, train_images, val_images, out / "vae", steps=steps, seed=seed)
-    note(f"      held-out PSNR {result['psnr_val']:.1f} dB after {steps} steps")
-    return result["vae"], {**result, "steps": steps}
+    return step
 
 
 def make_latent_cache(cfg: Config, vae: Any, cache_dir: str | None) -> tuple[Any, Any]:
@@ -265,28 +304,28 @@ def make_latent_cache(cfg: Config, vae: Any, cache_dir: str | None) -> tuple[Any
 
 def train_model(
     cfg: Config, out: Path, seed: int, source: str, tokenizer_path: str | None, cache_dir: str | None,
-    overrides: list[str] | None, encode: Any, cache: Any, seconds: float,
+    overrides: list[str] | None, encode: Any, cache: Any, plan: Plan,
 ) -> Config:  # fmt: skip
-    """Stage 4: the Transfusion model, with as many steps as ``seconds`` hold at the step time
-    measured here."""
+    """Stage 4: the Transfusion model, its share of the budget in steps: training FLOPs per step (real
+    batches) at the reference machine's FLOP rate. A machine much slower than the reference is told
+    so; with ``--calibrate`` the steps follow this machine's measured step time instead."""
     from transfusion.training import train
 
-    per_step = calibrate_train(cfg, encode, cache)
-    steps = max(20, int(seconds / per_step))
+    gflop, per_step = calibrate_train(cfg, encode, cache)
+    steps = plan.train_steps(gflop, per_step)
+    expected = gflop / REFERENCE["train_gflops"]
+    if not plan.calibrate and per_step > 1.3 * expected:
+        note(f"note: this machine trains at {gflop / per_step:.0f} GFLOP/s, the reference at "
+             f"{REFERENCE['train_gflops']:.0f}: training will take about {steps * per_step / 60:.0f} min instead "
+             f"of {steps * expected / 60:.0f} (the steps follow the budget so that runs compare; --calibrate "
+             "fits them to this machine)")  # fmt: skip
     vae_config = cfg.vae
     cfg = demo_config(steps, seed, source, tokenizer_path, cache_dir, overrides)
     cfg.vae = vae_config
     m = cfg.model
-    note(
-        f"[4/5] Transfusion ({m.dim} wide, {m.n_layers} layers, {m.patcher} patcher): {steps} steps of {per_step:.2f} s"
-    )
-    train(
-        cfg,
-        out / "model",
-        vae=str(out / "vae"),
-        progress=True,
-        max_seconds=max(seconds, steps * per_step) * 1.05,
-    )
+    note(f"[4/5] Transfusion ({m.dim} wide, {m.n_layers} layers, {m.patcher} patcher, patch {m.patch_size}): "
+         f"{steps} steps of {gflop:.1f} GFLOP ({per_step:.2f} s each here)")  # fmt: skip
+    train(cfg, out / "model", vae=str(out / "vae"), progress=True)
     return cfg
 
 

@@ -23,7 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=15.0,
         help="total time budget; stages scale to fit, evaluation needing about 1-2 min of it (default 15)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the data, the models and the sampling (default 0)"
+    )
+    p.add_argument(
+        "--calibrate", action="store_true",
+        help="fit the step counts to this machine's measured speed (default: the reference machine's, so that "
+        "the same budget trains the same steps everywhere and runs compare)",
+    )  # fmt: skip
     p.add_argument(
         "--dataset",
         choices=["shapes", "fashion_mnist"],
@@ -48,7 +55,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--minutes must be > 0")
     demo_config(1, args.seed, args.dataset, None, None, args.set)  # bad --set values fail before any work
     result = run_demo(
-        out, args.minutes, args.seed, args.prompts_per_kind, args.captions, args.dataset, args.set
+        out,
+        args.minutes,
+        args.seed,
+        args.prompts_per_kind,
+        args.captions,
+        args.dataset,
+        args.set,
+        args.calibrate,
     )
     m = result["metrics"]
     if args.dataset == "fashion_mnist":
@@ -57,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"\nreport: {result['report']}\n"
-        f"composition overall {m['geneval_overall']:.2f} (single object {m['geneval_single_object']:.2f}), "
+        f"composition overall {m['geneval_overall']:.2f} (single object {m['geneval_single_object']:.2f}, "
+        f"blank images {m['geneval_blank_rate']:.0%}), "
         f"caption accuracy {m['caption_accuracy']:.2f}, CIDEr-D {m['caption_cider_d']:.2f}, "
         f"text {m['text_bits_per_byte']:.2f} bits/byte, VAE PSNR {m['vae_psnr_val']:.1f} dB, "
         f"{result['timings']['total'] / 60:.1f} min"

@@ -267,8 +267,26 @@ class ImageTextFiles(_Skipping):
         return h.hexdigest()
 
 
+def split_documents(text: str) -> list[str]:
+    """Documents of a text file: between lines holding a lone ``%`` when there are such lines (the
+    fortune format), else between blank lines."""
+    lines = text.split("\n")
+    if any(line.strip() == "%" for line in lines):
+        docs, current = [], []
+        for line in lines:
+            if line.strip() == "%":
+                docs.append("\n".join(current))
+                current = []
+            else:
+                current.append(line)
+        return [*docs, "\n".join(current)]
+    return text.split("\n\n")
+
+
 class TextFiles(_Skipping):
-    """Text-only documents from a .txt file or a folder of them, split at blank lines."""
+    """Text-only documents from a .txt file or a folder of them, split at blank lines, or, in the
+    fortune format (Debian's ``fortunes``: documents between lines holding a lone ``%``), at those
+    lines. A folder's files are its ``*.txt`` files and its files without a suffix (fortune files)."""
 
     def __init__(self, cfg: DataConfig, split: str, path: str | None = None):
         super().__init__(cfg.strict)
@@ -278,7 +296,9 @@ class TextFiles(_Skipping):
         root = Path(path)
         if not root.exists():
             raise ValueError(f"text data {root} does not exist")
-        files = sorted(root.rglob("*.txt")) if root.is_dir() else [root]
+        files = [root]
+        if root.is_dir():
+            files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in (".txt", ""))
         self.docs: list[str] = []
         for f in files:
             try:
@@ -286,7 +306,7 @@ class TextFiles(_Skipping):
             except BadItem as e:
                 self.skip(e)
                 continue
-            self.docs += [d.strip() for d in text.split("\n\n") if d.strip()]
+            self.docs += [d.strip() for d in split_documents(text) if d.strip()]
         if not self.docs:
             raise ValueError(f"no text found in {root}")
         self.docs = split_items(self.docs, self.docs, split, cfg.val_fraction, str(root))

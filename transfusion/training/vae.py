@@ -109,9 +109,7 @@ def _finish(
 
         extra = code_usage(vae, train_images)
     with torch.no_grad():
-        recon = torch.cat(
-            [vae.reconstruct(val_images[i : i + 64]) for i in range(0, len(val_images), 64)]
-        )
+        recon = torch.cat([vae.reconstruct(val_images[i : i + 64]) for i in range(0, len(val_images), 64)])
     metrics = {
         "psnr_val": psnr(recon.clamp(-1, 1), val_images),
         "val_images": len(val_images),

@@ -181,8 +181,10 @@ def evaluate(
     cfg_scale: float | None = None,
     seed: int = 0,
     inception: str | None = None,
+    fd_cache: str | Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run every evaluation; returns (metrics, details for the report) and writes metrics.json."""
+    """Run every evaluation; returns (metrics, details for the report) and writes metrics.json. The FD
+    feature classifier is trained once per ``fd_cache`` directory (default ``out_dir``)."""
     start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,18 +194,22 @@ def evaluate(
     # the checkpoint's sampling settings unless told otherwise (the paper's: DDPM, 250 steps, guidance 3)
     gen = decoder.settings(GenerationConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale))
     size = vae.config.image_size
+    t0 = time.time()
     comp, comp_rows, pairs = composition(decoder, vae, n_per_kind, gen, size, seed + 100)
+    per_image = (time.time() - t0) / max(1, len(pairs))
     cap, cap_rows = captioning(decoder, vae, n_captions, size, seed + 200)
     metrics: dict[str, Any] = {f"geneval_{k}": v for k, v in comp.items()}
     metrics.update(cap)
     held_out = ShapesDataset(size, seed=seed + 300)
     metrics.update(text_scores(model, tokenizer, [held_out[i].text for i in range(200)]))
-    metrics.update(frechet(pairs, size, inception, out))
+    metrics.update(frechet(pairs, size, inception, Path(fd_cache) if fd_cache else out))
     metrics.update(
         {
             "eval_sampler": gen.sampler,
             "eval_steps": gen.steps,
             "eval_cfg": gen.cfg_scale,
+            "eval_guidance_max_t": gen.guidance_max_t,
+            "sample_seconds_per_image": per_image,
             "eval_seconds": time.time() - start,
         }
     )

@@ -72,10 +72,19 @@ def build_model(cfg: Config) -> tuple[Transfusion, Any, Any]:
 def check_consistency(cfg: Config) -> None:
     """The pieces of a config that must agree, with what to change."""
     m, v = cfg.model, cfg.vae
-    if v.latent_channels != m.latent_channels:
+    if v.model_channels != m.latent_channels:
+        what = "a VQ tokenizer gives one code per latent pixel" if v.kind == "vq" else "the VAE's latents"
         raise ValueError(
-            f"vae.latent_channels {v.latent_channels} != model.latent_channels {m.latent_channels}"
+            f"model.latent_channels is {m.latent_channels} but {what} have {v.model_channels} channel(s); "
+            f"set model.latent_channels={v.model_channels}"
         )
+    if m.discrete != (v.kind == "vq"):
+        raise ValueError(
+            "discrete image tokens (model.image_tokens=discrete) need a VQ tokenizer (train-vq), and a VQ "
+            "tokenizer needs them; continuous images need a KL-VAE (train-vae)"
+        )
+    if m.discrete and m.codebook_size != v.codebook_size:
+        raise ValueError(f"model.codebook_size {m.codebook_size} != the VQ tokenizer's {v.codebook_size}")
     if v.latent_size != m.latent_size:
         raise ValueError(
             f"the VAE makes {v.latent_size}x{v.latent_size} latents (image {v.image_size} / {v.downsample}) but "

@@ -1,0 +1,74 @@
+"""`transfusion experiment NAME`: reproduce one of the paper's findings in miniature.
+
+Each experiment trains its arms (one knob changed, the same data stream and seeds) at several
+training-FLOP budgets and seeds, evaluates every point the same way, and writes results.json, plots,
+experiment.html and a verdict per finding (reproduced, not reproduced, or inconclusive at this
+budget). The budget (``--minutes``) is shared out and the plan is shown before any point trains;
+``--resume`` continues a stopped experiment without training finished points again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from transfusion.commands.options import new_out_dir, note, out_dir
+from transfusion.errors import UserError
+from transfusion.experiments import EXPERIMENTS, Settings, run_experiment
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    lines = [f"  {name:<13} {e.title}" for name, e in EXPERIMENTS.items()]
+    p.epilog = "experiments:\n" + "\n".join(lines)
+    p.add_argument(
+        "name", choices=sorted(EXPERIMENTS), metavar="NAME", help="which experiment (listed below)"
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=60.0,
+        help="total budget, shared assets and evaluation included (default 60)",
+    )
+    p.add_argument("--seeds", type=int, default=2, help="seeds per point (default 2)")
+    p.add_argument("--budgets", type=float, nargs="+", default=None,
+                   help="training budgets as multiples of the FLOP unit (default: the experiment's, e.g. 1 2 4)")  # fmt: skip
+    p.add_argument(
+        "--prompts-per-kind", type=int, default=10, help="held-out prompts per GenEval kind (default 10)"
+    )
+    p.add_argument(
+        "--captions", type=int, default=50, help="held-out images to caption per point (default 50)"
+    )
+    p.add_argument(
+        "--sample-steps", type=int, default=None, help="denoising steps when evaluating (default 250)"
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="change every arm's configuration, e.g. --set model.dim=64 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--out", default=None, help="experiment directory (default runs/experiment-NAME-<date>-<time>)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the experiment in --out where it stopped")
+
+
+def run(args: argparse.Namespace) -> int:
+    exp = EXPERIMENTS[args.name]
+    if args.minutes <= 0 or args.seeds < 1 or args.prompts_per_kind < 1 or args.captions < 1:
+        raise UserError("--minutes, --seeds, --prompts-per-kind and --captions must be positive")
+    if args.resume:
+        if not args.out or not Path(args.out).is_dir():
+            raise UserError("--resume needs --out naming the directory of the experiment to continue")
+        out = out_dir(args.out)
+    else:
+        out = new_out_dir(args.out or time.strftime(f"runs/experiment-{args.name}-%Y%m%d-%H%M%S"))
+    budgets = list(args.budgets or exp.budgets)
+    if any(b <= 0 for b in budgets):
+        raise UserError("--budgets must be positive multiples")
+    settings = Settings(args.minutes, args.seeds, budgets, args.prompts_per_kind, args.captions, args.set,
+                        args.sample_steps)  # fmt: skip
+    results = run_experiment(exp, out, settings, resume=args.resume)
+    for v in results["verdicts"]:
+        print(v["text"])
+    for line in results.get("guidance", []):
+        print(line)
+    note(f"wrote {out / 'results.json'} and {out / 'experiment.html'}")
+    return 0

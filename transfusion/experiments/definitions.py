@@ -1,0 +1,267 @@
+"""The controlled comparisons that reproduce the paper's findings in miniature, one ``Experiment`` each.
+
+Every arm of an experiment trains on the same data stream with the same seeds; only the studied knob
+differs (its ``overrides``). Budgets are training FLOPs (``transfusion.flops``), as multiples of a unit
+the runner sizes to ``--minutes``, so arms compare at equal compute, as the paper's figures do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EXPERIMENT_MODEL = [
+    "model.dim=128",
+    "model.n_layers=3",
+    "model.n_heads=4",
+    "model.unet_channels=32",
+    "train.batch_size=16",
+    "train.lr=2e-3",
+    "train.min_lr=2e-4",
+]
+"""The trunk every experiment trains (unless an arm changes it): 128 wide, 3 layers, so that a
+minutes-long budget still buys well over a thousand steps on 2 CPU cores; the U-Net patcher at 32
+channels (64 would cost more than the trunk at this width)."""
+
+LINEAR = ["model.patcher=linear"]
+UNET = ["model.patcher=unet"]
+CHAMELEON = [
+    "model.image_tokens=discrete",
+    "model.patch_size=1",
+    "model.latent_channels=1",
+    "model.patcher=linear",
+]
+"""The Chameleon-style arm: VQ codes as tokens (the codebook size comes from the shared VQ tokenizer)."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    overrides: tuple[str, ...] = ()
+    label: str = ""
+    """What the plots and tables call it (default: the name)."""
+
+    @property
+    def discrete(self) -> bool:
+        return "model.image_tokens=discrete" in self.overrides
+
+    def title(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One direction the paper reports: ``better`` should beat ``worse`` on ``metric``."""
+
+    metric: str
+    better: str
+    worse: str
+    higher_is_better: bool
+    paper: str
+    """What the paper measured (figure or table, numbers)."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    arms: tuple[Arm, ...]
+    findings: tuple[Finding, ...]
+    budgets: tuple[float, ...] = (1.0, 2.0)
+    """Training FLOPs of the points, as multiples of the unit."""
+    metrics: tuple[str, ...] = ("geneval_overall", "fd_project_classifier", "caption_accuracy")
+    """What the page plots against training FLOPs."""
+    cfg_scales: tuple[float, ...] = (3.0,)
+    """Guidance weights every trained point is evaluated at (the sweep of the 'guidance' experiment)."""
+    eval_cfg: float = 3.0
+    """Guidance weight of the main evaluation (PAPER.md: 3 in the ablations, 5 against Chameleon)."""
+    text_corpus: bool = False
+    """Mix Debian's fortunes in as text-only samples and score held-out fortunes (bits per byte)."""
+    base: tuple[str, ...] = field(default_factory=tuple)
+    """Overrides every arm shares (on top of ``EXPERIMENT_MODEL``)."""
+    about: str = ""
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in [
+        Experiment(
+            name="vs-chameleon",
+            title="Transfusion against a Chameleon-style model at equal training FLOPs (paper Figures 7-8)",
+            arms=(
+                Arm("transfusion", tuple(UNET), "Transfusion (U-Net 2x2, diffusion)"),
+                Arm("chameleon", tuple(CHAMELEON), "Chameleon-style (VQ codes, next-token)"),
+            ),
+            budgets=(1.0, 2.0, 4.0),
+            eval_cfg=5.0,
+            text_corpus=True,
+            metrics=(
+                "geneval_overall",
+                "fd_project_classifier",
+                "caption_accuracy",
+                "caption_cider_d",
+                "fortune_bits_per_byte",
+            ),  # fmt: skip
+            findings=(
+                Finding(
+                    "fd_project_classifier",
+                    "transfusion",
+                    "chameleon",
+                    False,
+                    "Table 3 (7B): COCO FID 16.8 vs 29.6; parity at 2.9% of Chameleon's FLOPs (Figure 8)",
+                ),
+                Finding(
+                    "geneval_overall",
+                    "transfusion",
+                    "chameleon",
+                    True,
+                    "Figure 7: Transfusion's image generation ahead at every budget",
+                ),
+                Finding(
+                    "caption_cider_d",
+                    "transfusion",
+                    "chameleon",
+                    True,
+                    "Table 3 (7B): COCO CIDEr 27.2 vs 18.0",
+                ),
+                Finding(
+                    "fortune_bits_per_byte",
+                    "transfusion",
+                    "chameleon",
+                    False,
+                    "Table 3-4: C4 perplexity 7.72 vs 8.41 (7B); text does not suffer",
+                ),
+            ),  # fmt: skip
+            about="Images as diffused latent patches against images as discrete VQ codes in the vocabulary, "
+            "the same trunk, tokenizer and data, with text documents (fortunes) mixed in.",
+        ),
+        Experiment(
+            name="attention",
+            title="Bidirectional against causal attention inside images (paper Table 5)",
+            arms=(
+                Arm(
+                    "bidirectional",
+                    (*LINEAR, "model.image_attention=bidirectional"),
+                    "linear 2x2, bidirectional",
+                ),
+                Arm("causal", (*LINEAR, "model.image_attention=causal"), "linear 2x2, causal"),
+            ),
+            findings=(
+                Finding(
+                    "fd_project_classifier",
+                    "bidirectional",
+                    "causal",
+                    False,
+                    "Table 5 (0.76B, linear 2x2): FID 20.3 bidirectional vs 61.3 causal",
+                ),
+                Finding(
+                    "caption_cider_d",
+                    "bidirectional",
+                    "causal",
+                    True,
+                    "Table 5: CIDEr 16.0 bidirectional vs 12.7 causal",
+                ),
+            ),  # fmt: skip
+            metrics=("fd_project_classifier", "geneval_overall", "caption_cider_d"),
+            about="The paper's mask lets the patches of one image see each other; the ablation makes "
+            "them causal like text.",
+        ),
+        Experiment(
+            name="patch-size",
+            title="Patch size 1, 2, 4 with the linear and the U-Net patcher at equal FLOPs (paper Table 6)",
+            arms=(
+                Arm("linear-1", (*LINEAR, "model.patch_size=1"), "linear 1x1"),
+                Arm("linear-2", (*LINEAR, "model.patch_size=2"), "linear 2x2"),
+                Arm("linear-4", (*LINEAR, "model.patch_size=4"), "linear 4x4"),
+                Arm("unet-2", (*UNET, "model.patch_size=2"), "U-Net 2x2"),
+                Arm("unet-4", (*UNET, "model.patch_size=4"), "U-Net 4x4"),
+            ),
+            findings=(
+                Finding(
+                    "fd_project_classifier",
+                    "linear-2",
+                    "linear-4",
+                    False,
+                    "Table 6: linear FID 20.3 at 2x2, 25.6 at 4x4",
+                ),
+                Finding(
+                    "fd_project_classifier",
+                    "unet-4",
+                    "linear-4",
+                    False,
+                    "Table 6: at 4x4 the U-Net keeps FID 16.0, the linear patcher 25.6",
+                ),
+            ),  # fmt: skip
+            metrics=(
+                "fd_project_classifier",
+                "geneval_overall",
+                "caption_accuracy",
+                "sample_seconds_per_image",
+            ),
+            about="Larger patches put fewer positions per image in the sequence (cheaper training and "
+            "sampling); the paper finds U-Net edges lose little with them.",
+        ),
+        Experiment(
+            name="patcher",
+            title="Linear against U-Net patcher, with bidirectional and causal image attention (paper Tables 5, 7)",
+            arms=(
+                Arm("linear", (*LINEAR,), "linear, bidirectional"),
+                Arm("unet", (*UNET,), "U-Net, bidirectional"),
+                Arm("linear-causal", (*LINEAR, "model.image_attention=causal"), "linear, causal"),
+                Arm("unet-causal", (*UNET, "model.image_attention=causal"), "U-Net, causal"),
+            ),
+            findings=(
+                Finding(
+                    "fd_project_classifier",
+                    "unet",
+                    "linear",
+                    False,
+                    "Table 7 (0.16B, 2x2): FID 18.8 U-Net vs 37.6 linear",
+                ),
+                Finding(
+                    "caption_cider_d",
+                    "unet",
+                    "linear",
+                    True,
+                    "Table 7 (0.16B): CIDEr 15.3 U-Net vs 6.2 linear",
+                ),
+                Finding(
+                    "fd_project_classifier",
+                    "unet-causal",
+                    "linear-causal",
+                    False,
+                    "Table 5: with U-Net edges the causal/bidirectional gap almost vanishes (FID 16.8 vs 16.7)",
+                ),
+            ),  # fmt: skip
+            metrics=("fd_project_classifier", "geneval_overall", "caption_cider_d"),
+            about="U-Net down/up blocks as the image edges instead of one linear layer; the U-Net's own "
+            "convolutions see the whole image, so causal attention should hurt it less.",
+        ),
+        Experiment(
+            name="noise-limit",
+            title="Limiting noise to t <= 500 for captioning pairs (paper Table 8)",
+            arms=(
+                Arm("limit-500", ("diffusion.noise_limit=500",), "t <= 500 when the image comes first"),
+                Arm("no-limit", ("diffusion.noise_limit=1000",), "no limit"),
+            ),
+            base=("data.caption_first_prob=0.6",),
+            findings=(
+                Finding(
+                    "caption_cider_d", "limit-500", "no-limit", True, "Table 8 (0.76B): CIDEr 29.4 vs 25.4"
+                ),
+                Finding("caption_accuracy", "limit-500", "no-limit", True, "Table 8: captioning improves"),
+            ),  # fmt: skip
+            metrics=("caption_cider_d", "caption_accuracy", "geneval_overall"),
+            about="Image-first (captioning) pairs see mostly recognisable images when their noise is "
+            "limited; 40% of pairs are image-first here so that captioning gets enough of them.",
+        ),
+        Experiment(
+            name="guidance",
+            title="Classifier-free guidance weight on trained models (paper: 3 in ablations, 5 against Chameleon)",
+            arms=(Arm("transfusion", tuple(UNET), "Transfusion"),),
+            cfg_scales=(1.0, 1.5, 3.0, 5.0, 7.0),
+            findings=(),
+            metrics=("geneval_overall", "fd_project_classifier", "geneval_blank_rate"),
+            about="One model per seed and budget, sampled at every guidance weight.",
+        ),
+    ]
+}

@@ -1,0 +1,326 @@
+"""An experiment's results: results.json (every point, means and spreads over seeds, verdicts), plots
+(PNG with matplotlib, the optional 'plots' extra; inline SVG without it) and a self-contained
+experiment.html.
+
+A verdict compares two arms on one metric at every budget: the paper's direction *holds* at a budget
+when the better arm's range over seeds lies entirely on the right side of the other's, is *reversed*
+when it lies entirely on the wrong side, and is *unresolved* when the ranges overlap. The finding is
+**reproduced** when it holds at the largest budget and is reversed at none, **not reproduced** when it
+is reversed at the largest budget, and **inconclusive at this budget** otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from transfusion.evaluation.report import CSS
+from transfusion.experiments.definitions import Experiment, Finding
+from transfusion.io import atomic_write_text
+
+LOWER_IS_BETTER = ("fd_", "bits_per_byte", "perplexity", "blank_rate", "seconds")
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(k in metric for k in LOWER_IS_BETTER)
+
+
+def load_points(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out / "points").glob("*/point.json"))]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, median, min and max over seeds."""
+    return {"mean": statistics.fmean(values), "median": statistics.median(values), "min": min(values),
+            "max": max(values), "n": len(values)}  # fmt: skip
+
+
+def summarise(exp: Experiment, pts: list[dict[str, Any]]) -> dict[str, Any]:
+    """{arm: {budget: {"flops": spread, metric: spread, "by_cfg": {scale: {metric: spread}}}}}."""
+    out: dict[str, Any] = {}
+    for arm in exp.arms:
+        for budget in sorted({p["budget"] for p in pts if p["arm"] == arm.name}):
+            mine = [p for p in pts if p["arm"] == arm.name and p["budget"] == budget]
+            cell: dict[str, Any] = {"flops": spread([p["flops"] for p in mine])}
+            for m in {k for p in mine for k, v in p["metrics"].items() if isinstance(v, (int, float))}:
+                vals = [p["metrics"][m] for p in mine if isinstance(p["metrics"].get(m), (int, float))]
+                if vals and all(math.isfinite(v) for v in vals):
+                    cell[m] = spread(vals)
+            scales = {s for p in mine for s in p["metrics"].get("by_cfg", {})}
+            cell["by_cfg"] = {
+                s: {m: spread([p["metrics"]["by_cfg"][s][m] for p in mine]) for m in exp.metrics
+                    if all(m in p["metrics"]["by_cfg"].get(s, {}) for p in mine)}
+                for s in sorted(scales, key=float)
+            }  # fmt: skip
+            out.setdefault(arm.name, {})[f"{budget:g}"] = cell
+    return out
+
+
+def judge(f: Finding, summary: dict[str, Any]) -> dict[str, Any]:
+    """The verdict of one finding, with the numbers behind it (module docstring)."""
+    budgets = sorted(set(summary.get(f.better, {})) & set(summary.get(f.worse, {})), key=float)
+    states = []
+    for b in budgets:
+        good, bad = summary[f.better][b].get(f.metric), summary[f.worse][b].get(f.metric)
+        if good is None or bad is None:
+            continue
+        if f.higher_is_better:
+            holds, reverse = good["min"] > bad["max"], good["max"] < bad["min"]
+        else:
+            holds, reverse = good["max"] < bad["min"], good["min"] > bad["max"]
+        state = "holds" if holds else "reversed" if reverse else "unresolved"
+        states.append({"budget": b, "state": state, "better": good, "worse": bad})
+    if not states:
+        verdict = "inconclusive at this budget"
+    elif states[-1]["state"] == "holds" and all(s["state"] != "reversed" for s in states):
+        verdict = "reproduced"
+    elif states[-1]["state"] == "reversed":
+        verdict = "not reproduced"
+    else:
+        verdict = "inconclusive at this budget"
+    return {"finding": f.__dict__, "verdict": verdict, "budgets": states}
+
+
+def verdict_text(exp: Experiment, j: dict[str, Any]) -> str:
+    f = j["finding"]
+    arms = {a.name: a.title() for a in exp.arms}
+    parts = [
+        f"{arms[f['better']]} {s['better']['mean']:.3g} [{s['better']['min']:.3g}-{s['better']['max']:.3g}] against "
+        f"{arms[f['worse']]} {s['worse']['mean']:.3g} [{s['worse']['min']:.3g}-{s['worse']['max']:.3g}] at budget "
+        f"x{s['budget']} ({s['state']})"
+        for s in j["budgets"]
+    ]  # fmt: skip
+    direction = "higher" if f["higher_is_better"] else "lower"
+    return (f"{f['metric']} ({direction} is better): {j['verdict']}. " + "; ".join(parts) +
+            f". Paper: {f['paper']}.")  # fmt: skip
+
+
+def parity_ratio(
+    summary: dict[str, Any], metric: str, ours: str = "transfusion", theirs: str = "chameleon"
+) -> dict:
+    """The paper's Figure 8: at each of our budgets, the FLOPs the other model needs to reach our
+    score (log-linear interpolation between its budgets' means), as our FLOPs over theirs; a bound
+    when it never reaches the score within its budgets."""
+    sign = -1 if lower_is_better(metric) else 1
+    curve = sorted(
+        (c["flops"]["mean"], c[metric]["mean"]) for c in summary.get(theirs, {}).values() if metric in c
+    )
+    out = {}
+    for b, cell in summary.get(ours, {}).items():
+        if metric not in cell or len(curve) < 2:
+            continue
+        target, flops = cell[metric]["mean"], cell["flops"]["mean"]
+        need = None
+        for (f0, v0), (f1, v1) in zip(curve, curve[1:]):
+            if sign * (v0 - target) <= 0 <= sign * (v1 - target) and v0 != v1:
+                w = (target - v0) / (v1 - v0)
+                need = math.exp(math.log(f0) + w * (math.log(f1) - math.log(f0)))
+                break
+        if need is None and sign * (curve[0][1] - target) >= 0:
+            out[b] = {"ratio_at_least": flops / curve[0][0], "note": "reached already at the smallest budget"}
+        elif need is None:
+            out[b] = {"ratio_at_most": flops / curve[-1][0], "note": "not reached within the budgets run"}
+        else:
+            out[b] = {"ratio": flops / need, "flops_needed": need}
+    return out
+
+
+def guidance_text(summary: dict[str, Any]) -> list[str]:
+    """What the guidance sweep shows: the best weight per metric and budget, with the numbers."""
+    lines = []
+    for arm, budgets in summary.items():
+        for b, cell in budgets.items():
+            by = cell.get("by_cfg", {})
+            for m in ("geneval_overall", "fd_project_classifier", "geneval_blank_rate"):
+                vals = {s: v[m]["mean"] for s, v in by.items() if m in v}
+                if not vals:
+                    continue
+                best = (min if lower_is_better(m) else max)(vals, key=vals.get)
+                row = ", ".join(f"{s}: {v:.3g}" for s, v in vals.items())
+                lines.append(f"{arm}, budget x{b}: {m} by guidance weight {row}; best at {best}.")
+    return lines
+
+
+# --- plots ------------------------------------------------------------------------------------------------
+def series(
+    exp: Experiment, summary: dict[str, Any], metric: str
+) -> list[tuple[str, list[tuple[float, float, float, float]]]]:
+    """Per arm: (training FLOPs, mean, min, max) of ``metric`` at each budget; for a guidance sweep,
+    per budget: (weight, mean, min, max)."""
+    out = []
+    if len(exp.cfg_scales) > 1:
+        for arm in exp.arms:
+            for b, cell in summary.get(arm.name, {}).items():
+                pts = [(float(s), v[metric]["mean"], v[metric]["min"], v[metric]["max"])
+                       for s, v in cell["by_cfg"].items() if metric in v]  # fmt: skip
+                out.append((f"{arm.title()}, budget x{b}", pts))
+        return out
+    for arm in exp.arms:
+        pts = [(c["flops"]["mean"], c[metric]["mean"], c[metric]["min"], c[metric]["max"])
+               for c in summary.get(arm.name, {}).values() if metric in c]  # fmt: skip
+        out.append((arm.title(), sorted(pts)))
+    return out
+
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def plot_png(title: str, xlabel: str, data: list, log_x: bool) -> bytes | None:
+    """The plot as PNG bytes with matplotlib (the 'plots' extra), or None without it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=110)
+    for (name, pts), color in zip(data, COLORS * 4):
+        if not pts:
+            continue
+        xs, ys, lo, hi = zip(*pts)
+        ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]], marker="o",
+                    capsize=3, label=name, color=color)  # fmt: skip
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_svg(title: str, xlabel: str, data: list, log_x: bool, width: int = 520, height: int = 320) -> str:
+    """The same plot as inline SVG (no dependency): mean with min-max bars over seeds."""
+    pts = [p for _, s in data for p in s]
+    if not pts:
+        return f"<p class='muted'>{html.escape(title)}: no data</p>"
+    fx = (lambda x: math.log10(x)) if log_x else (lambda x: x)  # noqa: E731
+    x0, x1 = min(fx(p[0]) for p in pts), max(fx(p[0]) for p in pts)
+    y0, y1 = min(p[2] for p in pts), max(p[3] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    pad = 48
+    sx = lambda x: pad + (fx(x) - x0) / (x1 - x0) * (width - 2 * pad)  # noqa: E731
+    sy = lambda y: height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)  # noqa: E731
+    body = []
+    for k, ((name, s), color) in enumerate(zip(data, COLORS * 4)):
+        if not s:
+            continue
+        path = " ".join(
+            ("M" if i == 0 else "L") + f"{sx(x):.1f},{sy(m):.1f}" for i, (x, m, _, _) in enumerate(s)
+        )
+        body.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+        for x, m, lo, hi in s:
+            body.append(f'<line x1="{sx(x):.1f}" y1="{sy(lo):.1f}" x2="{sx(x):.1f}" y2="{sy(hi):.1f}" stroke="{color}"/>'
+                        f'<circle cx="{sx(x):.1f}" cy="{sy(m):.1f}" r="3" fill="{color}"/>')  # fmt: skip
+        body.append(f'<text x="{width - pad}" y="{pad + 14 * k}" font-size="11" text-anchor="end" fill="{color}">'
+                    f"{html.escape(name)}</text>")  # fmt: skip
+    return (f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" role="img">'
+            f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>'
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>'
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>'
+            f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle" font-size="11">{html.escape(xlabel)}</text>'
+            f'<text x="{pad - 4}" y="{sy(y1) + 4:.1f}" font-size="11" text-anchor="end">{y1:.3g}</text>'
+            f'<text x="{pad - 4}" y="{sy(y0) + 4:.1f}" font-size="11" text-anchor="end">{y0:.3g}</text>'
+            + "".join(body) + "</svg>")  # fmt: skip
+
+
+# --- the page -----------------------------------------------------------------------------------------------
+def write_results(exp: Experiment, out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """results.json, plots/*.png (with matplotlib) and experiment.html from the finished points."""
+    pts = load_points(out)
+    summary = summarise(exp, pts)
+    judged = [judge(f, summary) for f in exp.findings]
+    results: dict[str, Any] = {
+        "experiment": exp.name, "title": exp.title, "plan": plan, "points": pts, "summary": summary,
+        "verdicts": [{**j, "text": verdict_text(exp, j)} for j in judged],
+    }  # fmt: skip
+    if exp.name == "vs-chameleon":
+        results["parity_flop_ratio"] = {
+            m: parity_ratio(summary, m) for m in ("fd_project_classifier", "geneval_overall")
+        }
+    if len(exp.cfg_scales) > 1:
+        results["guidance"] = guidance_text(summary)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    atomic_write_text(out / "experiment.html", page(exp, out, results))
+    return results
+
+
+def _figure(exp: Experiment, out: Path, summary: dict[str, Any], metric: str) -> str:
+    sweep = len(exp.cfg_scales) > 1
+    xlabel, log_x = ("guidance weight", False) if sweep else ("training FLOPs", True)
+    data = series(exp, summary, metric)
+    png = plot_png(metric, xlabel, data, log_x)
+    if png is None:
+        return plot_svg(metric, xlabel, data, log_x)
+    (out / "plots").mkdir(exist_ok=True)
+    (out / "plots" / f"{metric}.png").write_bytes(png)
+    return f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' alt='{html.escape(metric)}'>"
+
+
+def _table(exp: Experiment, summary: dict[str, Any], metric: str) -> str:
+    rows = []
+    for arm in exp.arms:
+        for b, cell in summary.get(arm.name, {}).items():
+            if metric not in cell:
+                continue
+            s = cell[metric]
+            rows.append(f"<tr><td>{html.escape(arm.title())}</td><td>x{b}</td><td>{cell['flops']['mean'] / 1e12:.1f}</td>"
+                        f"<td>{s['mean']:.4g}</td><td>{s['min']:.4g} - {s['max']:.4g}</td><td>{s['n']}</td></tr>")  # fmt: skip
+    head = "<tr><th>arm</th><th>budget</th><th>TFLOP</th><th>mean</th><th>range</th><th>seeds</th></tr>"
+    return f"<h3>{html.escape(metric)}</h3><table>{head}{''.join(rows)}</table>"
+
+
+def _grids(exp: Experiment, out: Path, pts: list[dict[str, Any]]) -> str:
+    if not pts:
+        return ""
+    top = max(p["budget"] for p in pts)
+    cells = []
+    for arm in exp.arms:
+        mine = [p for p in pts if p["arm"] == arm.name and p["budget"] == top]
+        if not mine:
+            continue
+        png = out / "points" / min(mine, key=lambda p: p["seed"])["id"] / "samples.png"
+        if png.is_file():
+            uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+            cells.append(
+                f"<p><b>{html.escape(arm.title())}</b><br><img src='{uri}' style='image-rendering:pixelated'></p>"
+            )
+    return f"<h2>Samples at the largest budget (x{top:g}, first seed)</h2>" + "".join(cells)
+
+
+def page(exp: Experiment, out: Path, results: dict[str, Any]) -> str:
+    summary = results["summary"]
+    verdicts = "".join(f"<li>{html.escape(v['text'])}</li>" for v in results["verdicts"])
+    extra = ""
+    if "parity_flop_ratio" in results:
+        extra += "<h2>Parity FLOP ratio (paper Figure 8)</h2><pre>" + html.escape(
+            json.dumps(results["parity_flop_ratio"], indent=2)) + "</pre>"  # fmt: skip
+    if "guidance" in results:
+        extra += (
+            "<h2>Guidance sweep</h2><ul>"
+            + "".join(f"<li>{html.escape(t)}</li>" for t in results["guidance"])
+            + "</ul>"
+        )
+    figures = "".join(_figure(exp, out, summary, m) for m in exp.metrics)
+    tables = "".join(_table(exp, summary, m) for m in exp.metrics)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(exp.title)}</title><style>{CSS}</style></head>
+<body><h1>{html.escape(exp.title)}</h1><p class="muted">{html.escape(exp.about)}</p>
+<h2>Verdicts</h2><ul>{verdicts or "<li>This experiment reports numbers; it makes no claim to test.</li>"}</ul>{extra}
+<h2>Plots</h2><p class="muted">Mean over seeds, bars from the lowest to the highest seed.</p><div class="curves">{figures}</div>
+<h2>Tables</h2>{tables}
+{_grids(exp, out, results["points"])}
+<h2>Plan</h2><pre>{html.escape(json.dumps(results["plan"], indent=2))}</pre>
+</body></html>
+"""

@@ -1,0 +1,303 @@
+"""Run an experiment: shared assets once, then every point (arm x budget x seed), resumably.
+
+An experiment directory holds::
+
+    plan.json             the points, their steps and FLOPs, the machine's measured speeds
+    shared/               tokenizer, KL-VAE and/or VQ tokenizer, latent caches, the FD classifier
+    points/ARM-bB-sS/     the run (model/), its metrics (point.json) and sample grid (samples.png)
+    results.json          every point, means and spreads over seeds, the verdicts
+    experiment.html       plots, tables, sample grids side by side, verdicts; plots/*.png
+
+``--resume`` reuses plan.json: finished points are not trained again, an interrupted one continues
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transfusion.config import Config
+from transfusion.experiments.definitions import EXPERIMENT_MODEL, Arm, Experiment
+from transfusion.io import atomic_write_text
+
+POOL = 20_000
+"""Distinct training scenes, encoded once into each autoencoder's latent cache."""
+FORTUNES = "/usr/share/games/fortunes"
+"""Debian's ``fortunes`` package: the text corpus of the experiments that score text."""
+SHARED_SHARE = 0.08
+"""Share of the budget for each shared autoencoder (the KL-VAE, the VQ tokenizer)."""
+TEXT_ONLY_RATIO = 0.3
+"""Share of training samples that are text documents, when the experiment mixes a corpus in."""
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Point:
+    arm: Arm
+    budget: float
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.arm.name}-b{self.budget:g}-s{self.seed}"
+
+
+@dataclass
+class Settings:
+    """What the command line chose (stored in plan.json, so that a resumed run keeps it)."""
+
+    minutes: float
+    seeds: int
+    budgets: list[float]
+    prompts_per_kind: int
+    captions: int
+    overrides: list[str]
+    sample_steps: int | None = None
+
+
+def points(exp: Experiment, settings: Settings) -> list[Point]:
+    """Smaller budgets first, then seeds, then arms: a stopped run has its cheap points complete."""
+    return [Point(arm, b, s) for b in settings.budgets for s in range(settings.seeds) for arm in exp.arms]
+
+
+def point_config(
+    exp: Experiment, arm: Arm, seed: int, steps: int, shared: Path, settings: Settings
+) -> Config:
+    """The config of one point: the demo's data and recipe, the experiment's model, the arm's knob."""
+    from transfusion.demo import demo_config
+    from transfusion.vae import load_vae
+
+    text = [f"data.text_path={json.dumps(fortunes_path())}", f"data.text_only_ratio={TEXT_ONLY_RATIO}",
+            "data.truncate=true"] if exp.text_corpus else []  # fmt: skip
+    vae = load_vae(shared / ("vq" if arm.discrete else "vae"))
+    codes = [f"model.codebook_size={vae.config.codebook_size}"] if arm.discrete else []
+    overrides = [*EXPERIMENT_MODEL, *exp.base, *codes, *arm.overrides, *text, *settings.overrides]
+    cache = shared / ("latents-vq" if arm.discrete else "latents-kl")
+    cfg = demo_config(
+        steps, seed, "shapes", str(shared / "tokenizer" / "tokenizer.json"), str(cache), overrides
+    )
+    cfg.vae = dataclasses.replace(vae.config, path=None)
+    cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(1, steps // 10))
+    cfg.train.ckpt_every = max(50, steps // 4)
+    cfg.train.eval_every = 0
+    return cfg
+
+
+def fortunes_path() -> str:
+    if not Path(FORTUNES).is_dir():
+        raise ValueError(
+            f"this experiment mixes in Debian's fortunes as its text corpus and {FORTUNES} is missing: "
+            "apt-get install fortunes (make system does)"
+        )
+    return FORTUNES
+
+
+# --- shared assets ---------------------------------------------------------------------------------------
+def prepare_shared(exp: Experiment, shared: Path, settings: Settings, vae_steps: int) -> None:
+    """Tokenizer, the autoencoders the arms need, their latent caches (each skipped when present)."""
+    from transfusion.config import DataConfig, VAEConfig
+    from transfusion.data.latent_cache import build_latent_cache
+    from transfusion.data.sources import make_source, source_texts
+    from transfusion.demo import TOKENIZER_VOCAB, VAE_LR
+    from transfusion.tokenizer import train_bpe
+    from transfusion.training import image_encoder
+    from transfusion.training.vae import load_images, train_vae
+    from transfusion.vae import load_vae, vae_hash
+
+    shared.mkdir(parents=True, exist_ok=True)
+    data = DataConfig(source="shapes", image_size=32, length=POOL)
+    if not (shared / "tokenizer" / "tokenizer.json").is_file():
+        texts = source_texts(data, POOL)
+        if exp.text_corpus:
+            texts += source_texts(DataConfig(source="text", path=fortunes_path()), 5000)
+        train_bpe(texts, TOKENIZER_VOCAB, shared / "tokenizer")
+        note(f"shared: tokenizer ({len(texts)} texts)")
+    kinds = sorted({"vq" if arm.discrete else "kl" for arm in exp.arms})
+    images = {split: load_images(data, split, n) for split, n in (("train", 4096), ("val", 256))}
+    for kind in kinds:
+        name = "vq" if kind == "vq" else "vae"
+        if not (shared / name / "vae.json").is_file():
+            cfg = VAEConfig(kind=kind, image_size=32, downsample=4, latent_channels=8, base_channels=16)
+            note(f"shared: {'VQ tokenizer' if kind == 'vq' else 'KL-VAE'}, {vae_steps} steps")
+            result = train_vae(cfg, images["train"], images["val"], shared / name, steps=vae_steps, lr=VAE_LR)
+            note(f"        held-out PSNR {result['psnr_val']:.1f} dB")
+        vae = load_vae(shared / name)
+        cache = shared / ("latents-vq" if kind == "vq" else "latents-kl")
+        build_latent_cache(make_source(data, "train"), image_encoder(vae, "cpu"), vae_hash(vae), cache, POOL)
+
+
+# --- planning ----------------------------------------------------------------------------------------------
+def measure_arm(exp: Experiment, arm: Arm, shared: Path, settings: Settings) -> tuple[float, float]:
+    """(training GFLOP per step, seconds per step here) of an arm, on real batches."""
+    from transfusion.data.latent_cache import LatentCache
+    from transfusion.demo import calibrate_train
+    from transfusion.training import image_encoder
+    from transfusion.vae import load_vae, vae_hash
+
+    cfg = point_config(exp, arm, 0, 100, shared, settings)
+    vae = load_vae(shared / ("vq" if arm.discrete else "vae"))
+    cache = LatentCache(cfg.data.latent_cache, vae_hash(vae))
+    return calibrate_train(cfg, image_encoder(vae, "cpu"), cache)
+
+
+def eval_seconds(exp: Experiment, arm: Arm, settings: Settings) -> float:
+    """What one point's evaluation costs here, roughly (measured on 2 CPU cores at the experiment's
+    size): per image 0.12 s with 250 denoising steps and guidance (0.05 s for 64 codes), per caption
+    0.05 s, 15 s of fixed costs; every extra guidance weight samples the images again."""
+    images = 6 * settings.prompts_per_kind * len(exp.cfg_scales)
+    per_image = 0.05 if arm.discrete else 0.12 * (settings.sample_steps or 250) / 250
+    return images * per_image + settings.captions * 0.05 + 15
+
+
+def make_plan(exp: Experiment, shared: Path, settings: Settings, spent: float) -> dict[str, Any]:
+    """Measure every arm, then size the FLOP unit so that training and evaluation of every point fit
+    what is left of ``settings.minutes`` after the shared assets (``spent`` seconds)."""
+    speeds = {arm.name: measure_arm(exp, arm, shared, settings) for arm in exp.arms}
+    pts = points(exp, settings)
+    evals = sum(eval_seconds(exp, p.arm, settings) for p in pts)
+    left = settings.minutes * 60 - spent - evals
+    if left <= 0:
+        raise ValueError(
+            f"--minutes {settings.minutes:g} leaves no time to train after the shared assets ({spent:.0f} s) and "
+            f"evaluation ({evals:.0f} s); give more minutes, fewer --seeds or --budgets, or fewer prompts"
+        )
+    # seconds of point p = budget_p * unit / (GFLOP/s of its arm): solve for the unit
+    unit = left / sum(p.budget * speeds[p.arm.name][1] / speeds[p.arm.name][0] for p in pts)
+    rows = []
+    for p in pts:
+        gflop, sec = speeds[p.arm.name]
+        steps = max(10, round(p.budget * unit / gflop))
+        rows.append({"id": p.id, "arm": p.arm.name, "budget": p.budget, "seed": p.seed, "steps": steps,
+                     "gflop": steps * gflop, "train_seconds_est": steps * sec,
+                     "eval_seconds_est": eval_seconds(exp, p.arm, settings)})  # fmt: skip
+    return {
+        "experiment": exp.name,
+        "settings": dataclasses.asdict(settings),
+        "unit_gflop": unit,
+        "speeds": {
+            k: {"gflop_per_step": g, "seconds_per_step": s, "gflops": g / s} for k, (g, s) in speeds.items()
+        },
+        "shared_seconds": spent,
+        "points": rows,
+    }
+
+
+def plan_table(plan: dict[str, Any]) -> str:
+    lines = [f"{'point':<28} {'steps':>7} {'TFLOP':>8} {'train':>8} {'eval':>6}"]
+    for r in plan["points"]:
+        lines.append(f"{r['id']:<28} {r['steps']:>7} {r['gflop'] / 1e3:>8.1f} "
+                     f"{r['train_seconds_est'] / 60:>7.1f}m {r['eval_seconds_est'] / 60:>5.1f}m")  # fmt: skip
+    total = plan["shared_seconds"] + sum(
+        r["train_seconds_est"] + r["eval_seconds_est"] for r in plan["points"]
+    )
+    lines.append(f"shared assets {plan['shared_seconds'] / 60:.1f} min; about {total / 60:.0f} min in all")
+    return "\n".join(lines)
+
+
+# --- one point -------------------------------------------------------------------------------------------
+def run_point(
+    exp: Experiment, row: dict[str, Any], shared: Path, out: Path, settings: Settings
+) -> dict[str, Any]:
+    """Train (or finish training) one point, evaluate it, write point.json."""
+    from transfusion.training import train
+
+    arm = next(a for a in exp.arms if a.name == row["arm"])
+    d = out / "points" / row["id"]
+    cfg = point_config(exp, arm, row["seed"], row["steps"], shared, settings)
+    run = d / "model"
+    resume = (run / "latest").is_file()
+    t0 = time.time()
+    result = train(
+        cfg, run, vae=str(shared / ("vq" if arm.discrete else "vae")), resume=resume, progress=True
+    )
+    train_seconds = time.time() - t0
+    metrics = evaluate_point(exp, run, d, settings)
+    point = {**row, "flops": result["flops_seen"], "train_seconds": train_seconds, "metrics": metrics}
+    atomic_write_text(d / "point.json", json.dumps(point, indent=2))
+    return point
+
+
+def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> dict[str, Any]:
+    """The shapes evaluation at the experiment's main guidance weight (plus, for a sweep, composition
+    and FD at every other weight); held-out fortunes' bits per byte when text is mixed in; a grid of
+    the first generated images."""
+    from transfusion.checkpoint import load_for_inference
+    from transfusion.evaluation.shapes import composition, evaluate, frechet
+    from transfusion.evaluation.text import text_scores
+    from transfusion.generate import Decoder, GenerationConfig
+
+    loaded, vae = load_for_inference(run)
+    main = exp.eval_cfg if exp.eval_cfg in exp.cfg_scales or len(exp.cfg_scales) == 1 else exp.cfg_scales[0]
+    metrics, details = evaluate(loaded.model, loaded.tokenizer, vae, loaded.config, d, settings.prompts_per_kind,
+                                settings.captions, settings.sample_steps, None, main, 0, None,
+                                fd_cache=d.parent.parent / "shared")  # fmt: skip
+    save_grid(
+        [im for _, im in details["pairs"]][:: max(1, settings.prompts_per_kind)][:12], d / "samples.png"
+    )
+    if exp.text_corpus:
+        from transfusion.config import DataConfig
+        from transfusion.data.sources import TextFiles
+
+        docs = TextFiles(DataConfig(val_fraction=0.02), "val", fortunes_path()).docs[:300]
+        fortune = text_scores(loaded.model, loaded.tokenizer, docs)
+        metrics["fortune_bits_per_byte"] = fortune["text_bits_per_byte"]
+    by_cfg = {f"{main:g}": metrics}
+    dec = Decoder(loaded.model, loaded.tokenizer, loaded.config.diffusion)
+    for scale in exp.cfg_scales:
+        if f"{scale:g}" in by_cfg:
+            continue
+        gen = dec.settings(GenerationConfig(steps=settings.sample_steps, cfg_scale=scale))
+        comp, _, pairs = composition(dec, vae, settings.prompts_per_kind, gen, vae.config.image_size, 100)
+        extra = {f"geneval_{k}": v for k, v in comp.items()}
+        extra.update(frechet(pairs, vae.config.image_size, None, d.parent.parent / "shared"))
+        by_cfg[f"{scale:g}"] = extra
+    return {**metrics, "by_cfg": by_cfg}
+
+
+def save_grid(images: list, path: Path, cell: int = 64) -> None:
+    from PIL import Image
+
+    grid = Image.new("RGB", (cell * max(1, len(images)), cell), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.resize((cell, cell), Image.NEAREST), (i * cell, 0))
+    grid.save(path)
+
+
+# --- the whole experiment --------------------------------------------------------------------------------
+def run_experiment(exp: Experiment, out: Path, settings: Settings, resume: bool = False) -> dict[str, Any]:
+    """Shared assets, the plan (shown before any point trains), every point not yet done, then
+    results.json and the page. Returns the results."""
+    from transfusion.experiments.page import write_results
+
+    torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_file = out / "plan.json"
+    if resume and plan_file.is_file():
+        plan = json.loads(plan_file.read_text())
+        settings = Settings(**plan["settings"])
+        note(f"resuming {exp.name} in {out}")
+    else:
+        t0 = time.time()
+        vae_steps = max(50, round(SHARED_SHARE * settings.minutes * 60 * 13.5))
+        prepare_shared(exp, out / "shared", settings, min(vae_steps, 1500))
+        plan = make_plan(exp, out / "shared", settings, time.time() - t0)
+        atomic_write_text(plan_file, json.dumps(plan, indent=2))
+    note(f"{exp.title}\n{plan_table(plan)}")
+    prepare_shared(exp, out / "shared", settings, 1)  # present already; rebuilt only if deleted
+    for row in plan["points"]:
+        if (out / "points" / row["id"] / "point.json").is_file():
+            continue
+        note(f"--- {row['id']}: {row['steps']} steps, {row['gflop'] / 1e3:.1f} TFLOP")
+        run_point(exp, row, out / "shared", out, settings)
+    return write_results(exp, out, plan)

@@ -12,7 +12,10 @@ the JSON and ``benchmarks/RESULTS.md``:
   DDPM epsilon and a linear patcher. We match parameter count (within 5%) by depth, and the number of
   denoising steps and the guidance setting when sampling.
 
-Usage: ``python benchmarks/compare_transfusion_pytorch.py [--rounds 3] [--out bench-out]``.
+Usage: ``python benchmarks/compare_transfusion_pytorch.py [--rounds 3] [--out bench-out]``; on a GPU,
+``benchmarks/gpu.sh`` passes ``--device cuda --width 1024 --heads 16 --text 64 --latent-size 16`` (a
+0.26B-parameter match, 8 samples of 64 text tokens and a 16x16x8 latent). Each library trains at its
+own defaults: ours with ``training.train_step`` under bf16 autocast and compiled blocks on CUDA.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / "bench-venv"
-WIDTH, HEADS, TEXT, PATCHES, PATCH_DIM, BATCH = 256, 4, 30, 16, 32, 8
+BATCH, PATCH = 8, 2
 
 THEIRS = r"""
 import json, sys, time, torch
@@ -36,66 +39,79 @@ from transfusion_pytorch import Transfusion
 torch.manual_seed(0)
 torch.set_num_threads(int(sys.argv[1]))
 depth, steps, sample_steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-model = Transfusion(num_text_tokens=256, dim_latent=32, modality_default_shape=(16,),
-                    transformer=dict(dim=256, depth=depth, dim_head=64, heads=4))
+width, heads, text, patches, patch_dim, device = (int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]),
+                                                   int(sys.argv[8]), int(sys.argv[9]), sys.argv[10])
+model = Transfusion(num_text_tokens=256, dim_latent=patch_dim, modality_default_shape=(patches,),
+                    transformer=dict(dim=width, depth=depth, dim_head=width // heads, heads=heads)).to(device)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-batch = [[randint(0, 256, (30,)), randn(16, 32)] for _ in range(8)]
+batch = [[randint(0, 256, (text,), device=device), randn(patches, patch_dim, device=device)] for _ in range(8)]
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 def step():
     loss = model(batch)
     loss.backward(); opt.step(); opt.zero_grad()
 for _ in range(2): step()
-t = time.perf_counter()
+sync(); t = time.perf_counter()
 for _ in range(steps): step()
-dt = (time.perf_counter() - t) / steps
+sync(); dt = (time.perf_counter() - t) / steps
 # one transformer forward per denoising step: time the model's own flow sampler on one image
 model.eval()
 t = time.perf_counter()
 with torch.no_grad():
-    model.sample(max_length=48, modality_steps=sample_steps, cache_kv=True)
+    model.sample(max_length=patches + 16, modality_steps=sample_steps, cache_kv=True)
 sample_s = time.perf_counter() - t
 n = sum(p.numel() for p in model.parameters())
-print(json.dumps({"params": n, "step_s": dt, "positions": 8 * (30 + 16 + 3), "sample_s": sample_s}))
+print(json.dumps({"params": n, "step_s": dt, "positions": 8 * (text + patches + 3), "sample_s": sample_s}))
 """
 
 
-def ours(threads: int, depth: int, steps: int, sample_steps: int) -> dict:
+def model_config(args: argparse.Namespace, depth: int):  # noqa: ANN201
+    from transfusion.config import ModelConfig
+
+    return ModelConfig(dim=args.width, n_layers=depth, n_heads=args.heads, latent_size=args.latent_size,
+                       patch_size=PATCH, max_seq_len=max(1024, args.text + 4 + (args.latent_size // PATCH) ** 2))  # fmt: skip
+
+
+def ours(args: argparse.Namespace, depth: int, steps: int) -> dict:
+    """Our training step as users run it (``train_step``, the loop's dtype and compile policies)."""
     import torch
 
-    from transfusion.config import DiffusionConfig, ModelConfig
+    from transfusion.config import Config, DiffusionConfig, TrainConfig
+    from transfusion.diffusion import make_schedule
+    from transfusion.distributed import DistInfo
     from transfusion.generate import Decoder, GenerationConfig, text_to_image
-    from transfusion.losses import image_loss, text_loss
     from transfusion.model import Transfusion
     from transfusion.sequence import Image, Sample, Specials, Text, pack
     from transfusion.tokenizer import ByteTokenizer
+    from transfusion.training import make_optimizer, train_step
+    from transfusion.training.loop import compile_model
 
     torch.manual_seed(0)
-    torch.set_num_threads(threads)
-    cfg = ModelConfig(dim=WIDTH, n_layers=depth, n_heads=HEADS, latent_size=8, patch_size=2)
-    model = Transfusion(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    samples = [
-        Sample([Text(torch.randint(0, 256, (TEXT,)).tolist()), Image(torch.randn(8, 8, 8))])
-        for _ in range(BATCH)
-    ]
-    batch = pack(
-        samples, TEXT + PATCHES + 4, Specials.of(ByteTokenizer()), cfg.patches_per_image, one_per_row=True
-    )
-    batch = batch.replace(timesteps=torch.randint(0, 1000, (BATCH,)))
-    noise = torch.randn_like(batch.latents)
+    torch.set_num_threads(args.threads)
+    cfg, dev = model_config(args, depth), torch.device(args.device)
+    model = Transfusion(cfg).to(dev)
+    compile_model(model, Config(model=cfg), DistInfo(device=dev))  # the training default: on CUDA only
+    tc, dc = TrainConfig(lr=1e-4), DiffusionConfig()
+    opt, schedule = make_optimizer(model, tc, fused=dev.type == "cuda"), make_schedule(dc)
+    latent = (8, args.latent_size, args.latent_size)
+    samples = [Sample([Text(torch.randint(0, 256, (args.text,)).tolist()), Image(torch.randn(latent))])
+               for _ in range(BATCH)]  # fmt: skip
+    n = cfg.patches_per_image
+    batch = pack(samples, args.text + n + 4, Specials.of(ByteTokenizer()), n, one_per_row=True).to(dev)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step() -> None:
-        out = model(batch)
-        loss = text_loss(out.logits, batch.text_targets) + 5 * image_loss(out.image_pred, noise)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(model, opt, [batch], schedule, dc, lr=tc.lr, grad_clip=tc.grad_clip, autocast=autocast)
 
-    for _ in range(2):
+    for _ in range(3):
         step()
+    sync()
     t = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     dt = (time.perf_counter() - t) / steps
+    sample_steps = args.sample_steps
     dec = Decoder(model.eval(), ByteTokenizer(), DiffusionConfig())
     t = time.perf_counter()
     text_to_image(dec, ["a red circle"], GenerationConfig(steps=sample_steps, sampler="ddim", cfg_scale=1.0))
@@ -121,8 +137,11 @@ def ensure_venv() -> Path:
     return py
 
 
-def theirs(py: Path, threads: int, depth: int, steps: int, sample_steps: int) -> dict:
-    r = subprocess.run([str(py), "-c", THEIRS, str(threads), str(depth), str(steps), str(sample_steps)],
+def theirs(py: Path, args: argparse.Namespace, steps: int, sample_steps: int) -> dict:
+    n, patch_dim = (args.latent_size // PATCH) ** 2, 8 * PATCH * PATCH
+    argv = [args.threads, args.their_depth, steps, sample_steps, args.width, args.heads, args.text, n, patch_dim,
+            args.device]  # fmt: skip
+    r = subprocess.run([str(py), "-c", THEIRS, *map(str, argv)],
                        capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
@@ -136,27 +155,31 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed training steps per round")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--their-depth", type=int, default=4)
+    p.add_argument("--width", type=int, default=256, help="model width, both (default 256)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads, both (default 4)")
+    p.add_argument("--text", type=int, default=30, help="text tokens per sample (default 30)")
+    p.add_argument(
+        "--latent-size", type=int, default=8, help="latent side, 8 channels, 2x2 patches (default 8)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args()
     py = ensure_venv()
-    ref = theirs(py, args.threads, args.their_depth, 1, 2)
+    ref = theirs(py, args, 1, 2)
     # our depth that matches their parameter count best
-    from transfusion.config import ModelConfig
     from transfusion.model import Transfusion
 
     def count(depth: int) -> int:
         import torch
 
         with torch.device("meta"):
-            return Transfusion(
-                ModelConfig(dim=WIDTH, n_layers=depth, n_heads=HEADS, latent_size=8)
-            ).num_params()
+            return Transfusion(model_config(args, depth)).num_params()
 
     depth = min(range(1, 40), key=lambda d: abs(count(d) - ref["params"]))
     rows = []
     for _ in range(args.rounds):
-        a = theirs(py, args.threads, args.their_depth, args.steps, args.sample_steps)
-        b = ours(args.threads, depth, args.steps, args.sample_steps)
+        a = theirs(py, args, args.steps, args.sample_steps)
+        b = ours(args, depth, args.steps)
         rows.append({"theirs": a, "ours": b})
 
     def med(side: str, key: str) -> float:
@@ -166,6 +189,7 @@ def main() -> None:
     result = {
         "load_avg_1m": os.getloadavg()[0],
         "threads": args.threads,
+        "device": args.device,
         "their_params": ref["params"],
         "our_params": count(depth),
         "our_depth": depth,

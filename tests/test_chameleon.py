@@ -50,7 +50,9 @@ def test_a_chameleon_model_overfits_and_greedy_decoding_reproduces_the_codes():
     batch = pack(samples, 64, SP, cfg.patches_per_image)
     tc = TrainConfig(lr=3e-3, weight_decay=0.0)
     opt, sched, dc = make_optimizer(model, tc), make_schedule(DiffusionConfig()), DiffusionConfig()
-    losses = [train_step(model, opt, [batch], sched, dc, lr=tc.lr, grad_clip=1.0).text_loss for _ in range(150)]
+    losses = [
+        train_step(model, opt, [batch], sched, dc, lr=tc.lr, grad_clip=1.0).text_loss for _ in range(150)
+    ]
     assert losses[-1] < 0.05 * losses[0]
     dec = Decoder(model, TOK, dc)
     gen = GenerationConfig(cfg_scale=1.0, image_temperature=0.0)

@@ -33,6 +33,7 @@ def config(parallel: str) -> Config:
             parallel=parallel,
             grad_clip=0.5,
             ema_decay=0.5,
+            device="cpu",  # gloo on the CPU, also on a machine with fewer GPUs than ranks
         ),  # fmt: skip
     )
     cfg.data.image_size = 16
@@ -101,3 +102,19 @@ def test_two_ranks_match_one_process(tmp_path, parallel):
     assert ema.keys() == want_ema.keys()
     for k, v in want_ema.items():
         torch.testing.assert_close(ema[k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """Two ranks on a one-GPU machine: rank 1 stops with what to do, instead of CUDA's "invalid device
+    ordinal" (CUDA is faked: the check runs before any device is touched)."""
+    from transfusion import distributed as D
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"nproc_per_node=1.*train\.device=cpu"):
+        D.init("auto")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    assert D.init("auto").device == torch.device("cuda:0")  # rank 0 has its GPU

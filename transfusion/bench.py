@@ -33,6 +33,10 @@ CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "small": lambda: preset("small"),
     "w256": lambda: ModelConfig(dim=256, n_layers=4, n_heads=4, latent_size=8, patch_size=2),
     "w512": lambda: ModelConfig(dim=512, n_layers=4, n_heads=8, latent_size=8, patch_size=2),
+    # the paper's sizes (Table 2), for GPUs: run with --seq-len 2048 (benchmarks/gpu.sh)
+    "0.16B": lambda: preset("0.16B"),
+    "0.37B": lambda: preset("0.37B"),
+    "0.76B": lambda: preset("0.76B"),
 }
 
 
@@ -53,10 +57,13 @@ def timed(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> float:
     return times[len(times) // 2]
 
 
-def matmul_peak(device: str, n: int = 1024, repeat: int = 10) -> float:
-    """fp32 matmul GFLOP/s on this device with the current thread count."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_peak(device: str, n: int | None = None, repeat: int = 10) -> float:
+    """Matmul GFLOP/s in the dtype training uses here: fp32 on the CPU (n = 1024, the current thread
+    count), bf16 on CUDA (n = 8192, what autocast runs the model's matrices in)."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    n = n or (8192 if device.startswith("cuda") else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / timed(lambda: a @ b, repeat) / 1e9
 
 
@@ -120,28 +127,37 @@ def synthetic_batch(
 
 
 # --- the benchmarks --------------------------------------------------------------------------------
-def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, device: str, repeat: int) -> dict[str, Any]:
+def bench_train(
+    cfg: ModelConfig, batch_size: int, seq_len: int, device: str, repeat: int, compile: bool | None = None
+) -> dict[str, Any]:
     """The step users run (``training.train_step``: forward, both losses, backward, clipping, AdamW)
-    on one synthetic batch, with the training loop's dtype policy (bf16 autocast on CUDA)."""
-    from transfusion.config import DiffusionConfig, TrainConfig
+    on one synthetic batch, with the training loop's policies: bf16 autocast on CUDA, and its blocks
+    compiled where ``train.compile`` would compile them (CUDA, by default); the first steps, which
+    compile, are not timed."""
+    from transfusion.config import Config, DiffusionConfig, TrainConfig
     from transfusion.diffusion import make_schedule
+    from transfusion.distributed import DistInfo
     from transfusion.training import make_optimizer, train_step
+    from transfusion.training.loop import compile_model, should_compile
 
     torch.manual_seed(0)
     model = Transfusion(cfg).to(device)
+    full = Config(model=cfg, train=TrainConfig(compile=compile))
+    compiled = should_compile(full, torch.device(device))
+    compile_model(model, full, DistInfo(device=torch.device(device)))
     batch = synthetic_batch(cfg, batch_size, seq_len).to(device)
     tc, dc = TrainConfig(lr=1e-4), DiffusionConfig()
-    opt = make_optimizer(model, tc, fused=device == "cuda")
+    opt = make_optimizer(model, tc, fused=device.startswith("cuda"))
     schedule = make_schedule(dc)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
 
     def step() -> None:
         train_step(model, opt, [batch], schedule, dc, lr=tc.lr, grad_clip=tc.grad_clip, autocast=autocast)
 
     reset_peak_rss()
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    sec = timed(step, repeat)
+    sec = timed(step, repeat, warmup=3 if compiled else 2)
     tokens = batch_size * seq_len
     step_flops = batch_train_flops(cfg, batch)
     return {
@@ -152,9 +168,10 @@ def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, device: str, re
         "tokens_per_s": tokens / sec,
         "model_gflops": step_flops / sec / 1e9,
         "attention": model.backend(torch.device(device)),
-        "dtype": "bf16-autocast" if device == "cuda" else "fp32",
+        "dtype": "bf16-autocast" if device.startswith("cuda") else "fp32",
+        "compiled": compiled,
         "peak_rss_mb": peak_rss_mb(),
-        "cuda_max_alloc_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+        "cuda_max_alloc_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
     }
 
 
@@ -222,13 +239,15 @@ def _denoise_step_ms(dec: Any, prefix: int, rows_n: int, scale: float, device: s
 
 def run_benchmarks(
     names: list[str], batch_size: int, seq_len: int, repeat: int, device: str, sampling: bool = True,
-    image_steps: tuple[int, ...] = (250, 50),
+    image_steps: tuple[int, ...] = (250, 50), compile: bool | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     peak = matmul_peak(device)
     rows = []
     for name in names:
         cfg = CONFIGS[name]()
-        row = {"config": name, **bench_train(cfg, batch_size, seq_len, device, repeat)}
+        if seq_len > cfg.max_seq_len:
+            cfg = dataclasses.replace(cfg, max_seq_len=seq_len)
+        row = {"config": name, **bench_train(cfg, batch_size, seq_len, device, repeat, compile)}
         row["mfu"] = row["model_gflops"] / peak
         if sampling:
             row.update(bench_sampling(cfg, device, repeat, image_steps))

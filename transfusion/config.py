@@ -358,8 +358,9 @@ class TrainConfig:
     """'auto' = bf16 autocast on CUDA, fp32 on CPU; or 'fp32', 'bf16'."""
     parallel: str = "ddp"
     """Under torchrun: 'ddp' or 'fsdp' (FSDP2 fully_shard)."""
-    compile: bool = False
-    """torch.compile the model (CUDA; slow to start)."""
+    compile: bool | None = None
+    """torch.compile every transformer block (and the patcher); None: on for CUDA, off on the CPU,
+    where it does not pay for its start-up (about a minute)."""
     tokenizer: str | None = None
     """A local ``tokenizer.json`` (or its directory) for a model trained from scratch, e.g. one made by
     ``transfusion train-tokenizer``; None means the byte tokenizer. It fixes ``model.vocab_size`` and

@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_option(p)
     p.add_argument("--no-sampling", action="store_true", help="only the training numbers")
     p.add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto",
+        help="compile the training step's blocks: auto (the training default: on CUDA only), on, off",
+    )  # fmt: skip
+    p.add_argument(
         "--image-steps", type=int, nargs="+", default=[250, 50],
         help="denoising steps of the whole-image timings (default 250 50: the paper's, and a fast setting)",
     )  # fmt: skip
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     result = run_benchmarks(
         args.configs, args.batch_size, args.seq_len, args.repeat, device, not args.no_sampling,
-        tuple(args.image_steps),
+        tuple(args.image_steps), {"auto": None, "on": True, "off": False}[args.compile],
     )  # fmt: skip
     print(format_table(result))
     out = out_dir(args.out)

@@ -65,7 +65,6 @@ class Run:
     vae: Any
     model: torch.nn.Module  # the plain model (its parameters; sampling, EMA)
     wrapped: torch.nn.Module  # DDP-wrapped or FSDP2-sharded (or the model itself in one process)
-    forward: torch.nn.Module  # what runs batches: torch.compile(wrapped) or wrapped
     optimizer: torch.optim.Optimizer
     tokenizer: Any
     loader: BatchLoader
@@ -98,8 +97,7 @@ def train(
         while run.step < tc.steps:
             batches = [next(run.loader).to(run.info.device) for _ in range(tc.grad_accum)]
             result = train_step(run.wrapped, run.optimizer, batches, schedule, run.cfg.diffusion,
-                                lr=lr_at(run.step, tc), grad_clip=tc.grad_clip, autocast=run.autocast,
-                                forward=run.forward)  # fmt: skip
+                                lr=lr_at(run.step, tc), grad_clip=tc.grad_clip, autocast=run.autocast)  # fmt: skip
             bad.record(result.finite, run.step, str(run.out))
             if result.finite and run.ema is not None:
                 update_ema(run.ema, run.model, tc.ema_decay)
@@ -154,6 +152,7 @@ def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -
 
     model, tokenizer, freeze = build_model(cfg)
     model = model.to(info.device).train()
+    compile_model(model, cfg, info)  # before wrapping (torchtitan's order): the wrappers see compiled blocks
     wrapped = D.wrap_model(model, tc.parallel, info)
     optimizer = make_optimizer(
         wrapped if D.is_sharded(wrapped) else model, tc, fused=info.device.type == "cuda"
@@ -164,7 +163,7 @@ def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and info.device.type == "cuda")
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     loader, val_loader = make_loaders(cfg, tokenizer, vae_model, info.device, info)
-    run = Run(cfg, out, info, vae_model, model, wrapped, compiled(wrapped, cfg, info), optimizer, tokenizer,
+    run = Run(cfg, out, info, vae_model, model, wrapped, optimizer, tokenizer,
               loader, val_loader, ema, autocast)  # fmt: skip
     if latest is not None:
         restore(run, latest)
@@ -172,13 +171,32 @@ def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -
     return run
 
 
-def compiled(model: torch.nn.Module, cfg: Config, info: D.DistInfo) -> torch.nn.Module:
-    """``torch.compile(model)`` when ``train.compile`` asks for it (dynamic shapes: the number of images
-    changes from batch to batch), else the model itself."""
-    if not cfg.train.compile:
-        return model
-    D.print0("note: compiling the model; the first steps take about a minute")
-    return torch.compile(model, dynamic=True)
+def should_compile(cfg: Config, device: torch.device) -> bool:
+    """``train.compile``, or by default: on CUDA yes, on the CPU no."""
+    return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+
+
+def compile_model(model: torch.nn.Module, cfg: Config, info: D.DistInfo) -> None:
+    """Compile in place (``nn.Module.compile``: the weights' names do not change) every transformer
+    block, whose inputs always have the shape of a packed batch (rows x row length x width), so each
+    compiles once; and the patcher, whose batch (the images of a batch) varies, with dynamic shapes
+    so that it does not recompile for every count. Masks, losses and data stay outside: nothing in a
+    compiled region waits for the host."""
+    if not should_compile(cfg, info.device):
+        return
+    D.print0("note: compiling the model (train.compile); the first steps take about a minute")
+    for block in model.layers:
+        block.compile(dynamic=False)
+    if model.patcher is not None:
+        model.patcher.compile(dynamic=True)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (first compiles and recompiles): a number that
+    stays flat once training runs is the sign that shapes do not recompile."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def restore(run: Run, path: Path) -> None:
@@ -271,6 +289,7 @@ class MetricsLog:
             },
             "truncated": int(stats.get("truncated", 0)),
             "elapsed_s": time.time() - self.started,
+            "compiled_graphs": compiled_graphs(),
         }
         self.window_tokens, self.window_start = 0, time.time()
         if validate_now:

@@ -97,23 +97,20 @@ def train_step(
     lr: float,
     grad_clip: float,
     autocast: Any = None,
-    forward: nn.Module | None = None,
 ) -> StepResult:
     """One optimizer step over the micro-batches ``batches`` (their gradients averaged).
 
-    ``model`` is what holds the parameters (possibly DDP-wrapped or FSDP2-sharded); ``forward`` what
-    runs the batches (``torch.compile(model)``; default ``model``). Under DDP gradients are
-    all-reduced on the last micro-batch only. The update is skipped, on every process together, when
+    ``model`` may be DDP-wrapped or FSDP2-sharded (and its blocks compiled in place). Under DDP
+    gradients are all-reduced on the last micro-batch only. The update is skipped, on every process together, when
     any loss or the gradient norm is not finite. Gradients are cleared after the step."""
     batches = list(batches)
-    forward = forward or model
     for group in optimizer.param_groups:
         group["lr"] = lr
     text = image = 0.0
     tokens = 0
     for i, batch in enumerate(batches):
         with D.no_sync(model, skip=i < len(batches) - 1), autocast or nullcontext():
-            losses = training_loss(forward, batch, schedule, diffusion)
+            losses = training_loss(model, batch, schedule, diffusion)
             (losses.total / len(batches)).backward()
         text += losses.text.item() / len(batches)
         image += losses.image.item() / len(batches)

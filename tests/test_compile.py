@@ -16,7 +16,9 @@ from helpers import TOK, latent
 
 def batch(cfg, n_images, seed):
     g = torch.Generator().manual_seed(seed)
-    samples = [Sample([Text(TOK.encode("a red circle")), Image(latent(cfg, g), seed=i)]) for i in range(n_images)]
+    samples = [
+        Sample([Text(TOK.encode("a red circle")), Image(latent(cfg, g), seed=i)]) for i in range(n_images)
+    ]
     return pack(samples, 64, Specials.of(TOK), cfg.patches_per_image, num_rows=4)
 
 

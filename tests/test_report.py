@@ -35,7 +35,8 @@ def fake_run(tmp_path):
             }
         ],
     }
-    metrics = {"geneval_overall": 0.5, "caption_accuracy": 1.0, "eval_sampler": "ddim"}
+    metrics = {"geneval_single_object": 0.5, "geneval_overall": 0.5, "geneval_blank_rate": 0.25,
+               "geneval_blank_rate_single_object": 0.25, "caption_accuracy": 1.0, "eval_sampler": "ddim"}  # fmt: skip
     return run, details, metrics
 
 
@@ -45,8 +46,16 @@ def test_report_holds_curves_images_metrics(tmp_path):
         tmp_path / "report.html", run, metrics, details, timings={"training": 12.0}
     ).read_text()
     assert page.count("<svg") == 4 and "text loss (train)" in page and "image loss (validation)" in page
-    assert page.count("data:image/png;base64,") == len(details["pairs"]) + 1
+    # every generated image, the caption's, and each kind's failures beside its successes (up to 4 + 4)
+    kinds = {r["kind"] for r in details["composition"]}
+    shown = sum(min(4, sum(r["correct"] == ok for r in details["composition"] if r["kind"] == k))
+                for k in kinds for ok in (True, False))  # fmt: skip
+    assert page.count("data:image/png;base64,") == len(details["pairs"]) + 1 + shown
     assert "geneval_overall" in page and "a red circle" in page and "<script" not in page
+    # the headline: per-kind scores and the share of blank images
+    head = page.split("<h2>Headline</h2>")[1].split("<h2>")[0]
+    assert "single object" in head and "blank images" in head and "25%" in head
+    assert "failed</p>" in page and "of " in page.split("Where it fails")[1]
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing fetched from outside
     assert svg_curve([], "x", "red").startswith("<p")
 

@@ -1,6 +1,7 @@
 """``report.html``: one self-contained page (inline CSS, SVG curves, base64 PNGs, no scripts) that shows
-what a run learned: loss curves, generated images with their prompts, captions next to the truth,
-the metrics, the configuration and the time spent."""
+what a run learned, failures first: the headline scores per kind with the share of blank images,
+failed generations beside successful ones for every kind, loss curves, every generated image with
+its prompt, captions next to the truth, the metrics, the configuration and the time spent."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 
 .ok img { border-color: #2a2; } .bad img { border-color: #c33; }
 .muted { color: #777; font-size: 13px; } pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 12px; }
 .curves { display: flex; gap: 20px; flex-wrap: wrap; }
+.side { display: flex; gap: 40px; flex-wrap: wrap; }
 """
 
 
@@ -78,6 +80,42 @@ def _cells(items: list[tuple[Image.Image, str, bool | None]]) -> str:
     return "<div class='grid'>" + "".join(out) + "</div>"
 
 
+def headline(metrics: dict[str, Any]) -> str:
+    """Per-kind scores (composition, or Fashion-MNIST classes) and blank images, as a small table."""
+    kinds = [k.removeprefix("geneval_") for k in metrics if k.startswith("geneval_") and "blank" not in k]
+    if not kinds:
+        keys = [k for k in ("fashion_generation_accuracy", "fashion_caption_accuracy") if k in metrics]
+        return (
+            "<table>" + "".join(f"<tr><td>{k}</td><td>{metrics[k]:.2f}</td></tr>" for k in keys) + "</table>"
+        )
+    head = "".join(f"<th>{html.escape(k.replace('_', ' '))}</th>" for k in kinds)
+    score = "".join(f"<td>{metrics['geneval_' + k]:.2f}</td>" for k in kinds)
+    blank = "".join(
+        f"<td>{metrics.get(f'geneval_blank_rate_{k}', metrics['geneval_blank_rate'] if k == 'overall' else 0):.0%}</td>"
+        for k in kinds
+    )
+    extra = "".join(f"<tr><td>{k.replace('_', ' ')}</td><td colspan='{len(kinds)}'>{metrics[k]:.3g}</td></tr>"
+                    for k in ("caption_accuracy", "caption_cider_d", "vae_psnr_val") if k in metrics)  # fmt: skip
+    return (f"<table><tr><th></th>{head}</tr><tr><td>correct</td>{score}</tr>"
+            f"<tr><td>blank images</td>{blank}</tr>{extra}</table>")  # fmt: skip
+
+
+def failures_beside_successes(details: dict[str, Any], per_kind: int = 4) -> str:
+    """For every kind: up to ``per_kind`` failed generations (red) beside successful ones (green)."""
+    rows = list(zip(details.get("pairs", []), details.get("composition", [])))
+    kinds = list(dict.fromkeys(r["kind"] for _, r in rows))
+    out = []
+    for kind in kinds:
+        mine = [(p, im, r) for (p, im), r in rows if r["kind"] == kind]
+        bad = [(im, p.text, False) for p, im, r in mine if not r["correct"]][:per_kind]
+        good = [(im, p.text, True) for p, im, r in mine if r["correct"]][:per_kind]
+        right = sum(bool(r["correct"]) for *_, r in mine)
+        out.append(f"<h3>{html.escape(kind.replace('_', ' '))}: {right} of {len(mine)} right</h3><div class='side'>"
+                   f"<div><p class='muted'>failed</p>{_cells(bad)}</div><div><p class='muted'>right</p>{_cells(good)}"
+                   "</div></div>")  # fmt: skip
+    return "".join(out)
+
+
 def write_report(
     out_path: str | Path,
     run_dir: str | Path,
@@ -120,6 +158,8 @@ def write_report(
 <p class="muted">A Transfusion model trained from nothing: one transformer, next-token loss on text and diffusion
 loss on VAE latents. Green borders: the detector judged the image right for its prompt; red: wrong.</p>
 <ul>{note_html}</ul>
+<h2>Headline</h2>{headline(metrics)}
+<h2>Where it fails, and where it succeeds</h2>{failures_beside_successes(details)}
 <h2>Metrics</h2><table>{rows}</table>
 <h2>Loss curves</h2>
 <div class="curves">{svg_curve(text, "text loss (train)", "#1f77b4")}{svg_curve(image, "image loss (train)", "#d62728")}

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from transfusion import decode_graphs
 from transfusion.config import DiffusionConfig
 from transfusion.diffusion import Sampler, default_sampler, guidance_scale, guided, make_schedule, sampler_for
 from transfusion.layers import KV, Prefix
@@ -139,6 +140,17 @@ class KVCache:
         n = len(rows) if twins is None else twins
         return lens if shared is None else torch.cat([lens, shared.lens[:1].expand(n)])
 
+    def static_prefix(
+        self, r0: int, R: int, start: Tensor, shared: KVCache | None = None, twins: int = 0
+    ) -> list[Prefix]:
+        """Whole-capacity ``Prefix`` parts of rows r0 .. r0 + R - 1, masked from the device lengths
+        ``start`` (static shapes, for CUDA graphs: ``decode_graphs``)."""
+        return decode_graphs.static_prefix(self, r0, R, start, shared, twins)
+
+    def write_at(self, r0: int, start: Tensor, kv: list[KV]) -> None:
+        """One new position per row of r0 .. at the device positions ``start`` (``decode_graphs``)."""
+        decode_graphs.write_at(self, r0, start, kv)
+
     def commit(self, rows: Tensor, new_kv: list[KV], counts: Tensor) -> None:
         """Append the first ``counts[i]`` of the q new positions of sub-batch row i to cache row rows[i]."""
         q = new_kv[0][0].shape[2]
@@ -216,7 +228,18 @@ def sample_token(logits: Tensor, gen: GenerationConfig, generator: torch.Generat
 class Decoder:
     """A model, its tokenizer and diffusion settings; ``generate`` continues prompts."""
 
-    def __init__(self, model: Transfusion, tokenizer: object, diffusion: DiffusionConfig | None = None):
+    def __init__(
+        self,
+        model: Transfusion,
+        tokenizer: object,
+        diffusion: DiffusionConfig | None = None,
+        static: bool | None = None,
+        graphs: bool | None = None,
+    ):
+        """``static``: text and denoising steps with static shapes (``decode_graphs``); ``graphs``:
+        captured in CUDA graphs and replayed. Both default to on for a model on CUDA, where decoding is
+        bound by kernel launches, and off on the CPU, where reading only the filled part of the cache
+        is faster (the static steps run there too when asked, eagerly: the tests compare them)."""
         self.model, self.tok = model.eval(), tokenizer
         self.dcfg = diffusion or DiffusionConfig()
         self.sp = Specials.of(tokenizer)
@@ -232,6 +255,10 @@ class Decoder:
         banned = {self.sp.bos, self.sp.eoi, self.sp.pad} - {self.sp.eos, self.sp.boi}
         banned |= set(range(cfg.vocab_size, cfg.total_vocab))
         self.banned = torch.tensor(sorted(banned), dtype=torch.long)
+        cuda = self.device.type == "cuda"
+        self.graphs = cuda if graphs is None else graphs
+        self.static = cuda if static is None else (static or self.graphs)
+        self._steps: decode_graphs.StaticSteps | None = None  # the static steps of the call under way
 
     def settings(self, gen: GenerationConfig | None = None) -> GenerationConfig:
         """``gen`` with sampler, steps and cfg_scale filled in from the diffusion config where None."""
@@ -291,16 +318,20 @@ class Decoder:
         batch = _Batch(rows, cache, uncond, twins, sampler, scale, gen, progress)
 
         logits = self._prefill(cache, torch.arange(B), samples)  # (B, V)
-        for i, row in enumerate(rows):
-            row.logits = logits[i]
-            if force[i]:
-                self._start_image(batch, i)
-        while not all(r.done for r in rows):
-            self._lm_tick(batch)
-            if self.discrete:
-                self._code_tick(batch)
-            else:
-                self._diffusion_tick(batch)
+        self._steps = decode_graphs.StaticSteps(self.model, self.graphs) if self.static else None
+        try:
+            for i, row in enumerate(rows):
+                row.logits = logits[i]
+                if force[i]:
+                    self._start_image(batch, i)
+            while not all(r.done for r in rows):
+                self._lm_tick(batch)
+                if self.discrete:
+                    self._code_tick(batch)
+                else:
+                    self._diffusion_tick(batch)
+        finally:
+            self._steps = None  # its graphs hold this call's caches
         return [r.out for r in rows]
 
     # --- one tick of each mode ----------------------------------------------------------------
@@ -455,8 +486,21 @@ class Decoder:
             row.tokens = []
 
     # --- the model's cached API, on this decoder's caches -----------------------------------------
+    def _static_rows(self, cache: KVCache, rows: Tensor, room: int) -> int | None:
+        """The first row when the static steps apply: they are on, the rows are consecutive and each
+        has ``room`` free slots."""
+        if self._steps is None or int(cache.lens[rows].max()) + room > cache.capacity:
+            return None
+        return decode_graphs.consecutive(rows)
+
     def _text_step(self, cache: KVCache, rows: Tensor, tokens: list[int]) -> Tensor:
         """Feed one token per row and commit it; returns next-token logits (R, V)."""
+        r0 = self._static_rows(cache, rows, 1)
+        if r0 is not None:
+            start = cache.lens[rows].to(self.device)
+            logits = self._steps.text(cache, r0, torch.tensor(tokens, device=self.device), start)
+            cache.lens[rows] += 1
+            return logits
         out = self.model.extend_text(torch.tensor(tokens), cache.starts(rows), cache.prefix(rows))
         cache.commit(rows, out.kv, torch.ones(len(rows), dtype=torch.long))
         return out.logits
@@ -464,6 +508,10 @@ class Decoder:
     def _image_pred(self, cache: KVCache, rows: Tensor, images: Tensor, t: Tensor, commit: bool) -> Tensor:
         """Images (R, C, H, W) at timesteps t (R,) as the rows' next n positions; returns the
         prediction (R, C, H, W). ``commit`` writes their keys/values (for clean images, t = 0)."""
+        r0 = None if commit else self._static_rows(cache, rows, 0)
+        if r0 is not None:
+            start = cache.lens[rows].to(self.device)
+            return self._steps.image(cache, r0, images.to(self.device, self.dtype), t.to(self.device), start)
         out = self.model.extend_image(images, t, cache.starts(rows), cache.prefix(rows))
         if commit:
             cache.commit(rows, out.kv, torch.full((len(rows),), self.n, dtype=torch.long))
@@ -475,6 +523,12 @@ class Decoder:
         """One forward over R conditional rows and their R unconditional twins: (2R, C, H, W), the
         conditional predictions first. ``uncond`` is a one-row cache shared by every twin."""
         x, tt = torch.cat([images, images]), torch.cat([t, t])
+        r0 = self._static_rows(cache, rows, 0)
+        if r0 is not None:
+            start = cache.lens[rows].to(self.device)
+            return self._steps.image(
+                cache, r0, x.to(self.device, self.dtype), tt.to(self.device), start, uncond
+            )
         out = self.model.extend_image(x, tt, cache.starts(rows, uncond), cache.prefix(rows, uncond))
         return out.image_pred
 

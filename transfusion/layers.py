@@ -87,8 +87,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions (B, L) -> cos, sin (B, 1, L, Dh/2)."""
-        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+        """positions (B, L) -> cos, sin (B, 1, L, Dh/2). The range is checked on the CPU, where it is
+        free (on a GPU it would wait for the device and break CUDA graphs and compiled graphs)."""
+        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(
                 f"position {int(positions.max())} exceeds model.max_seq_len {self.cos.shape[0]}; "
                 "use a longer max_seq_len or shorter samples"

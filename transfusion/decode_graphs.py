@@ -1,0 +1,124 @@
+"""The decoder's two hot calls with static shapes, captured once in CUDA graphs and replayed.
+
+Decoding a small model on a GPU is bound by kernel launches, not arithmetic: a step is a few hundred
+small kernels, each launched from Python. A CUDA graph records them once and replays them in one
+launch. Capture needs every shape and address fixed, so the static steps differ from the decoder's
+default calls in three ways: attention reads a row's whole cache (``capacity`` slots, those past its
+length masked out by a mask built on the device from the lengths) instead of the slots up to the
+longest row; a text step writes its keys and values into the cache inside the step, at the positions
+the lengths give (a scatter, no host indices); and the rows are a consecutive run of cache rows.
+
+``StaticSteps.text`` runs one token per row and commits it; ``StaticSteps.image`` predicts the noise of
+one image per row, with the unconditional twins of guidance reading a shared cached BOS BOI. On CUDA
+each distinct call (kind, rows, twins) is captured on first use (after two warm-up runs on a side
+stream, as PyTorch's CUDA-graph notes require) and replayed after; on the CPU, or when capture is off,
+the same static code runs eagerly, so the CPU tests check the arithmetic that the graphs replay.
+Inputs are copied into the graph's own buffers before each replay; outputs are cloned out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from transfusion.layers import Prefix
+
+
+def consecutive(rows: Tensor) -> int | None:
+    """The first row when ``rows`` (CPU, ascending) is a run r0, r0 + 1, ...; else None."""
+    r0 = int(rows[0])
+    return r0 if bool((rows == torch.arange(r0, r0 + len(rows))).all()) else None
+
+
+class StepGraph:
+    """A function of device tensors, captured in a CUDA graph over static copies of its inputs."""
+
+    def __init__(self, fn: Callable[..., Tensor], inputs: list[Tensor]):
+        self.inputs = [x.clone() for x in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: allocations and lazy initialisations happen outside the capture
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(*self.inputs)
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.output.clone()
+
+
+class StaticSteps:
+    """Static-shape text and image steps of one model over one decoding call's caches."""
+
+    def __init__(self, model: Any, capture: bool):
+        self.model, self.capture = model, capture and torch.cuda.is_available()
+        self.graphs: dict[tuple, StepGraph] = {}
+
+    def _run(self, key: tuple, fn: Callable[..., Tensor], inputs: list[Tensor]) -> Tensor:
+        if not self.capture:
+            return fn(*inputs)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = StepGraph(fn, inputs)
+        return graph(*inputs)
+
+    def text(self, cache: Any, r0: int, tokens: Tensor, start: Tensor) -> Tensor:
+        """One token per row of rows r0 .. r0 + R - 1 after ``start`` (R,) cached positions (device
+        tensors); writes the token's keys/values into the cache and returns the next logits (R, V).
+        The caller advances ``cache.lens``."""
+        R = len(tokens)
+
+        def step(tokens: Tensor, start: Tensor) -> Tensor:
+            out = self.model.extend_text(tokens, start, cache.static_prefix(r0, R, start))
+            cache.write_at(r0, start, out.kv)
+            return out.logits
+
+        return self._run(("text", id(cache), r0, R), step, [tokens, start])
+
+    def image(self, cache: Any, r0: int, x: Tensor, t: Tensor, start: Tensor, shared: Any = None) -> Tensor:
+        """Predictions (R, C, H, W) for images x (R, C, H, W) at timesteps t (R,) after rows r0 ..
+        r0 + R - 1; with ``shared`` (a full one-row cache), x and t hold R more rows, the twins, which
+        read it. Nothing is written to the cache."""
+        R = len(start)
+        twins = len(x) - R
+
+        def step(x: Tensor, t: Tensor, start: Tensor) -> Tensor:
+            past = cache.static_prefix(r0, R, start, shared, twins)
+            starts = torch.cat([start, start.new_full((twins,), shared.capacity)]) if twins else start
+            return self.model.extend_image(x, t, starts, past).image_pred
+
+        return self._run(("image", id(cache), r0, R, twins), step, [x, t, start])
+
+
+def static_prefix(
+    cache: Any, r0: int, R: int, start: Tensor, shared: Any = None, twins: int = 0
+) -> list[Prefix]:
+    """Each layer's ``Prefix`` over the whole capacity of rows r0 .. r0 + R - 1 of ``cache``, the slots
+    at or past each row's length masked (``start``, on the device); then ``twins`` rows that read
+    ``shared``'s single, full row."""
+    valid = torch.arange(cache.capacity, device=start.device)[None, :] < start[:, None]  # (R, capacity)
+    sl = slice(r0, r0 + R)
+    layers = []
+    for layer in range(len(cache.k)):
+        parts = [(R, cache.k[layer][sl], cache.v[layer][sl], valid)]
+        if twins:
+            parts.append((twins, shared.k[layer][:1], shared.v[layer][:1], None))
+        layers.append(Prefix(parts))
+    return layers
+
+
+def write_at(cache: Any, r0: int, start: Tensor, kv: list[tuple[Tensor, Tensor]]) -> None:
+    """Write one new position's keys/values (R, Hk, 1, Dh) per layer at slot ``start[i]`` of row r0 + i."""
+    R = len(start)
+    for layer, (k, v) in enumerate(kv):
+        index = start.view(R, 1, 1, 1).expand(R, k.shape[1], 1, k.shape[3])
+        cache.k[layer][r0 : r0 + R].scatter_(2, index, k.to(cache.k[layer].dtype))
+        cache.v[layer][r0 : r0 + R].scatter_(2, index, v.to(cache.v[layer].dtype))

@@ -163,3 +163,38 @@ def test_unet_patcher_shapes_gradients_and_attention_rule(k):
         ref, new = m(b), m(b.replace(latents=lat))
     torch.testing.assert_close(new.logits[0, :3], ref.logits[0, :3], atol=0, rtol=0)
     assert not torch.allclose(new.image_pred, ref.image_pred)
+
+
+def test_2d_rope_positions_and_text_unchanged():
+    """2D RoPE: patch k of an image starting at position s sits at (s + k // side, s + k % side); text
+    at (p, p), so a text-only sequence gives exactly the 1D model's outputs."""
+    from transfusion.layers import axial_positions
+    from transfusion.sequence import Image, Sample, Specials, Text, pack
+
+    from helpers import TOK, latent
+
+    cfg = tiny(latent_size=8)  # 4 x 4 patches a side... of 2x2: side 4
+    sp = Specials.of(TOK)
+    b = pack([Sample([Text([1, 2]), Image(latent(cfg))]), Sample([Image(latent(cfg))])], 64, sp, cfg.patches_per_image)
+    ax = axial_positions(b.positions, b.image_index, cfg.patches_per_side)
+    side = cfg.patches_per_side
+    for row in range(b.ids.shape[0]):
+        for i in range(b.ids.shape[1]):
+            p = int(b.positions[row, i])
+            if b.image_index[row, i] == 0:
+                assert ax[row, i].tolist() == [p, p]
+            else:
+                first = int(b.positions[row][b.image_index[row] == b.image_index[row, i]].min())
+                k = p - first
+                assert ax[row, i].tolist() == [first + k // side, first + k % side]
+    # decoding: one image's patches after 14 cached positions, positions far beyond the row's length
+    new = torch.tensor([[14, 15, 16, 17]])
+    assert axial_positions(new, torch.ones_like(new), 2).tolist() == [[[14, 14], [14, 15], [15, 14], [15, 15]]]
+    torch.manual_seed(0)
+    one, two = Transfusion(tiny()), Transfusion(tiny(rope_2d=True))
+    two.load_state_dict(one.state_dict())
+    text = pack([Sample([Text(TOK.encode("a red circle"))])], 32, sp, 4)
+    torch.testing.assert_close(two(text).logits, one(text).logits, atol=0, rtol=0)
+    with_image = pack([Sample([Text([5]), Image(latent(tiny()))])], 32, sp, 4)
+    with_image = with_image.replace(timesteps=torch.zeros(1, dtype=torch.long))
+    assert not torch.allclose(two(with_image).logits, one(with_image).logits)  # patches moved

@@ -71,6 +71,10 @@ class ModelConfig:
     """Size of the sinusoidal timestep features fed to the timestep MLP."""
     attention: str = "auto"
     """'sdpa' (dense boolean mask), 'flex' (FlexAttention BlockMask) or 'auto' (flex on CUDA)."""
+    rope_2d: bool = False
+    """Image patches rotate half of each head's RoPE frequencies by their row and half by their column
+    (both counted from the image's first position), so attention sees rows and columns apart; text
+    is unchanged (both halves at its position). False: the paper's 1D positions in raster order."""
     image_attention: str = "bidirectional"
     """Inside an image: 'bidirectional' (the paper's: every patch sees every patch of its image) or
     'causal' (patches see only earlier patches, as text does: the paper's Table 5 ablation)."""

@@ -86,15 +86,39 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions (B, L) -> cos, sin (B, 1, L, Dh/2). The range is checked on the CPU, where it is
-        free (on a GPU it would wait for the device and break CUDA graphs and compiled graphs)."""
+    def forward(self, positions: Tensor, axial: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """positions (B, L) -> cos, sin (B, 1, L, Dh/2). With ``axial`` (B, L, 2), the even frequency
+        pairs rotate by its first column and the odd ones by its second (2D positions of image
+        patches, ``axial_positions``). The range is checked on the CPU, where it is free (on a GPU it
+        would wait for the device and break CUDA graphs and compiled graphs)."""
         if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(
                 f"position {int(positions.max())} exceeds model.max_seq_len {self.cos.shape[0]}; "
                 "use a longer max_seq_len or shorter samples"
             )
-        return self.cos[positions][:, None], self.sin[positions][:, None]
+        if axial is None:
+            return self.cos[positions][:, None], self.sin[positions][:, None]
+        even = torch.arange(self.cos.shape[1], device=positions.device) % 2 == 0
+        cos = torch.where(even, self.cos[axial[..., 0]], self.cos[axial[..., 1]])
+        sin = torch.where(even, self.sin[axial[..., 0]], self.sin[axial[..., 1]])
+        return cos[:, None], sin[:, None]
+
+
+def axial_positions(positions: Tensor, image_index: Tensor, side: int) -> Tensor:
+    """(B, L, 2) positions for 2D RoPE: a text position p is (p, p); the patch k of an image whose first
+    patch sits at position s (raster order, ``side`` patches a row) is (s + k // side, s + k % side).
+    Computed on the device from the row's positions and image numbers (no host sync)."""
+    B, L = positions.shape
+    group = image_index + torch.arange(B, device=positions.device)[:, None] * (L + 1)  # (row, image) ids
+    first = torch.full(
+        (B * (L + 1),), torch.iinfo(positions.dtype).max, device=positions.device, dtype=positions.dtype
+    )
+    first = first.scatter_reduce(0, group.flatten(), positions.flatten(), "amin")[group]  # (B, L)
+    k = positions - first
+    patch = image_index > 0
+    rows = torch.where(patch, first + k // side, positions)
+    cols = torch.where(patch, first + k % side, positions)
+    return torch.stack([rows, cols], dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from transfusion import masks
 from transfusion.config import ModelConfig
-from transfusion.layers import KV, Block, Prefix, RMSNorm, RotaryEmbedding
+from transfusion.layers import KV, Block, Prefix, RMSNorm, RotaryEmbedding, axial_positions
 from transfusion.patching import make_patcher
 from transfusion.sequence import MixedBatch
 
@@ -129,10 +129,19 @@ class Transfusion(nn.Module):
         return x, ctx
 
     def trunk(
-        self, x: Tensor, positions: Tensor, mask: Any, past: list[Prefix] | None = None
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Any,
+        past: list[Prefix] | None = None,
+        image_index: Tensor | None = None,
     ) -> tuple[Tensor, list[KV]]:
-        """Run every block; returns the final-normed hidden states and each layer's new (k, v)."""
-        cos, sin = self.rope(positions)
+        """Run every block; returns the final-normed hidden states and each layer's new (k, v).
+        ``image_index`` gives image patches their 2D RoPE positions when ``rope_2d`` is on."""
+        axial = None
+        if self.cfg.rope_2d and image_index is not None:
+            axial = axial_positions(positions, image_index, self.cfg.patches_per_side)
+        cos, sin = self.rope(positions, axial)
         new_kv = []
         for i, block in enumerate(self.layers):
             x, kv = block(x, cos, sin, mask, None if past is None else past[i])
@@ -152,7 +161,7 @@ class Transfusion(nn.Module):
         patch_mask = batch.patch_mask
         x, ctx = self.embed(batch.ids, patch_mask, batch.latents, batch.timesteps)  # (B, L, D)
         mask = self.attention_mask(batch.doc_ids, batch.image_index)
-        h, _ = self.trunk(x, batch.positions, mask)  # (B, L, D)
+        h, _ = self.trunk(x, batch.positions, mask, image_index=batch.image_index)  # (B, L, D)
         logits = self.lm_head(h)  # (B, L, V)
         if batch.num_images:
             image_pred = self.image_outputs(h, patch_mask, ctx, batch.num_images)
@@ -168,7 +177,10 @@ class Transfusion(nn.Module):
         positions ``last`` (R,) of each row, and every position's keys/values."""
         x, _ = self.embed(batch.ids, batch.patch_mask, batch.latents, batch.timesteps.clamp(min=0))
         h, kv = self.trunk(
-            x, batch.positions, self.attention_mask(batch.doc_ids, batch.image_index, dense=True)
+            x,
+            batch.positions,
+            self.attention_mask(batch.doc_ids, batch.image_index, dense=True),
+            image_index=batch.image_index,
         )
         rows = torch.arange(h.shape[0], device=h.device)
         return Cached(kv=kv, logits=self.lm_head(h[rows, last.to(h.device)]).float())
@@ -191,7 +203,8 @@ class Transfusion(nn.Module):
         )  # (R, n, D)
         if self.cfg.image_attention == "causal":
             past = [dataclasses.replace(p, causal=True) for p in past]
-        h, kv = self.trunk(patches, _continue(start, patches.shape[1], device), None, past)
+        positions = _continue(start, patches.shape[1], device)
+        h, kv = self.trunk(patches, positions, None, past, image_index=torch.ones_like(positions))
         return Cached(kv=kv, image_pred=self.patcher.decode(h, ctx).float())
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

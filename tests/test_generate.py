@@ -403,6 +403,15 @@ def test_cli_generate_and_caption(checkpoints, tmp_path, capsys):
     assert cli.main(["generate", "--checkpoint", str(checkpoints / "with_vae"), *args]) == 0
     record = json.loads((out / "output.json").read_text())
     assert len(record["outputs"]) == 2 and record["settings"]["steps"] == 3
+    assert record["settings"]["guidance_max_t"] is None  # the checkpoint's: every step (the paper's)
+    for flag, expected in (("600", 600), ("all", None)):
+        assert (
+            cli.main(
+                ["generate", "--checkpoint", str(checkpoints / "with_vae"), *args, "--guidance-max-t", flag]
+            )
+            == 0
+        )
+        assert json.loads((out / "output.json").read_text())["settings"]["guidance_max_t"] == expected
     png = out / record["outputs"][0][0]["image"]
     assert png.suffix == ".png" and png.is_file()
     assert (out / "output.md").read_text().startswith("# a red circle")
@@ -451,6 +460,7 @@ def test_cli_errors_are_one_line(checkpoints, tmp_path, capsys):
         "context": ["generate", "--checkpoint", ckpt, "--prompt", "x" * 300],
         "no VAE": ["caption", "--checkpoint", str(checkpoints / "no_vae"), str(tmp_path / "tiny.png")],
         "num-images": ["generate", "--checkpoint", ckpt, "--prompt", "x", "--num-images", "0"],
+        "--guidance-max-t": ["generate", "--checkpoint", ckpt, "--prompt", "x", "--guidance-max-t", "soon"],
     }
     for expected, args in cases.items():
         assert cli.main(args) == 2, args

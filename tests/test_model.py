@@ -175,7 +175,12 @@ def test_2d_rope_positions_and_text_unchanged():
 
     cfg = tiny(latent_size=8)  # 4 x 4 patches a side... of 2x2: side 4
     sp = Specials.of(TOK)
-    b = pack([Sample([Text([1, 2]), Image(latent(cfg))]), Sample([Image(latent(cfg))])], 64, sp, cfg.patches_per_image)
+    b = pack(
+        [Sample([Text([1, 2]), Image(latent(cfg))]), Sample([Image(latent(cfg))])],
+        64,
+        sp,
+        cfg.patches_per_image,
+    )
     ax = axial_positions(b.positions, b.image_index, cfg.patches_per_side)
     side = cfg.patches_per_side
     for row in range(b.ids.shape[0]):
@@ -189,7 +194,9 @@ def test_2d_rope_positions_and_text_unchanged():
                 assert ax[row, i].tolist() == [first + k // side, first + k % side]
     # decoding: one image's patches after 14 cached positions, positions far beyond the row's length
     new = torch.tensor([[14, 15, 16, 17]])
-    assert axial_positions(new, torch.ones_like(new), 2).tolist() == [[[14, 14], [14, 15], [15, 14], [15, 15]]]
+    assert axial_positions(new, torch.ones_like(new), 2).tolist() == [
+        [[14, 14], [14, 15], [15, 14], [15, 15]]
+    ]
     torch.manual_seed(0)
     one, two = Transfusion(tiny()), Transfusion(tiny(rope_2d=True))
     two.load_state_dict(one.state_dict())

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from transfusion.checkpoint import load_for_inference
+from transfusion.commands.generate import add_guidance_interval_option, guidance_max_t
 from transfusion.commands.options import add_checkpoint_option, add_device_option, out_dir, pick_device
 from transfusion.errors import UserError
 
@@ -34,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="default: the config's (ddpm, ancestral, as the paper; flow for flow models)",
     )  # fmt: skip
     p.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the config's, 3)")
+    add_guidance_interval_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-inception", default=None, help="a local TorchScript Inception file for real FID")
     add_device_option(p)
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     out = out_dir(args.out) if args.out else Path(loaded.path)
     metrics, _ = evaluate_checkpoint(loaded.model, loaded.tokenizer, vae, loaded.config, out, args.prompts_per_kind,
                                      args.captions, args.steps, args.sampler, args.cfg, args.seed,
-                                     args.fid_inception)  # fmt: skip
+                                     args.fid_inception, guidance_max_t(args))  # fmt: skip
     for k, v in metrics.items():
         print(f"{k:40s} {v}")
     print(f"wrote {out / 'metrics.json'}")

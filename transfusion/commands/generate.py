@@ -19,6 +19,7 @@ import torch
 
 from transfusion.checkpoint import load_for_inference, vae_directory
 from transfusion.commands.options import add_checkpoint_option, add_device_option, note, out_dir, pick_device
+from transfusion.errors import UserError
 from transfusion.generate import Decoder, GenerationConfig
 from transfusion.vae import decode_latents, encode_images
 
@@ -40,6 +41,7 @@ def add_generation_options(p: argparse.ArgumentParser, images: bool = True) -> N
             default=None,
             help="classifier-free guidance weight (default: the config's, 3; 1 = off)",
         )
+        add_guidance_interval_option(p)
     p.add_argument(
         "--temperature",
         type=float,
@@ -55,6 +57,27 @@ def add_generation_options(p: argparse.ArgumentParser, images: bool = True) -> N
     add_device_option(p)
 
 
+def add_guidance_interval_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--guidance-max-t", default=None, metavar="T|all",
+        help="guide only at timesteps t <= T (the conditional prediction alone above); 'all' guides every "
+        "step, as the paper (default: the checkpoint's diffusion.guidance_max_t)",
+    )  # fmt: skip
+
+
+def guidance_max_t(args: argparse.Namespace) -> int | None:
+    """The option as ``GenerationConfig.guidance_max_t``: -1 (the checkpoint's), None ('all') or T."""
+    value = getattr(args, "guidance_max_t", None)
+    if value is None:
+        return -1
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--guidance-max-t {value!r}: give a timestep (0-999) or 'all'") from None
+
+
 def generation_config(args: argparse.Namespace, temperature: float = 1.0, **kw: Any) -> GenerationConfig:
     """The sampling settings the options ask for; sampler/steps/cfg left None fall back to the checkpoint's."""
     return GenerationConfig(
@@ -65,6 +88,7 @@ def generation_config(args: argparse.Namespace, temperature: float = 1.0, **kw: 
         sampler=getattr(args, "sampler", None),
         steps=getattr(args, "steps", None),
         cfg_scale=getattr(args, "cfg", None),
+        guidance_max_t=guidance_max_t(args),
         **kw,
     )
 
@@ -181,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             md.append(f"![output {i}, image {j}]({name})\n\n")
         record.append(row)
     settings = {
-        k: getattr(gen, k) for k in ("sampler", "steps", "cfg_scale", "temperature", "top_k", "top_p")
+        k: getattr(gen, k) for k in ("sampler", "steps", "cfg_scale", "guidance_max_t", "temperature", "top_k", "top_p")
     }
     meta = {"prompt": args.prompt, "prompt_images": args.image, "checkpoint": str(loaded.path), "seeds": seeds,
             "settings": settings}  # fmt: skip

@@ -29,15 +29,18 @@ def evaluate_checkpoint(
     cfg_scale: float | None = None,
     seed: int = 0,
     inception: str | None = None,
+    guidance_max_t: int | None = -1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics, details for the report) of a model trained on the shape scenes or Fashion-MNIST
-    (``prompts_per_kind`` is then per class); writes ``metrics.json`` in ``out_dir``."""
+    (``prompts_per_kind`` is then per class); writes ``metrics.json`` in ``out_dir``. Images are
+    sampled with the checkpoint's settings unless ``steps``, ``sampler``, ``cfg_scale`` or
+    ``guidance_max_t`` (-1: the checkpoint's; None: every step) say otherwise."""
     source = config.data.source
     if source == "fashion_mnist":
         from transfusion.evaluation.fashion import evaluate_fashion
 
         return evaluate_fashion(model, tokenizer, vae, config, out_dir, prompts_per_kind, captions, steps,
-                                sampler, cfg_scale, seed)  # fmt: skip
+                                sampler, cfg_scale, seed, guidance_max_t=guidance_max_t)  # fmt: skip
     if source != "shapes":
         raise ValueError(
             "evaluation judges the built-in shape scenes or Fashion-MNIST; this checkpoint was trained on "
@@ -46,4 +49,4 @@ def evaluate_checkpoint(
     from transfusion.evaluation.shapes import evaluate
 
     return evaluate(model, tokenizer, vae, config, out_dir, prompts_per_kind, captions, steps, sampler,
-                    cfg_scale, seed, inception)  # fmt: skip
+                    cfg_scale, seed, inception, guidance_max_t=guidance_max_t)  # fmt: skip

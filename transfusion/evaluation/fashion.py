@@ -73,7 +73,7 @@ def class_named(text: str) -> int | None:
 def evaluate_fashion(
     model: Any, tokenizer: Any, vae: Any, config: Any, out_dir: str | Path, per_class: int = 5,
     n_captions: int = 50, steps: int | None = None, sampler: str | None = None, cfg_scale: float | None = None,
-    seed: int = 0, classifier_steps: int = 600,
+    seed: int = 0, classifier_steps: int = 600, guidance_max_t: int | None = -1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Class-conditional generation accuracy (a classifier trained on real images judges each image)
     and caption accuracy (the caption names the right class) on held-out test images. Images are
@@ -87,7 +87,9 @@ def evaluate_fashion(
     model.eval()
     d = config.diffusion
     decoder = Decoder(model, tokenizer, d)
-    gen = decoder.settings(GenerationConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale))
+    gen = decoder.settings(
+        GenerationConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_max_t=guidance_max_t)
+    )
     clf, clf_acc = train_fashion_classifier(config.data, classifier_steps)
     prompts = [
         (c, f"a photo of {with_article(name)}")
@@ -113,6 +115,7 @@ def evaluate_fashion(
         "eval_sampler": gen.sampler,
         "eval_steps": gen.steps,
         "eval_cfg": gen.cfg_scale,
+        "eval_guidance_max_t": gen.guidance_max_t,
         "eval_seconds": time.time() - start,
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))

@@ -182,6 +182,7 @@ def evaluate(
     seed: int = 0,
     inception: str | None = None,
     fd_cache: str | Path | None = None,
+    guidance_max_t: int | None = -1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run every evaluation; returns (metrics, details for the report) and writes metrics.json. The FD
     feature classifier is trained once per ``fd_cache`` directory (default ``out_dir``)."""
@@ -192,7 +193,9 @@ def evaluate(
     d = config.diffusion
     decoder = Decoder(model, tokenizer, d)
     # the checkpoint's sampling settings unless told otherwise (the paper's: DDPM, 250 steps, guidance 3)
-    gen = decoder.settings(GenerationConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale))
+    gen = decoder.settings(
+        GenerationConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_max_t=guidance_max_t)
+    )
     size = vae.config.image_size
     t0 = time.time()
     comp, comp_rows, pairs = composition(decoder, vae, n_per_kind, gen, size, seed + 100)

@@ -19,7 +19,7 @@ from transfusion.experiments import EXPERIMENTS, Settings, run_experiment
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    lines = [f"  {name:<13} {e.title}" for name, e in EXPERIMENTS.items()]
+    lines = [f"  {name:<13} {e.title} ({e.minutes:g} min)" for name, e in EXPERIMENTS.items()]
     p.epilog = "experiments:\n" + "\n".join(lines)
     p.add_argument(
         "name", choices=sorted(EXPERIMENTS), metavar="NAME", help="which experiment (listed below)"
@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--minutes",
         type=float,
-        default=60.0,
-        help="total budget, shared assets and evaluation included (default 60)",
+        default=None,
+        help="total budget, shared assets and evaluation included (default: the experiment's, 40-60)",
     )
     p.add_argument("--seeds", type=int, default=2, help="seeds per point (default 2)")
     p.add_argument("--budgets", type=float, nargs="+", default=None,
@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     exp = EXPERIMENTS[args.name]
-    if args.minutes <= 0 or args.seeds < 1 or args.prompts_per_kind < 1 or args.captions < 1:
+    minutes = args.minutes if args.minutes is not None else exp.minutes
+    if minutes <= 0 or args.seeds < 1 or args.prompts_per_kind < 1 or args.captions < 1:
         raise UserError("--minutes, --seeds, --prompts-per-kind and --captions must be positive")
     if args.resume:
         if not args.out or not Path(args.out).is_dir():
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     budgets = list(args.budgets or exp.budgets)
     if any(b <= 0 for b in budgets):
         raise UserError("--budgets must be positive multiples")
-    settings = Settings(args.minutes, args.seeds, budgets, args.prompts_per_kind, args.captions, args.set,
+    settings = Settings(minutes, args.seeds, budgets, args.prompts_per_kind, args.captions, args.set,
                         args.sample_steps)  # fmt: skip
     results = run_experiment(exp, out, settings, resume=args.resume)
     for v in results["verdicts"]:

@@ -205,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
             md.append(f"![output {i}, image {j}]({name})\n\n")
         record.append(row)
     settings = {
-        k: getattr(gen, k) for k in ("sampler", "steps", "cfg_scale", "guidance_max_t", "temperature", "top_k", "top_p")
+        k: getattr(gen, k)
+        for k in ("sampler", "steps", "cfg_scale", "guidance_max_t", "temperature", "top_k", "top_p")
     }
     meta = {"prompt": args.prompt, "prompt_images": args.image, "checkpoint": str(loaded.path), "seeds": seeds,
             "settings": settings}  # fmt: skip

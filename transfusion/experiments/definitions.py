@@ -13,14 +13,22 @@ EXPERIMENT_MODEL = [
     "model.dim=128",
     "model.n_layers=3",
     "model.n_heads=4",
+    "model.patcher=unet",
     "model.unet_channels=32",
+    "model.patch_size=2",
+    "model.rope_2d=false",
+    "model.image_attention=bidirectional",
+    "diffusion.guidance_max_t=null",
+    "data.caption_first_prob=0.8",
     "train.batch_size=16",
     "train.lr=2e-3",
     "train.min_lr=2e-4",
 ]
-"""The trunk every experiment trains (unless an arm changes it): 128 wide, 3 layers, so that a
-minutes-long budget still buys well over a thousand steps on 2 CPU cores; the U-Net patcher at 32
-channels (64 would cost more than the trunk at this width)."""
+"""What every experiment trains unless an arm changes it: the paper's recipe (U-Net 2x2 patches,
+bidirectional image attention, raster-order positions, guidance at every step, 80% caption-first
+pairs), whatever the demo's own choices, on a trunk 128 wide and 3 layers deep, so that a budget of
+minutes still buys over a thousand steps on 2 CPU cores; the U-Net at 32 channels (64 would cost more
+than the trunk at this width)."""
 
 LINEAR = ["model.patcher=linear"]
 UNET = ["model.patcher=unet"]
@@ -74,6 +82,8 @@ class Experiment:
     """Guidance weights every trained point is evaluated at (the sweep of the 'guidance' experiment)."""
     eval_cfg: float = 3.0
     """Guidance weight of the main evaluation (PAPER.md: 3 in the ablations, 5 against Chameleon)."""
+    minutes: float = 40.0
+    """Default budget (``--minutes``): shared assets, training and evaluation of every point."""
     text_corpus: bool = False
     """Mix Debian's fortunes in as text-only samples and score held-out fortunes (bits per byte)."""
     base: tuple[str, ...] = field(default_factory=tuple)
@@ -92,6 +102,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 Arm("chameleon", tuple(CHAMELEON), "Chameleon-style (VQ codes, next-token)"),
             ),
             budgets=(1.0, 2.0, 4.0),
+            minutes=60.0,
             eval_cfg=5.0,
             text_corpus=True,
             metrics=(
@@ -175,6 +186,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 Arm("unet-2", (*UNET, "model.patch_size=2"), "U-Net 2x2"),
                 Arm("unet-4", (*UNET, "model.patch_size=4"), "U-Net 4x4"),
             ),
+            minutes=50.0,
             findings=(
                 Finding(
                     "fd_project_classifier",
@@ -209,6 +221,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 Arm("linear-causal", (*LINEAR, "model.image_attention=causal"), "linear, causal"),
                 Arm("unet-causal", (*UNET, "model.image_attention=causal"), "U-Net, causal"),
             ),
+            minutes=50.0,
             findings=(
                 Finding(
                     "fd_project_classifier",

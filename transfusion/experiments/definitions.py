@@ -21,8 +21,8 @@ EXPERIMENT_MODEL = [
     "diffusion.guidance_max_t=null",
     "data.caption_first_prob=0.8",
     "train.batch_size=16",
-    "train.lr=2e-3",
-    "train.min_lr=2e-4",
+    "train.lr=1e-3",
+    "train.min_lr=1e-4",
 ]
 """What every experiment trains unless an arm changes it: the paper's recipe (U-Net 2x2 patches,
 bidirectional image attention, raster-order positions, guidance at every step, 80% caption-first

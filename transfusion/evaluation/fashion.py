@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from transfusion.evaluation import metrics as M
-from transfusion.generate import Decoder, GenerationConfig, caption, text_to_image
+from transfusion.evaluation.common import prepare
+from transfusion.generate import GenerationConfig, caption, text_to_image
 from transfusion.io import atomic_write_text
 from transfusion.vae import decode_latents, encode_images, pil_to_tensor
 
@@ -82,14 +83,7 @@ def evaluate_fashion(
     from transfusion.data.sources import FASHION_CLASSES, FashionMNIST, with_article
 
     start = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    d = config.diffusion
-    decoder = Decoder(model, tokenizer, d)
-    gen = decoder.settings(
-        GenerationConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_max_t=guidance_max_t)
-    )
+    out, decoder, gen = prepare(model, tokenizer, config, out_dir, sampler, steps, cfg_scale, guidance_max_t)
     clf, clf_acc = train_fashion_classifier(config.data, classifier_steps)
     prompts = [
         (c, f"a photo of {with_article(name)}")

@@ -29,6 +29,7 @@ from torch import nn
 
 from transfusion.data.shapes import COLORS, KINDS, SHAPES, Scene, ShapesDataset, caption_for, eval_prompts
 from transfusion.evaluation import metrics as M
+from transfusion.evaluation.common import prepare
 from transfusion.evaluation.scenes import detect_scene, judge_caption, judge_image
 from transfusion.evaluation.text import text_scores
 from transfusion.generate import Decoder, GenerationConfig, caption, text_to_image
@@ -187,15 +188,7 @@ def evaluate(
     """Run every evaluation; returns (metrics, details for the report) and writes metrics.json. The FD
     feature classifier is trained once per ``fd_cache`` directory (default ``out_dir``)."""
     start = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    d = config.diffusion
-    decoder = Decoder(model, tokenizer, d)
-    # the checkpoint's sampling settings unless told otherwise (the paper's: DDPM, 250 steps, guidance 3)
-    gen = decoder.settings(
-        GenerationConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_max_t=guidance_max_t)
-    )
+    out, decoder, gen = prepare(model, tokenizer, config, out_dir, sampler, steps, cfg_scale, guidance_max_t)
     size = vae.config.image_size
     t0 = time.time()
     comp, comp_rows, pairs = composition(decoder, vae, n_per_kind, gen, size, seed + 100)

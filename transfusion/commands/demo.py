@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="built-in shape scenes (default) or Fashion-MNIST from Debian's package",
     )
     p.add_argument(
-        "--prompts-per-kind", type=int, default=20, help="held-out prompts per GenEval kind (default 20)"
+        "--prompts-per-kind", type=int, default=30, help="held-out prompts per GenEval kind (default 30)"
     )
     p.add_argument("--captions", type=int, default=100, help="held-out images to caption (default 100)")
     p.add_argument(

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--minutes",
         type=float,
         default=None,
-        help="total budget, shared assets and evaluation included (default: the experiment's, 40-60)",
+        help="total budget, shared assets and evaluation included (default: the experiment's, 30-45)",
     )
     p.add_argument("--seeds", type=int, default=2, help="seeds per point (default 2)")
     p.add_argument("--budgets", type=float, nargs="+", default=None,

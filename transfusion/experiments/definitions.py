@@ -82,7 +82,7 @@ class Experiment:
     """Guidance weights every trained point is evaluated at (the sweep of the 'guidance' experiment)."""
     eval_cfg: float = 3.0
     """Guidance weight of the main evaluation (PAPER.md: 3 in the ablations, 5 against Chameleon)."""
-    minutes: float = 40.0
+    minutes: float = 30.0
     """Default budget (``--minutes``): shared assets, training and evaluation of every point."""
     text_corpus: bool = False
     """Mix Debian's fortunes in as text-only samples and score held-out fortunes (bits per byte)."""
@@ -102,7 +102,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 Arm("chameleon", tuple(CHAMELEON), "Chameleon-style (VQ codes, next-token)"),
             ),
             budgets=(1.0, 2.0, 4.0),
-            minutes=60.0,
+            minutes=45.0,
             eval_cfg=5.0,
             text_corpus=True,
             metrics=(
@@ -186,7 +186,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 Arm("unet-2", (*UNET, "model.patch_size=2"), "U-Net 2x2"),
                 Arm("unet-4", (*UNET, "model.patch_size=4"), "U-Net 4x4"),
             ),
-            minutes=50.0,
+            minutes=40.0,
             findings=(
                 Finding(
                     "fd_project_classifier",
@@ -221,7 +221,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 Arm("linear-causal", (*LINEAR, "model.image_attention=causal"), "linear, causal"),
                 Arm("unet-causal", (*UNET, "model.image_attention=causal"), "U-Net, causal"),
             ),
-            minutes=50.0,
+            minutes=40.0,
             findings=(
                 Finding(
                     "fd_project_classifier",

@@ -42,7 +42,8 @@ CONFIGS: dict[str, Callable[[], ModelConfig]] = {
 
 # --- measurement helpers -------------------------------------------------------------------------
 def timed(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> float:
-    """Median seconds of ``repeat`` calls after ``warmup`` calls."""
+    """Median seconds of ``repeat`` calls after ``warmup`` calls (the median: one call slowed by another
+    process must not move a benchmark row or shrink the demo's schedule)."""
     for _ in range(warmup):
         fn()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

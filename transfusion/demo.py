@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from transfusion.bench import timed
 from transfusion.config import Config, DataConfig, DiffusionConfig, TrainConfig, VAEConfig, preset
 from transfusion.evaluation.report import write_report
 from transfusion.io import atomic_write_text
@@ -77,7 +78,7 @@ def demo_config(
     overrides: list[str] | None = None,
 ) -> Config:
     """The small preset's width (256) with 3 layers and the U-Net patcher, on 32x32 images through a 4x
-    VAE (8x8x8 latents, 2x2 patches: 16 per image), image-first pairs 25% of the time, then
+    VAE (8x8x8 latents, 4x4 patches: 4 per image), image-first pairs 25% of the time, then
     ``overrides`` (``section.key=value``). Why these: see the module docstring."""
     from transfusion.tokenizer import load_tokenizer
 
@@ -97,19 +98,6 @@ def demo_config(
     cfg = cfg.override(overrides or [])
     cfg.model.vocab_size = load_tokenizer(cfg.train.tokenizer).vocab_size
     return cfg
-
-
-def seconds_per_step(fn: Callable[[], None], warmup: int = 2, repeat: int = 8) -> float:
-    """Median seconds of ``fn()`` over ``repeat`` calls after ``warmup`` untimed ones (the median: one
-    call slowed by another process must not shrink the whole schedule)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def calibrate_train(cfg: Config, encode: Any, cache: Any = None) -> tuple[float, float]:
@@ -135,7 +123,7 @@ def calibrate_train(cfg: Config, encode: Any, cache: Any = None) -> tuple[float,
     def step() -> None:
         train_step(model, opt, [next(cycle)], schedule, cfg.diffusion, lr=tc.lr, grad_clip=tc.grad_clip)
 
-    return gflop, seconds_per_step(step, warmup=2, repeat=8)
+    return gflop, timed(step, repeat=8, warmup=2)
 
 
 def eval_seconds(source: str, prompts_per_kind: int, captions: int) -> float:
@@ -269,9 +257,7 @@ def make_vae(cfg: Config, out: Path, seed: int, plan: Plan) -> tuple[Any, dict]:
 
     train_images = load_images(cfg.data, "train", 4096)
     val_images = load_images(cfg.data, "val", 256)
-    measured = (
-        1 / seconds_per_step(_vae_probe(cfg, train_images), warmup=1, repeat=5) if plan.calibrate else None
-    )
+    measured = 1 / timed(_vae_probe(cfg, train_images), repeat=5, warmup=1) if plan.calibrate else None
     steps = plan.vae_steps(measured)
     note(f"[2/5] VAE on {cfg.data.source}: {steps} steps ({plan.seconds('vae'):.0f} s of the budget)")
     result = train_vae(cfg.vae, train_images, val_images, out / "vae", steps=steps, lr=VAE_LR, seed=seed)

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 HEADLINE = (
-    "train_steps", "vae_psnr_val", "geneval_blank_rate", "geneval_single_object", "geneval_two_objects",
+    "train_steps", "vae_psnr_val", "geneval_blank_rate", "geneval_blank_rate_single_object", "geneval_single_object", "geneval_two_objects",
     "geneval_counting", "geneval_colors", "geneval_position", "geneval_color_attr", "geneval_overall",
     "caption_accuracy", "caption_cider_d", "fd_project_classifier", "fashion_generation_accuracy",
     "fashion_caption_accuracy", "minutes",
@@ -45,12 +45,22 @@ def main() -> None:
     from transfusion.demo import run_demo
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--minutes", type=float, default=15.0)
-    p.add_argument("--dataset", default="shapes", choices=["shapes", "fashion_mnist"])
-    p.add_argument("--out", default="spread")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--runs", type=int, default=3, help="demo runs, seeds 0 .. RUNS-1 (default 3)")
+    p.add_argument(
+        "--minutes", type=float, default=15.0, help="each run's budget, as `demo --minutes` (default 15)"
+    )
+    p.add_argument(
+        "--dataset", default="shapes", choices=["shapes", "fashion_mnist"], help="as `demo --dataset`"
+    )
+    p.add_argument(
+        "--out", default="spread", help="directory of the runs and the tables; finished runs are kept"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="as `demo --set` (repeatable)"
+    )
     args = p.parse_args()
+    if args.runs < 1 or args.minutes <= 0:
+        p.error("--runs must be at least 1 and --minutes positive")
     out = Path(args.out)
     runs = []
     for seed in range(args.runs):

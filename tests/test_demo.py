@@ -24,9 +24,22 @@ def test_demo_small_budget(tmp_path):
         "fd_project_classifier",
     ):
         assert isinstance(metrics[key], float), key
-    assert 0 <= metrics["geneval_overall"] <= 1 and metrics["text_bits_per_byte"] > 0
+    # overall is the mean over the six kinds, and a blank rate is reported beside it
+    kinds = ["single_object", "two_objects", "counting", "colors", "position", "color_attr"]
+    assert metrics["geneval_overall"] == pytest.approx(
+        sum(metrics[f"geneval_{k}"] for k in kinds) / len(kinds)
+    )
+    assert 0 <= metrics["geneval_blank_rate"] <= 1 and metrics["text_bits_per_byte"] > 0
+    # the model trained: its text and image losses fell over the run
+    log = [json.loads(line) for line in (out / "model" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in log if "text_loss" in r]
+    third = max(1, len(train) // 3)
+    for key in ("text_loss", "image_loss"):
+        first, last = (sum(r[key] for r in part) / len(part) for part in (train[:third], train[-third:]))
+        assert last < first, (key, first, last)
     page = (out / "report.html").read_text()
-    assert "<svg" in page and "geneval_overall" in page and "data:image/png;base64," in page
+    assert "<svg" in page and "data:image/png;base64," in page and "blank images" in page
+    assert f"{metrics['geneval_overall']:.2f}" in page  # the report shows this run's numbers
 
 
 def test_demo_help_and_bad_budget(tmp_path, capsys):

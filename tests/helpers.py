@@ -30,3 +30,25 @@ def mixed_samples(cfg: ModelConfig, gen: torch.Generator | None = None) -> list[
             ]
         ),
     ]
+
+
+class PixelVAE(torch.nn.Module):
+    """A stand-in autoencoder whose latents are the pixels: what an evaluator generates is exactly the
+    image it judges."""
+
+    def __init__(self, image_size: int = 32) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("C", (), {"image_size": image_size})()
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+    def to_diffusion(self, z):
+        return z
+
+    def from_diffusion(self, z):
+        return z

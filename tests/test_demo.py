@@ -7,6 +7,8 @@ import torch
 
 from transfusion import cli
 
+from helpers import PixelVAE
+
 
 @pytest.mark.slow
 def test_demo_small_budget(tmp_path):
@@ -47,27 +49,6 @@ def test_demo_help_and_bad_budget(tmp_path, capsys):
         cli.main(["demo", "--help"])
     assert e.value.code == 0 and "--minutes" in capsys.readouterr().out
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--minutes", "0"]) == 2
-
-
-class PixelVAE(torch.nn.Module):
-    """A stand-in autoencoder whose latents are the pixels: what the evaluator generates is exactly
-    the image it judges."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def encode(self, x):
-        return x
-
-    def decode(self, z):
-        return z
-
-    def to_diffusion(self, z):
-        return z
-
-    def from_diffusion(self, z):
-        return z
 
 
 def test_fashion_evaluation_judges_generated_images_and_captions(tmp_path, monkeypatch):

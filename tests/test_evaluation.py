@@ -6,26 +6,7 @@ from transfusion.data.shapes import KINDS
 from transfusion.evaluation import shapes
 from transfusion.vae import pil_to_tensor
 
-
-class PixelVAE(torch.nn.Module):
-    """Latents are the pixels: the evaluator judges exactly the images it is handed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.config = type("C", (), {"image_size": 32})()
-
-    def encode(self, x):
-        return x
-
-    def decode(self, z):
-        return z
-
-    def to_diffusion(self, z):
-        return z
-
-    def from_diffusion(self, z):
-        return z
+from helpers import PixelVAE
 
 
 def test_composition_scores_right_wrong_and_blank_images(monkeypatch):

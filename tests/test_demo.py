@@ -97,3 +97,16 @@ def test_fashion_evaluation_judges_generated_images_and_captions(tmp_path, monke
     assert right["fashion_caption_accuracy"] == 1.0 and wrong["fashion_caption_accuracy"] == 0.0
     saved = json.loads((tmp_path / "metrics.json").read_text())  # the last run's
     assert saved["fashion_generation_accuracy"] == wrong["fashion_generation_accuracy"]
+
+
+def test_guidance_interval_on_shape_scenes_only():
+    """Shape scenes guide at t <= 700 (guiding the noisiest steps drew blank images); Fashion-MNIST
+    guides every step (the interval cost it class accuracy); both one --set away."""
+    from transfusion.demo import GUIDANCE_MAX_T, demo_config
+
+    assert demo_config(10, 0, "shapes").diffusion.guidance_max_t == GUIDANCE_MAX_T == 700
+    assert demo_config(10, 0, "fashion_mnist").diffusion.guidance_max_t is None
+    assert (
+        demo_config(10, 0, "shapes", overrides=["diffusion.guidance_max_t=null"]).diffusion.guidance_max_t
+        is None
+    )

@@ -15,8 +15,9 @@ import statistics
 from pathlib import Path
 
 HEADLINE = (
-    "train_steps", "vae_psnr_val", "geneval_blank_rate", "geneval_blank_rate_single_object", "geneval_single_object", "geneval_two_objects",
-    "geneval_counting", "geneval_colors", "geneval_position", "geneval_color_attr", "geneval_overall",
+    "train_steps", "vae_psnr_val", "geneval_blank_rate", "geneval_blank_rate_single_object",
+    "geneval_single_object", "geneval_two_objects", "geneval_counting", "geneval_colors", "geneval_position",
+    "geneval_color_attr", "geneval_overall",
     "caption_accuracy", "caption_cider_d", "fd_project_classifier", "fashion_generation_accuracy",
     "fashion_caption_accuracy", "minutes",
 )  # fmt: skip

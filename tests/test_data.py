@@ -123,8 +123,14 @@ def test_fashion_mnist_from_debian_package():
     assert len(FashionMNIST(DataConfig(source="fashion_mnist"), "test")) == 10000
 
 
-def test_pairing_ratios_and_noise_limit():
+@pytest.mark.parametrize("corpus", [False, True])
+def test_pairing_ratios_and_noise_limit(corpus):
+    """The paper's mix; with a text corpus (data.text_path) the text-only share comes from that corpus
+    (the loader's job), so a captioned record is never turned into text alone and the image-only share
+    stays image_only_ratio (it once became text_only_ratio + image_only_ratio: 30% image-only pairs,
+    which taught the model to end a sequence after an image instead of captioning it)."""
     cfg = DataConfig(caption_first_prob=0.8, cond_dropout=0.1, text_only_ratio=0.1, image_only_ratio=0.05)
+    cfg.text_path = "corpus.txt" if corpus else None
     rec = Record(Image.new("RGB", (16, 16)), "a caption")
     kinds = []
     for i in range(4000):
@@ -140,9 +146,10 @@ def test_pairing_ratios_and_noise_limit():
             kinds.append("image_only")
         else:
             kinds.append("text_only")
-    f = {k: kinds.count(k) / len(kinds) for k in set(kinds)}
-    paired = 1 - 0.1 - 0.05
-    assert f["text_only"] == pytest.approx(0.1, abs=0.015)
+    f = {k: kinds.count(k) / len(kinds) for k in ("text_only", "image_only", "image_first", "caption_first")}
+    text_only = 0.0 if corpus else 0.1
+    paired = 1 - text_only - 0.05
+    assert f["text_only"] == pytest.approx(text_only, abs=0.015)
     assert f["image_first"] == pytest.approx(paired * 0.2, abs=0.02)
     assert f["caption_first"] == pytest.approx(paired * 0.8 * 0.9, abs=0.02)
     assert f["image_only"] == pytest.approx(0.05 + paired * 0.8 * 0.1, abs=0.015)

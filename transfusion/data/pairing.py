@@ -36,7 +36,7 @@ def pair(record: Record, tokenize: Callable[[str], list[int]], cfg: DataConfig, 
         text_only = 0.0 if cfg.text_path else cfg.text_only_ratio  # with text_path, text comes from there
         if u < text_only:
             has_image = False
-        elif u < cfg.text_only_ratio + cfg.image_only_ratio:
+        elif u < text_only + cfg.image_only_ratio:
             has_text = False
     if not has_image:
         return Sample([Text(tokenize(record.text or ""))])

@@ -8,6 +8,7 @@ import pytest
 from transfusion import cli
 from transfusion.experiments import EXPERIMENTS, Finding
 from transfusion.experiments.page import judge, parity_ratio, plot_svg, summarise
+from transfusion.experiments.runner import loop_speed
 
 
 def cell(flops, **metrics):
@@ -69,6 +70,18 @@ def test_summary_means_and_ranges_over_seeds():
     assert "<svg" in plot_svg("m", "FLOPs", [("a", [(1e9, 0.6, 0.5, 0.7), (2e9, 0.7, 0.6, 0.8)])], True)
 
 
+def test_loop_speed_counts_the_logged_steps_after_the_first_log():
+    """The plan's speed is the training loop's own: GFLOP and seconds between the first and the last
+    logged step (the first steps, with the allocator warming up, are left out)."""
+    rows = [{"step": 10, "elapsed_s": 9.0, "flops_seen": 10e9, "text_loss": 1.0},
+            {"step": 20, "elapsed_s": 10.0, "flops_seen": 20e9},
+            {"step": 20, "val_loss": 1.0},  # a row without timing is skipped
+            {"step": 40, "elapsed_s": 12.0, "flops_seen": 40e9}]  # fmt: skip
+    assert loop_speed(rows) == (pytest.approx(1.0), pytest.approx(0.1))
+    with pytest.raises(ValueError, match="CALIBRATION_STEPS"):
+        loop_speed(rows[:1])
+
+
 def test_every_experiment_names_real_arms_and_metrics():
     for exp in EXPERIMENTS.values():
         names = {a.name for a in exp.arms}
@@ -92,6 +105,18 @@ def test_a_tiny_experiment_writes_results_and_its_page_then_resumes(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert len(results["points"]) == 4 and {p["arm"] for p in results["points"]} == {"limit-500", "no-limit"}
     assert all(p["flops"] > 0 and "caption_accuracy" in p["metrics"] for p in results["points"])
+    # the FLOPs a point spent are those the plan gave it (speeds measured on other batches of the stream)
+    assert all(abs(p["flops"] / 1e9 / p["gflop"] - 1) < 0.2 for p in results["points"])
+    # one scene pool per seed, encoded once before training (points of the two seeds used to
+    # re-encode one shared cache in turn)
+    pools = {
+        d.name: json.loads((d / "index.json").read_text())["source"]
+        for d in (out / "shared").glob("latents-*")
+    }
+    assert sorted(pools) == ["latents-kl-s0", "latents-kl-s1"] and "seed=1" in pools["latents-kl-s1"]
+    assert all(
+        d.stat().st_mtime < (out / "plan.json").stat().st_mtime for d in (out / "shared").glob("latents-*/*")
+    )
     assert results["summary"]["no-limit"]["1"]["caption_accuracy"]["n"] == 2
     assert [v["verdict"] for v in results["verdicts"]][0] in (
         "reproduced",

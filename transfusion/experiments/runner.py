@@ -3,7 +3,7 @@
 An experiment directory holds::
 
     plan.json             the points, their steps and FLOPs, the machine's measured speeds
-    shared/               tokenizer, KL-VAE and/or VQ tokenizer, latent caches, the FD classifier
+    shared/               tokenizer, KL-VAE and/or VQ tokenizer, latent caches (one per seed), the FD classifier
     points/ARM-bB-sS/     the run (model/), its metrics (point.json) and sample grid (samples.png)
     results.json          every point, means and spreads over seeds, the verdicts
     experiment.html       plots, tables, sample grids side by side, verdicts; plots/*.png
@@ -83,7 +83,7 @@ def point_config(
     vae = load_vae(shared / ("vq" if arm.discrete else "vae"))
     codes = [f"model.codebook_size={vae.config.codebook_size}"] if arm.discrete else []
     overrides = [*EXPERIMENT_MODEL, *exp.base, *codes, *arm.overrides, *text, *settings.overrides]
-    cache = shared / ("latents-vq" if arm.discrete else "latents-kl")
+    cache = latent_dir(shared, arm.discrete, seed)
     cfg = demo_config(
         steps, seed, "shapes", str(shared / "tokenizer" / "tokenizer.json"), str(cache), overrides
     )
@@ -133,22 +133,52 @@ def prepare_shared(exp: Experiment, shared: Path, settings: Settings, vae_steps:
             result = train_vae(cfg, images["train"], images["val"], shared / name, steps=vae_steps, lr=VAE_LR)
             note(f"        held-out PSNR {result['psnr_val']:.1f} dB")
         vae = load_vae(shared / name)
-        cache = shared / ("latents-vq" if kind == "vq" else "latents-kl")
-        build_latent_cache(make_source(data, "train"), image_encoder(vae, "cpu"), vae_hash(vae), cache, POOL)
+        for seed in range(settings.seeds):
+            pool = dataclasses.replace(data, seed=seed)
+            cache = latent_dir(shared, kind == "vq", seed)
+            build_latent_cache(
+                make_source(pool, "train"), image_encoder(vae, "cpu"), vae_hash(vae), cache, POOL
+            )
+
+
+def latent_dir(shared: Path, discrete: bool, seed: int) -> Path:
+    """The latent cache of one seed's scene pool (a point's seed picks its pool, as the demo's does):
+    one per seed, so that points of different seeds do not re-encode a shared one in turn."""
+    return shared / f"latents-{'vq' if discrete else 'kl'}-s{seed}"
 
 
 # --- planning ----------------------------------------------------------------------------------------------
-def measure_arm(exp: Experiment, arm: Arm, shared: Path, settings: Settings) -> tuple[float, float]:
-    """(training GFLOP per step, seconds per step here) of an arm, on real batches."""
-    from transfusion.data.latent_cache import LatentCache
-    from transfusion.demo import calibrate_train
-    from transfusion.training import image_encoder
-    from transfusion.vae import load_vae, vae_hash
+CALIBRATION_STEPS = 40
+"""Steps of the real training loop each arm runs to measure its speed (the first ``log_every`` are
+warm-up and not counted)."""
 
-    cfg = point_config(exp, arm, 0, 100, shared, settings)
-    vae = load_vae(shared / ("vq" if arm.discrete else "vae"))
-    cache = LatentCache(cfg.data.latent_cache, vae_hash(vae))
-    return calibrate_train(cfg, image_encoder(vae, "cpu"), cache)
+
+def measure_arm(exp: Experiment, arm: Arm, shared: Path, settings: Settings) -> tuple[float, float]:
+    """(training GFLOP per step, seconds per step here) of an arm: a short run of the training loop
+    itself, so that the data loader, logging and checkpointing are in the time (the bare optimizer
+    step alone was 20-30% faster than the loop, and plans ran over by as much)."""
+    import tempfile
+
+    from transfusion.training import train
+
+    cfg = point_config(exp, arm, 0, CALIBRATION_STEPS, shared, settings)
+    cfg.train.log_every = 10
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        train(cfg, run, vae=str(shared / ("vq" if arm.discrete else "vae")), progress=False)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return loop_speed(rows)
+
+
+def loop_speed(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(GFLOP per step, seconds per step) between the first and the last logged step of a run's
+    ``metrics.jsonl`` rows (the steps before the first log are warm-up)."""
+    logged = [r for r in rows if "elapsed_s" in r and "flops_seen" in r]
+    if len(logged) < 2:
+        raise ValueError("the calibration run logged fewer than two steps; raise CALIBRATION_STEPS")
+    a, b = logged[0], logged[-1]
+    steps = b["step"] - a["step"]
+    return (b["flops_seen"] - a["flops_seen"]) / steps / 1e9, (b["elapsed_s"] - a["elapsed_s"]) / steps
 
 
 def eval_seconds(exp: Experiment, arm: Arm, settings: Settings) -> float:

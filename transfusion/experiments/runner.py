@@ -80,7 +80,7 @@ def point_config(
 
     text = [f"data.text_path={json.dumps(fortunes_path())}", f"data.text_only_ratio={TEXT_ONLY_RATIO}",
             "data.truncate=true"] if exp.text_corpus else []  # fmt: skip
-    vae = load_vae(shared / ("vq" if arm.discrete else "vae"))
+    vae = load_vae(autoencoder_dir(shared, arm.discrete))
     codes = [f"model.codebook_size={vae.config.codebook_size}"] if arm.discrete else []
     overrides = [*EXPERIMENT_MODEL, *exp.base, *codes, *arm.overrides, *text, *settings.overrides]
     cache = latent_dir(shared, arm.discrete, seed)
@@ -126,19 +126,24 @@ def prepare_shared(exp: Experiment, shared: Path, settings: Settings, vae_steps:
     kinds = sorted({"vq" if arm.discrete else "kl" for arm in exp.arms})
     images = {split: load_images(data, split, n) for split, n in (("train", 4096), ("val", 256))}
     for kind in kinds:
-        name = "vq" if kind == "vq" else "vae"
-        if not (shared / name / "vae.json").is_file():
+        directory = autoencoder_dir(shared, kind == "vq")
+        if not (directory / "vae.json").is_file():
             cfg = VAEConfig(kind=kind, image_size=32, downsample=4, latent_channels=8, base_channels=16)
             note(f"shared: {'VQ tokenizer' if kind == 'vq' else 'KL-VAE'}, {vae_steps} steps")
-            result = train_vae(cfg, images["train"], images["val"], shared / name, steps=vae_steps, lr=VAE_LR)
+            result = train_vae(cfg, images["train"], images["val"], directory, steps=vae_steps, lr=VAE_LR)
             note(f"        held-out PSNR {result['psnr_val']:.1f} dB")
-        vae = load_vae(shared / name)
+        vae = load_vae(directory)
         for seed in range(settings.seeds):
             pool = dataclasses.replace(data, seed=seed)
             cache = latent_dir(shared, kind == "vq", seed)
             build_latent_cache(
                 make_source(pool, "train"), image_encoder(vae, "cpu"), vae_hash(vae), cache, POOL
             )
+
+
+def autoencoder_dir(shared: Path, discrete: bool) -> Path:
+    """The shared VQ tokenizer (discrete arms) or KL-VAE."""
+    return shared / ("vq" if discrete else "vae")
 
 
 def latent_dir(shared: Path, discrete: bool, seed: int) -> Path:
@@ -159,14 +164,15 @@ def measure_arm(exp: Experiment, arm: Arm, shared: Path, settings: Settings) -> 
     step alone was 20-30% faster than the loop, and plans ran over by as much)."""
     import tempfile
 
+    from transfusion.evaluation.report import read_metrics_log
     from transfusion.training import train
 
     cfg = point_config(exp, arm, 0, CALIBRATION_STEPS, shared, settings)
     cfg.train.log_every = 10
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        train(cfg, run, vae=str(shared / ("vq" if arm.discrete else "vae")), progress=False)
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train(cfg, run, vae=str(autoencoder_dir(shared, arm.discrete)), progress=False)
+        rows = read_metrics_log(run / "metrics.jsonl")
     return loop_speed(rows)
 
 
@@ -248,9 +254,7 @@ def run_point(
     run = d / "model"
     resume = (run / "latest").is_file()
     t0 = time.time()
-    result = train(
-        cfg, run, vae=str(shared / ("vq" if arm.discrete else "vae")), resume=resume, progress=True
-    )
+    result = train(cfg, run, vae=str(autoencoder_dir(shared, arm.discrete)), resume=resume, progress=True)
     train_seconds = time.time() - t0
     metrics = evaluate_point(exp, run, d, settings)
     point = {**row, "flops": result["flops_seen"], "train_seconds": train_seconds, "metrics": metrics}

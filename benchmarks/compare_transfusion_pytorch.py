@@ -83,25 +83,26 @@ def ours(args: argparse.Namespace, depth: int, steps: int) -> dict:
     from transfusion.sequence import Image, Sample, Specials, Text, pack
     from transfusion.tokenizer import ByteTokenizer
     from transfusion.training import make_optimizer, train_step
-    from transfusion.training.loop import compile_model
+    from transfusion.training.parallelize import parallelize
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cfg, dev = model_config(args, depth), torch.device(args.device)
     model = Transfusion(cfg).to(dev)
-    compile_model(model, Config(model=cfg), DistInfo(device=dev))  # the training default: on CUDA only
     tc, dc = TrainConfig(lr=1e-4), DiffusionConfig()
+    parallel = parallelize(model, Config(model=cfg, train=tc), DistInfo(device=dev))  # compiled on CUDA only
     opt, schedule = make_optimizer(model, tc, fused=dev.type == "cuda"), make_schedule(dc)
     latent = (8, args.latent_size, args.latent_size)
     samples = [Sample([Text(torch.randint(0, 256, (args.text,)).tolist()), Image(torch.randn(latent))])
                for _ in range(BATCH)]  # fmt: skip
     n = cfg.patches_per_image
     batch = pack(samples, args.text + n + 4, Specials.of(ByteTokenizer()), n, one_per_row=True).to(dev)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step() -> None:
-        train_step(model, opt, [batch], schedule, dc, lr=tc.lr, grad_clip=tc.grad_clip, autocast=autocast)
+        train_step(
+            model, opt, [batch], schedule, dc, lr=tc.lr, grad_clip=tc.grad_clip, autocast=parallel.autocast()
+        )
 
     for _ in range(3):
         step()

@@ -129,31 +129,32 @@ def synthetic_batch(
 
 # --- the benchmarks --------------------------------------------------------------------------------
 def bench_train(
-    cfg: ModelConfig, batch_size: int, seq_len: int, device: str, repeat: int, compile: bool | None = None
-) -> dict[str, Any]:
+    cfg: ModelConfig, batch_size: int, seq_len: int, device: str, repeat: int, compile: bool | None = None,
+    activation_checkpointing: str = "none",
+) -> dict[str, Any]:  # fmt: skip
     """The step users run (``training.train_step``: forward, both losses, backward, clipping, AdamW)
-    on one synthetic batch, with the training loop's policies: bf16 autocast on CUDA, and its blocks
-    compiled where ``train.compile`` would compile them (CUDA, by default); the first steps, which
-    compile, are not timed."""
+    on one synthetic batch, made ready by ``training.parallelize`` as the training loop makes it:
+    bf16 autocast on CUDA, blocks compiled where ``train.compile`` would compile them (CUDA, by
+    default), activation checkpointing as given; the first steps, which compile, are not timed."""
     from transfusion.config import Config, DiffusionConfig, TrainConfig
     from transfusion.diffusion import make_schedule
     from transfusion.distributed import DistInfo
     from transfusion.training import make_optimizer, train_step
-    from transfusion.training.loop import compile_model, should_compile
+    from transfusion.training.parallelize import parallelize
 
     torch.manual_seed(0)
     model = Transfusion(cfg).to(device)
-    full = Config(model=cfg, train=TrainConfig(compile=compile))
-    compiled = should_compile(full, torch.device(device))
-    compile_model(model, full, DistInfo(device=torch.device(device)))
+    tc = TrainConfig(lr=1e-4, compile=compile, activation_checkpointing=activation_checkpointing)
+    parallel = parallelize(model, Config(model=cfg, train=tc), DistInfo(device=torch.device(device)))
+    compiled = parallel.compiled
     batch = synthetic_batch(cfg, batch_size, seq_len).to(device)
-    tc, dc = TrainConfig(lr=1e-4), DiffusionConfig()
+    dc = DiffusionConfig()
     opt = make_optimizer(model, tc, fused=device.startswith("cuda"))
     schedule = make_schedule(dc)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
 
     def step() -> None:
-        train_step(model, opt, [batch], schedule, dc, lr=tc.lr, grad_clip=tc.grad_clip, autocast=autocast)
+        train_step(model, opt, [batch], schedule, dc, lr=tc.lr, grad_clip=tc.grad_clip,
+                   autocast=parallel.autocast())  # fmt: skip
 
     reset_peak_rss()
     if device.startswith("cuda"):
@@ -169,8 +170,9 @@ def bench_train(
         "tokens_per_s": tokens / sec,
         "model_gflops": step_flops / sec / 1e9,
         "attention": model.backend(torch.device(device)),
-        "dtype": "bf16-autocast" if device.startswith("cuda") else "fp32",
+        "dtype": "bf16-autocast" if parallel.dtype == torch.bfloat16 else "fp32",
         "compiled": compiled,
+        "activation_checkpointing": activation_checkpointing,
         "peak_rss_mb": peak_rss_mb(),
         "cuda_max_alloc_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
     }
@@ -240,7 +242,7 @@ def _denoise_step_ms(dec: Any, prefix: int, rows_n: int, scale: float, device: s
 
 def run_benchmarks(
     names: list[str], batch_size: int, seq_len: int, repeat: int, device: str, sampling: bool = True,
-    image_steps: tuple[int, ...] = (250, 50), compile: bool | None = None,
+    image_steps: tuple[int, ...] = (250, 50), compile: bool | None = None, activation_checkpointing: str = "none",
 ) -> dict[str, Any]:  # fmt: skip
     peak = matmul_peak(device)
     rows = []
@@ -248,7 +250,8 @@ def run_benchmarks(
         cfg = CONFIGS[name]()
         if seq_len > cfg.max_seq_len:
             cfg = dataclasses.replace(cfg, max_seq_len=seq_len)
-        row = {"config": name, **bench_train(cfg, batch_size, seq_len, device, repeat, compile)}
+        row = {"config": name,
+               **bench_train(cfg, batch_size, seq_len, device, repeat, compile, activation_checkpointing)}  # fmt: skip
         row["mfu"] = row["model_gflops"] / peak
         if sampling:
             row.update(bench_sampling(cfg, device, repeat, image_steps))

@@ -361,10 +361,16 @@ class TrainConfig:
     dtype: str = "auto"
     """'auto' = bf16 autocast on CUDA, fp32 on CPU; or 'fp32', 'bf16'."""
     parallel: str = "ddp"
-    """Under torchrun: 'ddp' or 'fsdp' (FSDP2 fully_shard)."""
+    """Under torchrun: 'ddp' or 'fsdp' (FSDP2 fully_shard on every block and the root; with bf16 it
+    gathers parameters in bf16 and reduces gradients in fp32)."""
     compile: bool | None = None
     """torch.compile every transformer block (and the patcher); None: on for CUDA, off on the CPU,
     where it does not pay for its start-up (about a minute)."""
+    activation_checkpointing: str = "none"
+    """'none', 'full' (every block keeps only its input and recomputes the rest in the backward pass)
+    or 'every:K' (blocks 0, K, 2K, ... do): less activation memory for about a third more compute."""
+    async_checkpoint: bool = False
+    """Write checkpoints in a background thread: training waits only for the copy to host memory."""
     tokenizer: str | None = None
     """A local ``tokenizer.json`` (or its directory) for a model trained from scratch, e.g. one made by
     ``transfusion train-tokenizer``; None means the byte tokenizer. It fixes ``model.vocab_size`` and
@@ -389,6 +395,7 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16"))
         _choice("parallel", self.parallel, ("ddp", "fsdp"))
+        checkpointed_every(self.activation_checkpointing)  # validates
         if self.freeze_text and not self.init_from:
             raise ValueError("train.freeze_text needs train.init_from (a pretrained LLM directory)")
         if self.tokenizer and self.init_from:
@@ -399,6 +406,18 @@ class TrainConfig:
             raise ValueError(
                 "train.train_layers only applies with train.freeze_text (every layer trains otherwise)"
             )
+
+
+def checkpointed_every(mode: str) -> int:
+    """``train.activation_checkpointing`` as a stride: 0 for 'none', 1 for 'full', K for 'every:K'."""
+    if mode in ("none", "full"):
+        return int(mode == "full")
+    head, _, k = str(mode).partition(":")
+    if head == "every" and k.isdigit() and int(k) >= 1:
+        return int(k)
+    raise ValueError(
+        f"train.activation_checkpointing={mode!r} is not one of 'none', 'full', 'every:K' (K >= 1, e.g. every:2)"
+    )
 
 
 @dataclass

@@ -72,23 +72,6 @@ def print0(*args: Any, **kw: Any) -> None:
         print(*args, **{"file": sys.stderr, **kw})
 
 
-def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
-    """DDP (default) or FSDP2 ``fully_shard`` on each block and the root; unchanged in one process."""
-    if not info.enabled:
-        return model
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [info.device.index] if info.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import fully_shard
-
-    for block in model.layers:
-        fully_shard(block)
-    fully_shard(model)
-    return model
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (FSDP2 shards in place: the model is its own)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

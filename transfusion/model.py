@@ -135,8 +135,11 @@ class Transfusion(nn.Module):
         mask: Any,
         past: list[Prefix] | None = None,
         image_index: Tensor | None = None,
+        keep_kv: bool = True,
     ) -> tuple[Tensor, list[KV]]:
-        """Run every block; returns the final-normed hidden states and each layer's new (k, v).
+        """Run every block; returns the final-normed hidden states and each layer's new (k, v)
+        (none with ``keep_kv=False``: training does not hold every layer's keys and values to the end
+        of the forward, which under activation checkpointing would cost more than the checkpoints).
         ``image_index`` gives image patches their 2D RoPE positions when ``rope_2d`` is on."""
         axial = None
         if self.cfg.rope_2d and image_index is not None:
@@ -145,7 +148,8 @@ class Transfusion(nn.Module):
         new_kv = []
         for i, block in enumerate(self.layers):
             x, kv = block(x, cos, sin, mask, None if past is None else past[i])
-            new_kv.append(kv)
+            if keep_kv:
+                new_kv.append(kv)
         return self.norm(x), new_kv
 
     def image_outputs(self, h: Tensor, patch_mask: Tensor, ctx: Any, num_images: int) -> Tensor:
@@ -161,7 +165,7 @@ class Transfusion(nn.Module):
         patch_mask = batch.patch_mask
         x, ctx = self.embed(batch.ids, patch_mask, batch.latents, batch.timesteps)  # (B, L, D)
         mask = self.attention_mask(batch.doc_ids, batch.image_index)
-        h, _ = self.trunk(x, batch.positions, mask, image_index=batch.image_index)  # (B, L, D)
+        h, _ = self.trunk(x, batch.positions, mask, image_index=batch.image_index, keep_kv=False)  # (B, L, D)
         logits = self.lm_head(h)  # (B, L, V)
         if batch.num_images:
             image_pred = self.image_outputs(h, patch_mask, ctx, batch.num_images)

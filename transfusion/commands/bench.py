@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="compile the training step's blocks: auto (the training default: on CUDA only), on, off",
     )  # fmt: skip
     p.add_argument(
+        "--activation-checkpointing", default="none", metavar="MODE",
+        help="none (default), full, or every:K: recompute blocks' activations in the backward pass",
+    )  # fmt: skip
+    p.add_argument(
         "--image-steps", type=int, nargs="+", default=[250, 50],
         help="denoising steps of the whole-image timings (default 250 50: the paper's, and a fast setting)",
     )  # fmt: skip
@@ -47,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmarks(
         args.configs, args.batch_size, args.seq_len, args.repeat, device, not args.no_sampling,
         tuple(args.image_steps), {"auto": None, "on": True, "off": False}[args.compile],
+        args.activation_checkpointing,
     )  # fmt: skip
     print(format_table(result))
     out = out_dir(args.out)

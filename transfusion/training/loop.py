@@ -22,7 +22,6 @@ import dataclasses
 import json
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from transfusion.diffusion import make_schedule
 from transfusion.flops import batch_train_flops
 from transfusion.io import atomic_write_text, output_directory
 from transfusion.losses import training_loss
+from transfusion.training.parallelize import Parallel, compiled_graphs, parallelize
 from transfusion.training.setup import (
     build_model,
     check_consistency,
@@ -63,14 +63,12 @@ class Run:
     out: Path
     info: D.DistInfo
     vae: Any
-    model: torch.nn.Module  # the plain model (its parameters; sampling, EMA)
-    wrapped: torch.nn.Module  # DDP-wrapped or FSDP2-sharded (or the model itself in one process)
+    parallel: Parallel  # the model, what the step runs (DDP-wrapped, FSDP2-sharded or itself), dtype
     optimizer: torch.optim.Optimizer
     tokenizer: Any
     loader: BatchLoader
     val_loader: BatchLoader | None
     ema: dict[str, torch.Tensor] | None
-    autocast: Any
     step: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {k: 0 for k in ckpt.COUNTERS})
 
@@ -96,11 +94,11 @@ def train(
     with _Signals() as signals:
         while run.step < tc.steps:
             batches = [next(run.loader).to(run.info.device) for _ in range(tc.grad_accum)]
-            result = train_step(run.wrapped, run.optimizer, batches, schedule, run.cfg.diffusion,
-                                lr=lr_at(run.step, tc), grad_clip=tc.grad_clip, autocast=run.autocast)  # fmt: skip
+            result = train_step(run.parallel.step_model, run.optimizer, batches, schedule, run.cfg.diffusion,
+                                lr=lr_at(run.step, tc), grad_clip=tc.grad_clip, autocast=run.parallel.autocast())  # fmt: skip
             bad.record(result.finite, run.step, str(run.out))
             if result.finite and run.ema is not None:
-                update_ema(run.ema, run.model, tc.ema_decay)
+                update_ema(run.ema, run.parallel.model, tc.ema_decay)
             run.step += 1
             run.counters["bad_steps_total"] = bad.total
             run.counters["tokens_seen"] += result.tokens * run.info.world_size
@@ -151,58 +149,24 @@ def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -
         atomic_write_text(out / "config.json", cfg.to_json())
 
     model, tokenizer, freeze = build_model(cfg)
-    model = model.to(info.device).train()
-    compile_model(model, cfg, info)  # before wrapping (torchtitan's order): the wrappers see compiled blocks
-    wrapped = D.wrap_model(model, tc.parallel, info)
-    optimizer = make_optimizer(
-        wrapped if D.is_sharded(wrapped) else model, tc, fused=info.device.type == "cuda"
-    )
+    parallel = parallelize(model.to(info.device).train(), cfg, info)
+    optimizer = make_optimizer(parallel.model, tc, fused=info.device.type == "cuda")
     if freeze is not None:
         freeze.attach(optimizer)  # frozen rows out of weight decay, before any optimizer state is loaded
+    # under FSDP2 the state dict holds this rank's shards: the EMA is sharded like the weights
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if tc.ema_decay > 0 else None
-    use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and info.device.type == "cuda")
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     loader, val_loader = make_loaders(cfg, tokenizer, vae_model, info.device, info)
-    run = Run(cfg, out, info, vae_model, model, wrapped, optimizer, tokenizer,
-              loader, val_loader, ema, autocast)  # fmt: skip
+    run = Run(cfg, out, info, vae_model, parallel, optimizer, tokenizer, loader, val_loader, ema)
     if latest is not None:
         restore(run, latest)
         D.print0(f"resumed from {latest} at step {run.step}")
     return run
 
 
-def should_compile(cfg: Config, device: torch.device) -> bool:
-    """``train.compile``, or by default: on CUDA yes, on the CPU no."""
-    return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
-
-
-def compile_model(model: torch.nn.Module, cfg: Config, info: D.DistInfo) -> None:
-    """Compile in place (``nn.Module.compile``: the weights' names do not change) every transformer
-    block, whose inputs always have the shape of a packed batch (rows x row length x width), so each
-    compiles once; and the patcher, whose batch (the images of a batch) varies, with dynamic shapes
-    so that it does not recompile for every count. Masks, losses and data stay outside: nothing in a
-    compiled region waits for the host."""
-    if not should_compile(cfg, info.device):
-        return
-    D.print0("note: compiling the model (train.compile); the first steps take about a minute")
-    for block in model.layers:
-        block.compile(dynamic=False)
-    if model.patcher is not None:
-        model.patcher.compile(dynamic=True)
-
-
-def compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process (first compiles and recompiles): a number that
-    stays flat once training runs is the sign that shapes do not recompile."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
 def restore(run: Run, path: Path) -> None:
     """Weights, optimizer, EMA, data positions, counters and random states from a run checkpoint."""
     weights, ema, state = ckpt.load_run_checkpoint(path, run.info.world_size)
-    D.load_state(run.wrapped, run.optimizer, weights, state.optimizer)
+    D.load_state(run.parallel.model, run.optimizer, weights, state.optimizer)
     if run.ema is not None and ema is not None:
         D.load_full_tensors(run.ema, ema)
     if state.rng is not None:
@@ -214,8 +178,8 @@ def restore(run: Run, path: Path) -> None:
 def save(run: Run) -> None:
     """A run checkpoint (every rank takes part in gathering; rank 0 writes)."""
     loader_states = D.all_gather_object(run.loader.state_dict())
-    weights = D.full_state_dict(run.wrapped)
-    optimizer = D.optimizer_state(run.wrapped, run.optimizer)
+    weights = D.full_state_dict(run.parallel.model)
+    optimizer = D.optimizer_state(run.parallel.model, run.optimizer)
     ema = D.full_tensors(run.ema) if run.ema is not None else None  # under FSDP2 the EMA is sharded too
     rng = D.all_gather_object(ckpt.rng_state())
     if run.info.is_main:
@@ -294,7 +258,14 @@ class MetricsLog:
         self.window_tokens, self.window_start = 0, time.time()
         if validate_now:
             record.update(
-                validate(run.wrapped, run.val_loader, run.cfg, schedule, tc.eval_batches, run.info.device)
+                validate(
+                    run.parallel.step_model,
+                    run.val_loader,
+                    run.cfg,
+                    schedule,
+                    tc.eval_batches,
+                    run.info.device,
+                )
             )
         bar.set_postfix(text=f"{record['text_loss']:.3f}", image=f"{record['image_loss']:.3f}",
                         lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
@@ -323,7 +294,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def can_sample(run: Run) -> bool:
     """Sample grids run on rank 0 alone: fine with whole weights (one process, DDP), not with shards."""
-    return run.info.is_main and not D.is_sharded(run.wrapped)
+    return run.info.is_main and run.parallel.whole
 
 
 def save_sample_grid(run: Run, path: Path, prompts: list[str] = SAMPLE_PROMPTS) -> None:
@@ -334,7 +305,7 @@ def save_sample_grid(run: Run, path: Path, prompts: list[str] = SAMPLE_PROMPTS) 
     from transfusion.generate import Decoder, GenerationConfig, text_to_image
     from transfusion.vae import decode_latents
 
-    dec = Decoder(run.model, run.tokenizer, run.cfg.diffusion)
+    dec = Decoder(run.parallel.model, run.tokenizer, run.cfg.diffusion)
     gen = dec.settings(GenerationConfig(steps=min(100, run.cfg.diffusion.sample_steps)))
     latents = torch.stack(text_to_image(dec, prompts, gen, seeds=list(range(len(prompts)))))
     images = decode_latents(run.vae, latents)
@@ -347,7 +318,7 @@ def save_sample_grid(run: Run, path: Path, prompts: list[str] = SAMPLE_PROMPTS) 
         draw.text((i * cell + 2, cell + 14), p[16:32], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
-    run.model.train()
+    run.parallel.model.train()
 
 
 class _Signals:

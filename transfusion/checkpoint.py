@@ -187,15 +187,20 @@ def rng_state() -> dict[str, Any]:
     these cover anything else that uses the global ones)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only (one GPU a process)
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``; the CUDA state goes to this process's device when there is one (a
+    machine with fewer or no GPUs resumes too: every state was saved per process, not per GPU)."""
     torch.set_rng_state(state["torch"])
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written by an older version: every visible GPU's state
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def save_run_checkpoint(

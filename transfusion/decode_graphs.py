@@ -10,14 +10,17 @@ the lengths give (a scatter, no host indices); and the rows are a consecutive ru
 
 ``StaticSteps.text`` runs one token per row and commits it; ``StaticSteps.image`` predicts the noise of
 one image per row, with the unconditional twins of guidance reading a shared cached BOS BOI. On CUDA
-each distinct call (kind, rows, twins) is captured on first use (after two warm-up runs on a side
-stream, as PyTorch's CUDA-graph notes require) and replayed after; on the CPU, or when capture is off,
-the same static code runs eagerly, so the CPU tests check the arithmetic that the graphs replay.
-Inputs are copied into the graph's own buffers before each replay; outputs are cloned out.
+each distinct call (kind, cache, rows, twins) is captured on first use (after two warm-up runs on a
+side stream, as PyTorch's CUDA-graph notes require), on the model's device, and replayed after, by this
+call and later ones (the decoder keeps its caches); all graphs share one memory pool. On the CPU, or
+when capture is off, the same static code runs eagerly, so the CPU tests check the arithmetic that
+the graphs replay. Inputs are copied into the graph's own buffers before each replay; outputs are
+cloned out.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,40 +37,62 @@ def consecutive(rows: Tensor) -> int | None:
 
 
 class StepGraph:
-    """A function of device tensors, captured in a CUDA graph over static copies of its inputs."""
+    """A function of device tensors, captured in a CUDA graph over static copies of its inputs, on the
+    device the model is on (not the process's current device: a model on ``cuda:1`` captured on
+    ``cuda:0`` records an empty graph and every replay returns stale outputs). Graphs of one decoder
+    share a memory pool; that is safe because each replay's output is cloned before the next replay."""
 
-    def __init__(self, fn: Callable[..., Tensor], inputs: list[Tensor]):
+    def __init__(self, fn: Callable[..., Tensor], inputs: list[Tensor], device: torch.device, pool: Any):
+        self.device = device
         self.inputs = [x.clone() for x in inputs]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: allocations and lazy initialisations happen outside the capture
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(*self.inputs)
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: allocations and lazy initialisations happen outside the capture
+                    fn(*self.inputs)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.output = fn(*self.inputs)
 
     def __call__(self, *inputs: Tensor) -> Tensor:
-        for static, x in zip(self.inputs, inputs):
-            static.copy_(x, non_blocking=True)
-        self.graph.replay()
-        return self.output.clone()
+        with torch.cuda.device(self.device):
+            for static, x in zip(self.inputs, inputs):
+                static.copy_(x, non_blocking=True)
+            self.graph.replay()
+            return self.output.clone()
 
 
 class StaticSteps:
-    """Static-shape text and image steps of one model over one decoding call's caches."""
+    """Static-shape text and image steps of one model, over caches that live as long as the decoder
+    (``Decoder`` reuses its caches from call to call), so a step captured once is replayed by every
+    later call with the same batch shape. Capture is on when asked and the model is on a CUDA device;
+    if a capture fails, one line says why and the steps run eagerly from then on."""
 
     def __init__(self, model: Any, capture: bool):
-        self.model, self.capture = model, capture and torch.cuda.is_available()
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.capture = capture and self.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.graphs: dict[tuple, StepGraph] = {}
+
+    def forget(self, cache: Any) -> None:
+        """Drop the graphs that read or write ``cache`` (it is being freed)."""
+        self.graphs = {k: g for k, g in self.graphs.items() if k[1] != cache.serial}
 
     def _run(self, key: tuple, fn: Callable[..., Tensor], inputs: list[Tensor]) -> Tensor:
         if not self.capture:
             return fn(*inputs)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = StepGraph(fn, inputs)
+            try:
+                graph = self.graphs[key] = StepGraph(fn, inputs, self.device, self.pool)
+            except RuntimeError as e:  # a capture the driver or an op refuses: decode eagerly instead
+                self.capture = False
+                print(f"warning: CUDA graph capture failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                      "decoding without graphs", file=sys.stderr)  # fmt: skip
+                return fn(*inputs)
         return graph(*inputs)
 
     def text(self, cache: Any, r0: int, tokens: Tensor, start: Tensor) -> Tensor:
@@ -81,7 +106,7 @@ class StaticSteps:
             cache.write_at(r0, start, out.kv)
             return out.logits
 
-        return self._run(("text", id(cache), r0, R), step, [tokens, start])
+        return self._run(("text", cache.serial, r0, R), step, [tokens, start])
 
     def image(self, cache: Any, r0: int, x: Tensor, t: Tensor, start: Tensor, shared: Any = None) -> Tensor:
         """Predictions (R, C, H, W) for images x (R, C, H, W) at timesteps t (R,) after rows r0 ..
@@ -95,7 +120,8 @@ class StaticSteps:
             starts = torch.cat([start, start.new_full((twins,), shared.capacity)]) if twins else start
             return self.model.extend_image(x, t, starts, past).image_pred
 
-        return self._run(("image", id(cache), r0, R, twins), step, [x, t, start])
+        key = ("image", cache.serial, r0, R, twins, None if shared is None else shared.serial)
+        return self._run(key, step, [x, t, start])
 
 
 def static_prefix(

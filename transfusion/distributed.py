@@ -55,9 +55,19 @@ def init(device: str = "auto") -> DistInfo:
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+        use_tf32()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistInfo(rank, world, local, dev)
+
+
+def use_tf32() -> None:
+    """Let fp32 matmuls and convolutions on CUDA run on TF32 tensor cores (decoding, validation
+    outside autocast, the VAE): about 8x the fp32 rate on an A100/H100 for a 10-bit mantissa in the
+    products, which these paths tolerate. Only the CUDA backends are set (the new ``fp32_precision``
+    API; the CPU's matmuls stay full fp32)."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 def cleanup() -> None:

@@ -29,6 +29,8 @@ C/H/W latent channels/height/width.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +43,10 @@ from transfusion.diffusion import Sampler, default_sampler, guidance_scale, guid
 from transfusion.layers import KV, Prefix
 from transfusion.model import Transfusion
 from transfusion.sequence import Image, Sample, Specials, Text, images_as_tokens, pack, sample_length
+
+KEPT_CACHES = 4
+"""Caches a decoder with static steps keeps between calls (the rows', the guidance twins', and a spare
+shape); each holds the CUDA graphs captured over it."""
 
 Segment = str | Tensor
 """A prompt or output segment: text, or an image as a latent (C, H, W) scaled for diffusion
@@ -96,6 +102,8 @@ class GenerationConfig:
 class KVCache:
     """Per-layer keys and values of R rows, (R, Hk, capacity, Dh), preallocated; ``lens`` (R,)."""
 
+    _serials = itertools.count()
+
     def __init__(
         self, model: Transfusion, rows: int, capacity: int, device: torch.device, dtype: torch.dtype
     ):
@@ -105,6 +113,13 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.lens = torch.zeros(rows, dtype=torch.long)  # on the CPU: lengths steer Python control flow
         self.capacity = capacity
+        self.serial = next(KVCache._serials)  # what captured graphs key on (ids are reused once freed)
+
+    def reset(self) -> None:
+        """Empty every row, keeping the tensors (and so the graphs captured over them)."""
+        self.lens.zero_()
+        for t in (*self.k, *self.v):
+            t.zero_()
 
     def past(self, rows: Tensor) -> list[tuple[int, Tensor, Tensor, Tensor | None]]:
         """Each layer's ``Prefix`` part for ``rows``: the slots up to the longest row, and which of
@@ -258,7 +273,10 @@ class Decoder:
         cuda = self.device.type == "cuda"
         self.graphs = cuda if graphs is None else graphs
         self.static = cuda if static is None else (static or self.graphs)
-        self._steps: decode_graphs.StaticSteps | None = None  # the static steps of the call under way
+        # the static steps and the caches they were captured over live as long as the decoder, so a
+        # later call with the same batch shape replays the graphs instead of capturing them again
+        self._steps = decode_graphs.StaticSteps(model, self.graphs) if self.static else None
+        self._caches: OrderedDict[tuple, KVCache] = OrderedDict()
 
     def settings(self, gen: GenerationConfig | None = None) -> GenerationConfig:
         """``gen`` with sampler, steps and cfg_scale filled in from the diffusion config where None."""
@@ -309,30 +327,43 @@ class Decoder:
         images = max(gen.max_images, int(any(force)))
         capacity = min(limit, max(lengths) + gen.max_new_tokens + images * (self.n + 2))
         rows = [_Row(torch.Generator().manual_seed(int(s))) for s in seeds]
-        cache = KVCache(self.model, B, capacity, self.device, self.dtype)
+        cache = self._cache("rows", B, capacity)
         guide = scale != 1.0 and images > 0  # no images, no unconditional branch
         uncond = self._unconditional_prefix() if guide and not self.discrete else None
-        twins = (
-            KVCache(self.model, B, self.n + 2, self.device, self.dtype) if guide and self.discrete else None
-        )
+        twins = self._cache("twins", B, self.n + 2) if guide and self.discrete else None
         batch = _Batch(rows, cache, uncond, twins, sampler, scale, gen, progress)
 
         logits = self._prefill(cache, torch.arange(B), samples)  # (B, V)
-        self._steps = decode_graphs.StaticSteps(self.model, self.graphs) if self.static else None
-        try:
-            for i, row in enumerate(rows):
-                row.logits = logits[i]
-                if force[i]:
-                    self._start_image(batch, i)
-            while not all(r.done for r in rows):
-                self._lm_tick(batch)
-                if self.discrete:
-                    self._code_tick(batch)
-                else:
-                    self._diffusion_tick(batch)
-        finally:
-            self._steps = None  # its graphs hold this call's caches
+        for i, row in enumerate(rows):
+            row.logits = logits[i]
+            if force[i]:
+                self._start_image(batch, i)
+        while not all(r.done for r in rows):
+            self._lm_tick(batch)
+            if self.discrete:
+                self._code_tick(batch)
+            else:
+                self._diffusion_tick(batch)
         return [r.out for r in rows]
+
+    def _cache(self, kind: str, rows: int, capacity: int) -> KVCache:
+        """An empty cache of ``rows`` x ``capacity``. With static steps, the decoder keeps its last few
+        caches (capacity rounded up to 64 slots, so that calls with prompts of similar length share
+        one) and the graphs captured over them; otherwise a fresh one."""
+        if self._steps is None:
+            return KVCache(self.model, rows, capacity, self.device, self.dtype)
+        if kind == "rows":
+            capacity = min(self.model.cfg.max_seq_len, -(-capacity // 64) * 64)
+        key = (kind, rows, capacity)
+        cache = self._caches.pop(key, None)
+        if cache is None:
+            while len(self._caches) >= KEPT_CACHES:
+                self._steps.forget(self._caches.popitem(last=False)[1])
+            cache = KVCache(self.model, rows, capacity, self.device, self.dtype)
+        else:
+            cache.reset()
+        self._caches[key] = cache
+        return cache
 
     # --- one tick of each mode ----------------------------------------------------------------
     def _lm_tick(self, b: _Batch) -> None:
@@ -560,8 +591,9 @@ class Decoder:
         return out.logits
 
     def _unconditional_prefix(self) -> KVCache:
-        """BOS BOI in a one-row cache: what training shows before an image whose text was dropped."""
-        uncond = KVCache(self.model, 1, 2, self.device, self.dtype)
+        """BOS BOI in a one-row cache: what training shows before an image whose text was dropped
+        (computed on every call: the model may have trained since the last one)."""
+        uncond = self._cache("uncond", 1, 2)
         self._prefill(uncond, torch.zeros(1, dtype=torch.long), [Sample([Text([self.sp.boi])], eos=False)])
         return uncond
 

@@ -61,12 +61,19 @@ def mask_mod_for(doc_ids: Tensor, image_index: Tensor) -> Any:
     return mask_mod
 
 
-def block_mask(doc_ids: Tensor, image_index: Tensor) -> Any:
-    """FlexAttention ``BlockMask`` for the rule (the CUDA default: sparse blocks are skipped)."""
+def block_mask(doc_ids: Tensor, image_index: Tensor, compiled: bool | None = None) -> Any:
+    """FlexAttention ``BlockMask`` for the rule (the CUDA default: sparse blocks are skipped).
+
+    Built by a compiled ``create_block_mask`` on CUDA (``compiled``, default: on CUDA): uncompiled it
+    materialises the (B, 1, L, L) booleans and their intermediates on every forward (about 134 MB each
+    at 8 x 4096); compiled, it evaluates the rule block by block. On the CPU it stays eager."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, L = doc_ids.shape
-    return create_block_mask(mask_mod_for(doc_ids, image_index), B, None, L, L, device=doc_ids.device)
+    compiled = doc_ids.is_cuda if compiled is None else compiled
+    return create_block_mask(
+        mask_mod_for(doc_ids, image_index), B, None, L, L, device=doc_ids.device, _compile=compiled
+    )
 
 
 def reference_mask(doc_ids: Tensor, image_index: Tensor) -> Tensor:

@@ -41,15 +41,20 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 
 
 def pick_device(name: str) -> str:
-    """'auto' -> cuda when available, else cpu; a CUDA device asked for where there is none is an error."""
+    """'auto' -> cuda when available, else cpu; a CUDA device asked for where there is none is an error.
+    On CUDA, fp32 matmuls may use TF32 (``distributed.use_tf32``)."""
     import torch
 
+    from transfusion.distributed import use_tf32
+
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
     if name != "cpu" and not name.startswith("cuda"):
         raise UserError(f"--device {name!r}: use cpu, cuda, cuda:N or auto")
+    if name.startswith("cuda"):
+        use_tf32()
     return name
 
 

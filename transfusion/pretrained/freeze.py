@@ -111,10 +111,10 @@ def freeze_text(
     if model.lm_head.weight is not model.tok_emb.weight:
         params.append(model.lm_head.weight)
     for p in params:
-        mask = torch.zeros(p.shape[0], 1, dtype=torch.bool, device=p.device)
+        mask = torch.zeros(p.shape[0], 1, dtype=torch.bool)
         mask[rows] = True
         p.requires_grad_(True)
-        freeze.handles.append(p.register_hook(lambda g, m=mask: torch.where(m, g, torch.zeros_like(g))))
+        freeze.handles.append(p.register_hook(row_mask_hook(mask)))
         setattr(p, _ROWS_ATTR, rows)
         freeze.row_params.append(p)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -122,6 +122,21 @@ def freeze_text(
         freeze.frozen.remove(names[id(p)])
         freeze.row_masked.append(names[id(p)])
     return freeze
+
+
+def row_mask_hook(mask: torch.Tensor) -> Any:
+    """A gradient hook that zeroes every row outside ``mask`` (rows x 1, bool). The mask follows the
+    gradient to its device: the model is frozen on the CPU and moved to a GPU afterwards, and a mask
+    left on the CPU would make the first backward on CUDA fail."""
+    on: dict[torch.device, torch.Tensor] = {}
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        m = on.get(grad.device)
+        if m is None:
+            m = on[grad.device] = mask.to(grad.device)
+        return torch.where(m, grad, torch.zeros_like(grad))
+
+    return hook
 
 
 def trainable_parameters_summary(model: nn.Module) -> str:

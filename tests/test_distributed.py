@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def config(parallel: str) -> Config:
     return cfg
 
 
+HERE = Path(__file__).parent
+
+
 def torchrun(tmp_path: Path, cfg: Config) -> Path:
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.to_json())
@@ -51,6 +55,27 @@ def torchrun(tmp_path: Path, cfg: Config) -> Path:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+def launch(procs: int, cfg_file: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``tests/distributed_run.py`` on ``procs`` gloo ranks (or plainly, for one process)."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    cmd = [
+        *(run if procs > 1 else [sys.executable]),
+        str(HERE / "distributed_run.py"),
+        str(cfg_file),
+        str(out),
+        *flags,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(out: Path) -> list[tuple[int, float, float]]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(x["step"], x["text_loss"], x["image_loss"]) for x in lines]
 
 
 def reference_run(cfg: Config, vae_dir: Path) -> tuple[list[tuple[float, float]], dict]:
@@ -91,17 +116,69 @@ def test_two_ranks_match_one_process(tmp_path, parallel):
     want, want_ema = reference_run(cfg, out / "vae")
     assert len(got) == 3
     assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) < 1e-5, (got, want)
-    # the checkpoint saved by the ranks (weights and EMA gathered whole) loads in a single process
-    from safetensors.torch import load_file
+    # the ranks wrote a sharded checkpoint (no rank gathered the whole state); it loads in one process
+    from transfusion.checkpoint import load_model, read_weights, resolve_checkpoint
 
-    from transfusion.checkpoint import load_model, resolve_checkpoint
-
+    latest = resolve_checkpoint(out)
+    assert not (latest / "model.safetensors").exists() and len(list((latest / "shards").iterdir())) == 2
     loaded = load_model(out)
     assert loaded.meta["step"] == 3
-    ema = load_file(resolve_checkpoint(out) / "ema.safetensors")
+    ema = read_weights(latest, loaded.meta, use_ema=True)[1]
     assert ema.keys() == want_ema.keys()
     for k, v in want_ema.items():
         torch.testing.assert_close(ema[k], v, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(loaded.model.state_dict()[k], v, atol=1e-5, rtol=1e-4)  # EMA preferred
+
+
+def test_sharded_checkpoint_resumes_on_one_and_on_four_processes(tmp_path, capsys):
+    """Save with 2 FSDP2 ranks, resume with 1 and with 4: the weights, EMA and Adam state after loading
+    equal the saved ones exactly, and the next losses equal an uninterrupted 2-rank run's. The run reads
+    4 data streams (2 ranks x grad_accum 2): one process accumulates all 4, four take one each."""
+    cfg = config("fsdp")
+    cfg.train.steps, cfg.train.grad_accum, cfg.train.ckpt_every = 4, 2, 2
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(cfg.to_json())
+    from transfusion.checkpoint import load_model
+
+    launch(2, cfg_file, tmp_path / "straight")
+    cfg.train.async_checkpoint = True  # written by a background thread (DCP's async_save on a gloo group)
+    (tmp_path / "async.json").write_text(cfg.to_json())
+    launch(2, tmp_path / "async.json", tmp_path / "saved", "--stop-after", "2")
+    latest = tmp_path / "saved" / "checkpoints" / "step_0000002"
+    names = sorted(p.name for p in latest.rglob("*") if p.is_file())
+    assert not [n for n in names if n.endswith((".pt", ".pkl", ".metadata"))], names  # nothing pickled
+    want = losses(tmp_path / "straight")
+    for procs in (1, 4):
+        run = tmp_path / f"resumed-{procs}"
+        shutil.copytree(tmp_path / "saved", run)
+        assert "restored exactly" in launch(procs, cfg_file, run, "--check-restore", "--resume").stderr
+        got = losses(run)
+        assert [g[0] for g in got] == [1, 2, 3, 4]
+        assert max(abs(a - b) for g, w in zip(got[2:], want[2:]) for a, b in zip(g[1:], w[1:])) < 1e-5, (
+            got,
+            want,
+        )
+    # three processes cannot share four streams: a one-line error, nothing written
+    before = sorted(p.name for p in (tmp_path / "saved").rglob("*"))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                        "-m", "transfusion", "train", "--out", str(tmp_path / "saved"), "--resume", "--no-progress"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode != 0 and "divides 4 (1, 2, 4), not 3" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "saved").rglob("*")) == before
+    # another model's configuration, or a shard file missing: one line each, nothing written
+    from transfusion import cli
+
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(tmp_path / "saved"), "--resume", "--set", "model.dim=128"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds another model: model.dim=64 (now 128)" in err
+    next((latest / "shards").iterdir()).unlink()
+    assert cli.main(["train", "--out", str(tmp_path / "saved"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is incomplete: its shard file shard-" in err
+    with pytest.raises(ValueError, match="is incomplete: its shard file shard-"):
+        load_model(tmp_path / "saved")
+    assert len(sorted(p.name for p in (tmp_path / "saved").rglob("*"))) == len(before) - 1
 
 
 def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):

@@ -256,7 +256,9 @@ def test_weight_decay_on_matrices_only():
 
 
 def test_gradient_accumulation_is_the_mean_of_its_micro_batches(tmp_path):
-    """One step of grad_accum=2 equals a hand-written step on the loader's next two batches."""
+    """One step of grad_accum=2 equals a hand-written step on the first batch of each of the run's two
+    data streams (stream s reads items s, s + 2, ...: the layout a 2-process run has, so the run can
+    resume on 1 or 2 processes)."""
     from transfusion.data.loader import BatchLoader
     from transfusion.diffusion import make_schedule
     from transfusion.losses import training_loss
@@ -269,13 +271,12 @@ def test_gradient_accumulation_is_the_mean_of_its_micro_batches(tmp_path):
     torch.manual_seed(cfg.train.seed)
     model = Transfusion(cfg.model)
     opt = T.make_optimizer(model, cfg.train)
-    loader = BatchLoader(
-        cfg, ByteTokenizer(), T.image_encoder(load_vae(tmp_path / "r" / "vae"), torch.device("cpu"))
-    )
+    encode = T.image_encoder(load_vae(tmp_path / "r" / "vae"), torch.device("cpu"))
+    streams = [BatchLoader(cfg, ByteTokenizer(), encode, s, 2) for s in range(2)]
     schedule = make_schedule(cfg.diffusion)
     for g in opt.param_groups:
         g["lr"] = T.lr_at(0, cfg.train)
-    for _ in range(2):
+    for loader in streams:
         (training_loss(model, next(loader), schedule, cfg.diffusion).total / 2).backward()
     assert torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5) > 0.5  # clipping acts
     opt.step()
@@ -308,3 +309,63 @@ def test_unreadable_items_are_skipped_and_counted_by_reason_in_the_log(tmp_path)
         "unreadable": last["data_skipped"]
     }
     assert last["data_skipped_items"] == 1  # one broken file, however often it is met
+
+
+def test_async_checkpoints_equal_synchronous_ones(tmp_path):
+    cfg = small_cfg(steps=6, ckpt_every=2, ema_decay=0.9)
+    T.train(cfg, tmp_path / "sync", vae="random", progress=False)
+    cfg.train.async_checkpoint = True
+    T.train(cfg, tmp_path / "async", vae="random", progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(resolve_checkpoint(tmp_path / "sync") / name)
+        b = load_file(resolve_checkpoint(tmp_path / "async") / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "async" / "checkpoints").iterdir()) == [
+        "step_0000004",
+        "step_0000006",
+    ]
+
+
+KILLED_DURING_SAVE = """
+import sys, threading, time
+from pathlib import Path
+from transfusion import checkpoint
+from transfusion.config import load_config
+from transfusion.training import train
+
+write = checkpoint.write_single
+
+def slow_write(tmp, weights, ema):
+    write(tmp, weights, ema)
+    if tmp.name == ".step_0000004.tmp":  # the second save: on disk, but never finished
+        Path(sys.argv[3]).write_text("writing")
+        time.sleep(600)
+
+checkpoint.write_single = slow_write
+train(load_config(sys.argv[1]), sys.argv[2], vae="random", progress=False)
+"""
+
+
+def test_a_run_killed_during_an_async_save_resumes_from_the_last_complete_checkpoint(tmp_path):
+    cfg = small_cfg(steps=8, ckpt_every=2, async_checkpoint=True)
+    T.train(cfg, tmp_path / "straight", vae="random", progress=False)
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    script, marker, out = tmp_path / "run.py", tmp_path / "marker", tmp_path / "killed"
+    script.write_text(KILLED_DURING_SAVE)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "cfg.json"), str(out), str(marker)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the second save never started"
+    time.sleep(1.0)  # training has gone on past step 4 meanwhile
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "latest").read_text().strip() == "checkpoints/step_0000002"
+    assert (
+        out / "checkpoints" / ".step_0000004.tmp" / "model.safetensors"
+    ).is_file()  # written, not committed
+    T.train(cfg, out, vae="random", progress=False, resume=True)
+    a, b = weights(tmp_path / "straight"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "checkpoints" / ".step_0000004.tmp").exists()

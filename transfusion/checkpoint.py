@@ -6,17 +6,28 @@ A checkpoint is a directory::
     meta.json             {"config": Config, "tokenizer": {...}, "step": int, "vae": path or null, ...}
     tokenizer.json        a copy of the tokenizer file, when the model has one
 
-A training run's checkpoint adds what resuming needs: ``state.pt`` (optimizer state and the random
-states of every process, tensors only: loaded with ``weights_only=True``) and ``loader.json`` (each
-process's data position). A *run* directory holds ``checkpoints/step_XXXXXXX`` folders and a
-``latest`` text file naming the newest complete one; ``resolve_checkpoint`` accepts either. Each
-checkpoint is written under a temporary name and renamed into place, so a crash during a save leaves
-the previous one intact.
+A training run's checkpoint adds what resuming needs: ``state.pt`` (optimizer state and random
+states, tensors only: loaded with ``weights_only=True``) and ``loader.json`` (each data stream's
+position). A *run* directory holds ``checkpoints/step_XXXXXXX`` folders and a ``latest`` text file
+naming the newest complete one; ``resolve_checkpoint`` accepts either. Each checkpoint is written
+under a temporary name and renamed into place, so a crash during a save leaves the previous one intact.
+
+A run of several processes writes a *sharded* checkpoint instead: no rank gathers anything. Weights,
+EMA and optimizer state go into ``shards/`` through ``torch.distributed.checkpoint`` (DCP), each rank
+writing its own part as a safetensors file whose header records where its pieces sit in the whole
+tensors (DCP's ``HuggingFaceStorageWriter`` with ``save_distributed``); ``meta.json`` names every
+shard file, ``loader.json`` every stream's position and ``rng.safetensors`` / ``rng.json`` each rank's
+random states. DCP's default storage is avoided on purpose: its ``.metadata`` file is read with
+``pickle.load`` and its non-tensor items with ``torch.load(weights_only=False)``, either of which can
+run code hidden in a checkpoint; the safetensors storage has no pickle anywhere, so loading any
+checkpoint, sharded or not, never runs code. A sharded checkpoint loads into any number of processes
+(DCP reshards on load), including one (``load_model``, ``consolidate``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -27,7 +38,7 @@ import torch
 from torch import nn
 
 from transfusion.config import Config
-from transfusion.io import atomic_directory, atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
+from transfusion.io import atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
 from transfusion.model import Transfusion
 from transfusion.tokenizer import tokenizer_from_dict
 
@@ -87,12 +98,17 @@ def save_model(
     return directory
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint directory: meta.json and the weights (one file, or a sharded checkpoint's shards)."""
+    return (path / META_FILE).is_file() and ((path / MODEL_FILE).is_file() or (path / SHARDS_DIR).is_dir())
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its newest complete checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if (path / META_FILE).is_file() and (path / MODEL_FILE).is_file():
+    if is_checkpoint(path):
         return path
     latest = path / LATEST
     if latest.is_file():
@@ -100,7 +116,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (candidate / META_FILE).is_file():
             return candidate
     found = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
-    found = [p for p in found if (p / META_FILE).is_file() and (p / MODEL_FILE).is_file()]
+    found = [p for p in found if is_checkpoint(p)]
     if found:
         return found[-1]
     raise FileNotFoundError(f"{path} holds no checkpoint ({META_FILE} + {MODEL_FILE}); train one first")
@@ -133,8 +149,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     tokenizer = tokenizer_from_dict(meta.get("tokenizer"), base=ckpt)
     with torch.device("meta"):
         model = Transfusion(config.model)
-    weights = ckpt / (EMA_FILE if use_ema and (ckpt / EMA_FILE).is_file() else MODEL_FILE)
-    state = load_tensors(weights, device)
+    weights, state = read_weights(ckpt, meta, use_ema, device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (config.model.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -146,6 +161,40 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     model.rope = type(model.rope)(config.model.head_dim, config.model.max_seq_len, config.model.rope_theta)
     model.to(device).eval()
     return Loaded(model=model, config=config, tokenizer=tokenizer, meta=meta, path=ckpt)
+
+
+def read_weights(
+    ckpt: Path, meta: dict[str, Any], use_ema: bool = True, device: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(where they came from, whole weights by name): EMA weights when asked and present, from
+    ``ema.safetensors`` / ``model.safetensors`` or, in one process, from a sharded checkpoint's shards."""
+    if not is_sharded(ckpt):
+        file = ckpt / (EMA_FILE if use_ema and (ckpt / EMA_FILE).is_file() else MODEL_FILE)
+        return file, load_tensors(file, device)
+    prefix = "ema." if use_ema and meta.get("has_ema") else "model."
+    names, shapes = meta["tensors"][prefix.rstrip(".")], meta["shapes"]
+    targets = {prefix + n: torch.empty(shapes[prefix + n], device=device) for n in names}
+    load_sharded(ckpt, targets)
+    return ckpt / SHARDS_DIR, {k.removeprefix(prefix): v for k, v in targets.items()}
+
+
+def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
+    """A one-process checkpoint (``model.safetensors``, ``ema.safetensors``, meta.json) in ``out`` from a
+    sharded one: the weights an inference or export tool expects, without the optimizer state."""
+    ckpt = resolve_checkpoint(checkpoint)
+    meta, config = read_meta(ckpt)
+    if not is_sharded(ckpt):
+        raise ValueError(f"{ckpt} is not sharded (it already holds {MODEL_FILE}); nothing to consolidate")
+    tokenizer = tokenizer_from_dict(meta.get("tokenizer"), base=ckpt)
+    weights = read_weights(ckpt, meta, use_ema=False)[1]
+    ema = read_weights(ckpt, meta, use_ema=True)[1] if meta.get("has_ema") else None
+    keep = {
+        k: v for k, v in meta.items() if k not in ("config", "tokenizer", "shard_files", "tensors", "shapes")
+    }
+    keep["vae"] = (
+        os.path.relpath((ckpt / meta["vae"]).resolve(), Path(out).resolve()) if meta.get("vae") else None
+    )
+    return save_model(out, weights, config, tokenizer, extra=keep, ema=ema)
 
 
 def vae_directory(loaded: Loaded) -> Path | None:
@@ -167,19 +216,24 @@ def load_for_inference(
 
 
 # --- training runs: what resuming needs ------------------------------------------------------------
+SHARDS_DIR = "shards"
+RNG_FILE = "rng.safetensors"
+RNG_JSON = "rng.json"
+
+
 @dataclass
 class TrainingState:
-    """Everything beyond the weights that a run continues from."""
+    """Everything beyond the tensors that a run continues from."""
 
     step: int
-    optimizer: dict[str, Any]
-    """The optimizer's full state dict (gathered whole under FSDP2)."""
     loader_states: list[dict[str, Any]]
-    """Each process's data position (``BatchLoader.state_dict()``), by rank."""
+    """Each data stream's position (``BatchLoader.state_dict()``), by stream."""
     counters: dict[str, int]
     """Running totals (``COUNTERS``)."""
     rng: list[dict[str, Any]] | None = None
     """Each process's global random states, by rank (``rng_state()``)."""
+    optimizer: dict[str, Any] | None = None
+    """One process: the optimizer's state dict (a sharded checkpoint keeps it in its shards)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -203,50 +257,118 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda)
 
 
-def save_run_checkpoint(
-    out: str | Path,
-    weights: dict[str, torch.Tensor],
-    ema: dict[str, torch.Tensor] | None,
-    config: Config,
-    tokenizer: Any,
-    state: TrainingState,
-    keep_last: int,
-) -> Path:
-    """``out/checkpoints/step_N`` written whole or not at all, then ``latest`` pointed at it and
-    checkpoints beyond the newest ``keep_last`` removed. Returns the checkpoint directory."""
+def begin_checkpoint(out: str | Path, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of ``step`` (beside where it will go)."""
     root = Path(out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{state.step:07d}"
-    with atomic_directory(root / name) as tmp:
-        extra = {"step": state.step, "vae": "../../vae", **state.counters}
-        save_model(tmp, weights, config, tokenizer, extra=extra, ema=ema)
-        atomic_write_text(tmp / LOADER_FILE, json.dumps(state.loader_states))
+    tmp = root / f".step_{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(
+    tmp: Path, config: Config, tokenizer: Any, state: TrainingState, keep_last: int, extra: dict[str, Any]
+) -> Path:
+    """Finish the checkpoint filled in ``tmp`` (meta.json, loader.json, random states; the tensors are
+    there already), rename it into place, point ``latest`` at it, and remove checkpoints beyond the
+    newest ``keep_last``. Until the rename, ``latest`` names the previous complete checkpoint."""
+    atomic_write_text(tmp / LOADER_FILE, json.dumps(state.loader_states))
+    if state.optimizer is not None or state.rng is None:
         torch.save({"optimizer": state.optimizer, "rng": state.rng}, tmp / STATE_FILE)
-    atomic_write_text(Path(out) / LATEST, f"checkpoints/{name}\n")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
+    else:  # sharded: the optimizer is in the shards; the random states as tensors and JSON
+        save_tensors(tmp / RNG_FILE, {f"{r}.{k}": v for r, st in enumerate(state.rng) for k, v in st.items()
+                                      if torch.is_tensor(v)})  # fmt: skip
+        atomic_write_text(tmp / RNG_JSON, json.dumps([st["python"] for st in state.rng]))
+    meta = {"config": config.to_dict(), "tokenizer": save_tokenizer(tokenizer, tmp), "step": state.step,
+            "vae": "../../vae", **state.counters, **extra}  # fmt: skip
+    atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+    final = tmp.parent / tmp.name.removeprefix(".").removesuffix(".tmp")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write_text(tmp.parent.parent / LATEST, f"checkpoints/{final.name}\n")
+    for old in sorted(p for p in tmp.parent.glob("step_*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return root / name
+    return final
 
 
-def load_run_checkpoint(
-    path: Path, world_size: int
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, TrainingState]:
-    """(weights, EMA weights or None, training state) of a run checkpoint written by
-    ``save_run_checkpoint``; refuses a checkpoint written by another number of processes."""
+def write_single(tmp: Path, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None) -> None:
+    """The tensors of a one-process checkpoint: ``model.safetensors`` (and ``ema.safetensors``)."""
+    save_tensors(tmp / MODEL_FILE, weights)
+    if ema is not None:
+        save_tensors(tmp / EMA_FILE, ema)
+
+
+def save_sharded(
+    directory: Path, tensors: dict[str, torch.Tensor], group: Any = None, background: bool = False
+) -> Any:
+    """Every rank writes its part of ``tensors`` (its DTensor shards; replicated tensors are shared out
+    between ranks) into ``directory``, one safetensors file per rank; all ranks call it. With
+    ``background`` the tensors are copied to host memory now and written in a thread (collectives on
+    ``group``, a gloo group): returns a future, else None once written."""
+    import torch.distributed.checkpoint as dcp
+
+    writer = dcp.HuggingFaceStorageWriter(str(directory), save_distributed=True)
+    if background:
+        return dcp.async_save(tensors, storage_writer=writer, process_group=group)
+    dcp.save(tensors, storage_writer=writer)
+    return None
+
+
+def shard_files(ckpt: Path) -> list[str]:
+    """The shard files a sharded checkpoint's meta.json lists, each checked to exist (a missing one is
+    a ``ValueError`` that names it)."""
+    meta, _ = read_meta(ckpt)
+    files = meta.get("shard_files") or []
+    missing = [f for f in files if not (ckpt / SHARDS_DIR / f).is_file()]
+    if not files or missing:
+        raise ValueError(
+            f"{ckpt} is incomplete: its shard file {missing[0] if missing else '(list)'} is missing "
+            f"({len(missing)} of {len(files)}); resume from another checkpoint in {ckpt.parent}"
+        )
+    return files
+
+
+def load_sharded(ckpt: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill ``targets`` (whole tensors in one process, or this rank's DTensor shards) from a sharded
+    checkpoint, whatever the number of processes that wrote it (DCP reshards); all ranks call it."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    shard_files(ckpt)
+    reader = dcp.HuggingFaceStorageReader(str(ckpt / SHARDS_DIR))
+    dcp.load(targets, storage_reader=reader, no_dist=not dist.is_initialized())
+
+
+def is_sharded(ckpt: Path) -> bool:
+    return (ckpt / SHARDS_DIR).is_dir()
+
+
+def read_training_state(path: Path) -> TrainingState:
+    """What a run checkpoint holds beyond the weights: step, counters, stream positions, random
+    states and (one-process checkpoints) the optimizer's state."""
     meta, _ = read_meta(path)
     loader_states = json.loads((path / LOADER_FILE).read_text())
-    if len(loader_states) != world_size:
-        raise ValueError(
-            f"{path} was written by {len(loader_states)} process(es); resume with the same number "
-            f"(torchrun --nproc_per_node={len(loader_states)}), not {world_size}"
-        )
+    counters = {k: meta.get(k, 0) for k in COUNTERS}
+    if is_sharded(path):
+        tensors = load_tensors(path / RNG_FILE)
+        python = json.loads((path / RNG_JSON).read_text())
+        rng = [{"python": py, **{k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == str(r)}}
+               for r, py in enumerate(python)]  # fmt: skip
+        return TrainingState(int(meta["step"]), loader_states, counters, rng)
     saved = torch.load(path / STATE_FILE, weights_only=True)
-    ema = load_tensors(path / EMA_FILE) if (path / EMA_FILE).is_file() else None
-    state = TrainingState(
-        step=int(meta["step"]),
-        optimizer=saved["optimizer"],
-        loader_states=loader_states,
-        counters={k: meta.get(k, 0) for k in COUNTERS},
-        rng=saved.get("rng"),
-    )
-    return load_tensors(path / MODEL_FILE), ema, state
+    return TrainingState(int(meta["step"]), loader_states, counters, saved.get("rng"), saved["optimizer"])
+
+
+def data_streams(path: Path) -> int:
+    """How many data streams (micro-batches per optimizer step, all processes together) the run of
+    this checkpoint reads: fixed for the run's life, whatever the number of processes it resumes on."""
+    meta, cfg = read_meta(path)
+    if "data_streams" in meta:
+        return int(meta["data_streams"])
+    streams = len(json.loads((path / LOADER_FILE).read_text()))  # older checkpoints: one per process
+    if cfg.train.grad_accum != 1:
+        raise ValueError(
+            f"{path} was written by an older version with train.grad_accum={cfg.train.grad_accum}, whose data "
+            "position this version cannot continue exactly; resume it with the version that wrote it"
+        )
+    return streams

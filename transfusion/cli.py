@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "evaluate a checkpoint and write metrics.json"),
     "export": ("export", "write a checkpoint's text side in the Hugging Face Llama / Qwen2 layout"),
     "bench": ("bench", "measure speed and memory; print a table and write JSON"),
+    "plan": (
+        "plan",
+        "per-GPU memory of a training run before it starts, and the largest micro-batch that fits",
+    ),
     "experiment": (
         "experiment",
         "reproduce one of the paper's findings in miniature (vs-chameleon, attention, ...)",

@@ -102,20 +102,43 @@ def no_sync(model: nn.Module, skip: bool) -> Any:
     return nullcontext()
 
 
-def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's whole state dict, gathered from every rank under FSDP2 (all ranks call it)."""
-    if dist.is_initialized() and is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as this rank holds it (FSDP2: its shards, as DTensors; DDP and one
+    process: whole tensors), by parameter name, without wrapper prefixes."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(model, opt, options=opts)
-    return opt.state_dict()
+    return get_model_state_dict(unwrap(model))
+
+
+def optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's state as flat tensors named ``<parameter>.<state>`` (``layers.0.attn.wq.weight.exp_avg``),
+    sharded like the parameters under FSDP2; created (zero) if the optimizer has not stepped yet.
+    Hyper-parameters (the param groups) are not included: they come from the configuration."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(unwrap(model), opt)["state"]
+    return {f"{name}.{key}": v for name, st in state.items() for key, v in st.items() if torch.is_tensor(v)}
+
+
+def set_optimizer_tensors(
+    model: nn.Module, opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]
+) -> None:
+    """Load ``optimizer_tensors``' layout back into the optimizer (its param groups are kept)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    current = get_optimizer_state_dict(unwrap(model), opt)
+    state = {
+        name: {key: flat.get(f"{name}.{key}", v) for key, v in st.items()}
+        for name, st in current["state"].items()
+    }
+    set_optimizer_state_dict(unwrap(model), opt, {"state": state, "param_groups": current["param_groups"]})
 
 
 def load_state(
     model: nn.Module, opt: torch.optim.Optimizer, weights: dict[str, torch.Tensor], opt_state: dict[str, Any]
 ) -> None:
-    """Whole weights and optimizer state into a model that may be wrapped (DDP) or sharded (FSDP2)."""
+    """Whole weights and optimizer state (a one-process checkpoint) into a model that may be wrapped
+    (DDP) or sharded (FSDP2)."""
     if dist.is_initialized() and is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -131,25 +154,6 @@ def load_state(
     opt.load_state_dict(opt_state)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded weights on the CPU (every rank must call it under FSDP2; rank 0 uses them)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    inner = unwrap(model)
-    if dist.is_initialized():
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(inner, options=opts)
-    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
-
-
-def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole tensors on the CPU from a dict that may hold FSDP2 shards (DTensors); every rank must
-    call it when any value is sharded."""
-    from torch.distributed.tensor import DTensor
-
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in tensors.items()}
-
-
 def load_full_tensors(target: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
     """Copy whole tensors into ``target``, sharding each like its target where that is a DTensor."""
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -159,6 +163,17 @@ def load_full_tensors(target: dict[str, torch.Tensor], full: dict[str, torch.Ten
         if isinstance(t, DTensor):
             v = distribute_tensor(v.to(t.device), t.device_mesh, t.placements)
         t.copy_(v)
+
+
+def cpu_group() -> Any:
+    """A gloo process group beside the training one, for the collectives of a checkpoint written in a
+    background thread (NCCL must not be driven from two threads at once); None in one process."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from transfusion.diffusion import make_schedule
 from transfusion.flops import batch_train_flops
 from transfusion.io import atomic_write_text, output_directory
 from transfusion.losses import training_loss
+from transfusion.training.checkpointer import Checkpointer
 from transfusion.training.parallelize import Parallel, compiled_graphs, parallelize
 from transfusion.training.setup import (
     build_model,
@@ -66,9 +69,10 @@ class Run:
     parallel: Parallel  # the model, what the step runs (DDP-wrapped, FSDP2-sharded or itself), dtype
     optimizer: torch.optim.Optimizer
     tokenizer: Any
-    loader: BatchLoader
+    loaders: list[BatchLoader]  # this rank's data streams: one micro-batch each per optimizer step
     val_loader: BatchLoader | None
     ema: dict[str, torch.Tensor] | None
+    checkpointer: Checkpointer
     step: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {k: 0 for k in ckpt.COUNTERS})
 
@@ -93,7 +97,7 @@ def train(
                disable=not (progress and run.info.is_main))  # fmt: skip
     with _Signals() as signals:
         while run.step < tc.steps:
-            batches = [next(run.loader).to(run.info.device) for _ in range(tc.grad_accum)]
+            batches = [next(loader).to(run.info.device) for loader in run.loaders]
             result = train_step(run.parallel.step_model, run.optimizer, batches, schedule, run.cfg.diffusion,
                                 lr=lr_at(run.step, tc), grad_clip=tc.grad_clip, autocast=run.parallel.autocast())  # fmt: skip
             bad.record(result.finite, run.step, str(run.out))
@@ -105,6 +109,7 @@ def train(
             run.counters["flops_seen"] += int(sum(batch_train_flops(run.cfg.model, b) for b in batches)
                                               * run.info.world_size)  # fmt: skip
             bar.update(1)
+            run.checkpointer.poll()  # a background save that has finished writing becomes `latest`
             log.after_step(run, result, schedule, bar)
             if tc.sample_every and run.step % tc.sample_every == 0 and can_sample(run):
                 save_sample_grid(run, run.out / "samples" / f"step_{run.step:07d}.png")
@@ -124,18 +129,22 @@ def train(
     log.close()
     if last_saved != run.step:
         save(run)
+    run.checkpointer.wait()
     D.cleanup()
     return {"step": run.step, "out": str(run.out), "interrupted": interrupted, **run.counters}
 
 
 def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -> Run:
-    """Check the run directory, join the process group, build model, optimizer, EMA and data, and
-    restore the latest checkpoint when resuming."""
+    """Check the run directory (and, when resuming, the checkpoint: before anything is written), join
+    the process group, build model, optimizer, EMA and data, and restore the latest checkpoint."""
     tc = cfg.train
     out = output_directory(out_dir)
     latest = ckpt.resolve_checkpoint(out) if resume and (out / ckpt.LATEST).is_file() else None
     if not resume and (out / ckpt.LATEST).is_file():
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    streams = check_resumable(latest, cfg, world) if latest is not None else world * tc.grad_accum
+    tc.grad_accum = streams // world  # a run resumed on fewer processes accumulates more micro-batches
     info = D.init(tc.device)
     if resume and latest is None:
         D.print0(f"note: {out} holds no checkpoint yet; starting from step 0")
@@ -155,38 +164,59 @@ def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -
         freeze.attach(optimizer)  # frozen rows out of weight decay, before any optimizer state is loaded
     # under FSDP2 the state dict holds this rank's shards: the EMA is sharded like the weights
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if tc.ema_decay > 0 else None
-    loader, val_loader = make_loaders(cfg, tokenizer, vae_model, info.device, info)
-    run = Run(cfg, out, info, vae_model, parallel, optimizer, tokenizer, loader, val_loader, ema)
+    loaders, val_loader = make_loaders(cfg, tokenizer, vae_model, info, streams)
+    checkpointer = Checkpointer(out, cfg, tokenizer, info, streams)
+    run = Run(
+        cfg, out, info, vae_model, parallel, optimizer, tokenizer, loaders, val_loader, ema, checkpointer
+    )
     if latest is not None:
         restore(run, latest)
         D.print0(f"resumed from {latest} at step {run.step}")
     return run
 
 
+def check_resumable(latest: Path, cfg: Config, world: int) -> int:
+    """The run's data streams, after checking that ``latest`` can continue with this configuration on
+    ``world`` processes (a one-line error otherwise, before anything is written)."""
+    meta, saved = ckpt.read_meta(latest)
+    changed = [k for k, v in dataclasses.asdict(cfg.model).items()
+               if getattr(saved.model, k) != v and k != "attention"]  # the backend holds no weights  # fmt: skip
+    if changed:
+        what = ", ".join(
+            f"model.{k}={getattr(saved.model, k)!r} (now {getattr(cfg.model, k)!r})" for k in changed
+        )
+        raise ValueError(
+            f"{latest} holds another model: {what}; resume with the run's own model configuration"
+        )
+    if ckpt.is_sharded(latest):
+        ckpt.shard_files(latest)  # every shard file present
+    streams = ckpt.data_streams(latest)
+    if streams % world:
+        fits = ", ".join(str(n) for n in range(1, streams + 1) if streams % n == 0)
+        raise ValueError(
+            f"{latest} reads {streams} data stream(s) a step (its global batch); resume it on a number of "
+            f"processes that divides {streams} ({fits}), not {world}"
+        )
+    if streams // world != cfg.train.grad_accum:
+        D.print0(f"note: {streams} data stream(s) on {world} process(es): each step accumulates "
+                 f"{streams // world} micro-batch(es) per process (train.grad_accum {cfg.train.grad_accum} before)")  # fmt: skip
+    return streams
+
+
 def restore(run: Run, path: Path) -> None:
-    """Weights, optimizer, EMA, data positions, counters and random states from a run checkpoint."""
-    weights, ema, state = ckpt.load_run_checkpoint(path, run.info.world_size)
-    D.load_state(run.parallel.model, run.optimizer, weights, state.optimizer)
-    if run.ema is not None and ema is not None:
-        D.load_full_tensors(run.ema, ema)
-    if state.rng is not None:
-        ckpt.set_rng_state(state.rng[run.info.rank])
-    run.loader.load_state_dict(state.loader_states[run.info.rank])
+    """Weights, optimizer, EMA, data positions, counters and random states from a run checkpoint,
+    written by this number of processes or another."""
+    state = run.checkpointer.restore(path, run.parallel.model, run.optimizer, run.ema)
+    first = run.info.rank * len(run.loaders)
+    for i, loader in enumerate(run.loaders):
+        loader.load_state_dict(state.loader_states[first + i])
     run.step, run.counters = state.step, {**run.counters, **state.counters}
 
 
 def save(run: Run) -> None:
-    """A run checkpoint (every rank takes part in gathering; rank 0 writes)."""
-    loader_states = D.all_gather_object(run.loader.state_dict())
-    weights = D.full_state_dict(run.parallel.model)
-    optimizer = D.optimizer_state(run.parallel.model, run.optimizer)
-    ema = D.full_tensors(run.ema) if run.ema is not None else None  # under FSDP2 the EMA is sharded too
-    rng = D.all_gather_object(ckpt.rng_state())
-    if run.info.is_main:
-        state = ckpt.TrainingState(run.step, optimizer, loader_states, dict(run.counters), rng)
-        ckpt.save_run_checkpoint(
-            run.out, weights, ema, run.cfg, run.tokenizer, state, run.cfg.train.keep_last
-        )
+    """A run checkpoint: every rank writes its own part (see ``training.checkpointer``)."""
+    run.checkpointer.save(run.step, run.parallel.model, run.optimizer, run.ema,
+                          [loader.state_dict() for loader in run.loaders], run.counters)  # fmt: skip
 
 
 @torch.no_grad()
@@ -236,7 +266,7 @@ class MetricsLog:
         if not (run.step % tc.log_every == 0 or run.step == tc.steps or validate_now):
             return
         elapsed = time.time() - self.window_start
-        stats = run.loader.stats
+        stats = sum((loader.stats for loader in run.loaders), Counter())
         record = {
             "step": run.step,
             "text_loss": D.mean_across(result.text_loss),
@@ -247,7 +277,7 @@ class MetricsLog:
             "flops_seen": run.counters["flops_seen"],
             "bad_steps_total": run.counters["bad_steps_total"],
             "data_skipped": int(stats.get("skipped", 0) + stats.get("data_errors", 0)),
-            "data_skipped_items": len(run.loader.skipped_items),
+            "data_skipped_items": len(set().union(*(loader.skipped_items for loader in run.loaders))),
             "data_skipped_by_reason": {
                 k.removeprefix("skipped_"): int(v) for k, v in stats.items() if k.startswith("skipped_")
             },

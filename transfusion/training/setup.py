@@ -149,17 +149,26 @@ def open_latent_cache(cfg: Config, source: Any, vae: Any, encode: Any, info: D.D
 
 
 def make_loaders(
-    cfg: Config, tokenizer: Any, vae: Any, device: torch.device, info: D.DistInfo
-) -> tuple[BatchLoader, BatchLoader | None]:
-    """The training loader (reading a latent cache when ``data.latent_cache`` is set) and, when
-    validation is on, the held-out loader."""
-    encode = image_encoder(vae, device)
-    loader = BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "train")
+    cfg: Config, tokenizer: Any, vae: Any, info: D.DistInfo, streams: int | None = None
+) -> tuple[list[BatchLoader], BatchLoader | None]:
+    """This rank's training loaders and, when validation is on, its held-out loader.
+
+    The run reads ``streams`` data streams (default: processes x ``train.grad_accum``): stream s reads
+    source items s, s + streams, s + 2 streams, ... and yields one micro-batch per optimizer step.
+    Rank r owns streams r x A ... r x A + A - 1 (A = streams / processes), so the global batch of a
+    step is the same whatever the number of processes, and a run resumes exactly on another number."""
+    streams = streams or info.world_size * cfg.train.grad_accum
+    per_rank = streams // info.world_size
+    encode = image_encoder(vae, info.device)
+    owned = range(info.rank * per_rank, (info.rank + 1) * per_rank)
+    loaders = [BatchLoader(cfg, tokenizer, encode, s, streams, "train") for s in owned]
     if cfg.data.latent_cache:
-        loader.cache = open_latent_cache(cfg, loader.source, vae, encode, info)
+        cache = open_latent_cache(cfg, loaders[0].source, vae, encode, info)
+        for loader in loaders:
+            loader.cache = cache
     val = (
         BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "val")
         if cfg.train.eval_every
         else None
     )
-    return loader, val
+    return loaders, val

@@ -128,6 +128,25 @@ def test_two_ranks_match_one_process(tmp_path, parallel):
     for k, v in want_ema.items():
         torch.testing.assert_close(ema[k], v, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(loaded.model.state_dict()[k], v, atol=1e-5, rtol=1e-4)  # EMA preferred
+    # export --consolidate writes the one-process layout; generate reads the sharded one directly
+    from transfusion import cli
+
+    assert (
+        cli.main(["export", "--checkpoint", str(out), "--consolidate", "--out", str(tmp_path / "one")]) == 0
+    )
+    one = load_model(tmp_path / "one")
+    assert all(torch.equal(one.model.state_dict()[k], v) for k, v in loaded.model.state_dict().items())
+    assert load_model(tmp_path / "one", use_ema=False).meta["step"] == 3
+    args = ["--prompt", "a", "--steps", "2", "--num-images", "1"]
+    for ckpt in (out, tmp_path / "one"):
+        assert (
+            cli.main(
+                ["generate", "--checkpoint", str(ckpt), *args, "--out", str(tmp_path / "img" / ckpt.name)]
+            )
+            == 0
+        )
+    pngs = [sorted((tmp_path / "img" / d).glob("*.png")) for d in ("run", "one")]
+    assert pngs[0] and [a.read_bytes() for a in pngs[0]] == [b.read_bytes() for b in pngs[1]]
 
 
 def test_sharded_checkpoint_resumes_on_one_and_on_four_processes(tmp_path, capsys):

@@ -1,10 +1,12 @@
 """Data sources, the paper's pairing rules, the loader's exact resume, the latent cache, bad input."""
 
+import importlib.util
 import io
 import json
 import random
 import tarfile
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -13,20 +15,21 @@ from PIL import Image
 
 from transfusion.config import Config, DataConfig, TrainConfig, tiny
 from transfusion.data.base import Record
-from transfusion.data.latent_cache import LatentCache, build_latent_cache
+from transfusion.data.latents import LatentShards, build_latents
 from transfusion.data.loader import BatchLoader
 from transfusion.data.pairing import pair
 from transfusion.data.sources import FashionMNIST, make_source
 from transfusion.sequence import Image as ImageSeg
 from transfusion.sequence import Text
-from transfusion.vae import pil_to_tensor
+from transfusion.vae import pil_to_tensor, unit_range
 
 from helpers import TOK
 
 
 def fake_encode(images):
-    """A stand-in encoder: 16x16 pixels -> 4x4 latents with 8 channels."""
-    x = pil_to_tensor(images)
+    """A stand-in encoder: 16x16 pixels (PIL images, or uint8 (N, S, S, 3) as the loader sends them)
+    -> 4x4 latents with 8 channels."""
+    x = pil_to_tensor(images) if isinstance(images, list) else unit_range(images.permute(0, 3, 1, 2))
     return F.avg_pool2d(x, 4).repeat(1, 3, 1, 1)[:, :8]
 
 
@@ -191,46 +194,80 @@ def test_loader_batches_resume_and_sharding():
     assert r0.next_index % 2 == 0 and r1.next_index % 2 == 1
 
 
-def test_latent_cache_roundtrip_invalidation_and_crash(tmp_path):
+def test_latent_store_roundtrip_invalidation_and_resume(tmp_path):
     src = make_source(DataConfig(source="shapes", image_size=16))
     out = tmp_path / "cache"
-    build_latent_cache(
-        src, fake_encode, "hash-a", out, count=40, batch_size=16, shard_size=16, progress=False
-    )
-    cache = LatentCache(out, "hash-a")
-    assert len(cache) == 40 and len(cache.meta["shards"]) == 3
+    build_latents(src, fake_encode, "hash-a", out, count=40, batch_size=16, shard_size=16, progress=False)
+    store = LatentShards(out, "hash-a")
+    assert len(store) == 40 and store.meta["shards"] == 3
     for i in (0, 17, 39):
-        torch.testing.assert_close(cache[i], fake_encode([src[i].image])[0])
-    with pytest.raises(ValueError, match="rebuild"):
-        LatentCache(out, "hash-b")
-    build_latent_cache(src, lambda ims: fake_encode(ims) + 1, "hash-b", out, count=40, progress=False)
-    torch.testing.assert_close(LatentCache(out, "hash-b")[0], fake_encode([src[0].image])[0] + 1)
+        torch.testing.assert_close(store[i].latent, fake_encode([src[i].image])[0])
+        assert store[i].text == src[i].text and store[i].image is None
+    with pytest.raises(ValueError, match="encode them again"):
+        LatentShards(out, "hash-b")
+    build_latents(src, lambda px: fake_encode(px) + 1, "hash-b", out, count=40, progress=False)  # rebuilt
+    torch.testing.assert_close(LatentShards(out, "hash-b")[0].latent, fake_encode([src[0].image])[0] + 1)
+    with pytest.raises(ValueError, match="another VAE"):  # what `transfusion encode` does: never replaces
+        build_latents(src, fake_encode, "hash-a", out, count=40, replace=False, progress=False)
 
-    calls = {"n": 0}
+    encoded, crash = [], [True]
 
-    def crashing(images):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def crashing(pixels):
+        encoded.append(len(pixels))
+        if crash[0] and len(encoded) == 2:
             raise RuntimeError("killed")
-        return fake_encode(images)
+        return fake_encode(pixels)
 
     with pytest.raises(RuntimeError):
-        build_latent_cache(
+        build_latents(
             src, crashing, "hash-c", tmp_path / "c2", count=40, batch_size=16, shard_size=16, progress=False
         )
-    assert not (tmp_path / "c2" / "index.json").exists()
-    with pytest.raises(ValueError, match="not a complete latent cache"):
-        LatentCache(tmp_path / "c2", "hash-c")
-    build_latent_cache(src, fake_encode, "hash-c", tmp_path / "c2", count=40, progress=False)
-    assert len(LatentCache(tmp_path / "c2", "hash-c")) == 40
+    assert (
+        not (tmp_path / "c2" / "index.json").exists()
+        and (tmp_path / "c2" / "shard_00000.safetensors").exists()
+    )
+    with pytest.raises(ValueError, match="not a complete latent store"):
+        LatentShards(tmp_path / "c2", "hash-c")
+    encoded.clear()
+    crash[0] = False
+    build_latents(
+        src, crashing, "hash-c", tmp_path / "c2", count=40, batch_size=16, shard_size=16, progress=False
+    )
+    assert encoded == [16, 8]  # resumed: the first shard was not encoded again
+    assert len(LatentShards(tmp_path / "c2", "hash-c")) == 40
 
 
-def test_loader_reads_latents_from_the_cache(tmp_path):
+def test_latent_store_is_built_by_every_rank(tmp_path):
+    """Ranks encode disjoint shards (r, r + world, ...); rank 0 waits for all, then writes the index.
+    Here the three ranks run one after another (rank 0 last: it waits for every shard)."""
+    src = make_source(DataConfig(source="shapes", image_size=16))
+    seen = {r: [] for r in range(3)}
+
+    def encoder(rank):
+        return lambda px: (seen[rank].append(len(px)), fake_encode(px))[1]
+
+    kw = dict(count=70, batch_size=8, shard_size=16, world=3, progress=False)
+    import threading
+
+    threads = [threading.Thread(target=build_latents, args=(src, encoder(r), "h", tmp_path / "s"), kwargs={**kw, "rank": r})
+               for r in (0, 1, 2)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sum(map(sum, seen.values())) == 70 and all(seen.values())  # each item once, every rank worked
+    store, one = LatentShards(tmp_path / "s", "h"), None
+    build_latents(src, fake_encode, "h", tmp_path / "one", count=70, shard_size=16, progress=False)
+    one = LatentShards(tmp_path / "one", "h")
+    assert all(torch.equal(store[i].latent, one[i].latent) for i in range(70))
+
+
+def test_loader_reads_latents_from_the_store(tmp_path):
     cfg = loader_cfg()
     src = make_source(cfg.data)
-    build_latent_cache(src, fake_encode, "h", tmp_path / "c", count=200, progress=False)
+    build_latents(src, fake_encode, "h", tmp_path / "c", count=200, progress=False)
     a = BatchLoader(cfg, TOK, fake_encode)
-    b = BatchLoader(cfg, TOK, lambda ims: 1 / 0, latent_cache=LatentCache(tmp_path / "c", "h"))
+    b = BatchLoader(cfg, TOK, lambda ims: 1 / 0, source=LatentShards(tmp_path / "c", "h"))
     for _ in range(3):
         assert same(next(a), next(b))
 
@@ -289,10 +326,10 @@ def test_text_corpus_mixed_in_beside_image_captions(tmp_path):
     loader = BatchLoader(cfg, TOK, fake_encode)
     kinds = []
     for i in range(600):
-        got = loader._sample(i)
-        sample, record = got
-        if record.image is None:
-            assert record.text.startswith("language document") and len(sample.segments) == 1
+        read = loader.reader.read(i)
+        if read.item == -1:  # a document of the text corpus
+            assert read.pixels is None and len(read.sample.segments) == 1
+            assert TOK.decode(read.sample.segments[0].ids).startswith("language document")
             kinds.append("text")
         else:
             kinds.append("image")
@@ -316,8 +353,11 @@ def test_long_samples_stop_with_the_item_named_or_are_truncated_and_counted(tmp_
     assert loader.stats["truncated"] == 3 and batch.num_images == 0  # the caption is cut, the image dropped
 
 
-def test_iterable_source_cycles_past_its_end_and_counts_skips_by_reason(tmp_path):
-    pytest.importorskip("webdataset")
+def test_tar_shards_cycle_past_their_end_and_count_skips_by_reason(tmp_path):
+    """Local shards are indexed (map-style); remote ones stream through the webdataset package (an
+    iterable source, here read from the same local file): both give the same items."""
+    from transfusion.data.sources import TarShards, WebDatasetSource
+
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tar:
         for key, data in [("s1.png", png_bytes()), ("s1.txt", b"red"), ("s2.png", b"junk"), ("s2.txt", b"x"),
@@ -326,15 +366,24 @@ def test_iterable_source_cycles_past_its_end_and_counts_skips_by_reason(tmp_path
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     cfg = loader_cfg()
-    cfg.data = DataConfig(source="webdataset", path=str(shard), image_size=16, val_fraction=0.0)
-    loader = BatchLoader(cfg, TOK, fake_encode)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = [loader._sample(i) for i in range(9)]  # three passes over a 3-item shard
-    texts = [None if g is None else g[1].text for g in got]
-    assert texts == ["red", None, "blue"] * 3
-    assert loader.stats["skipped"] == 3 and loader.stats["skipped_unreadable"] == 3
-    assert loader.skipped_items == {1}  # one item, met on each of three passes
+    cfg.data = DataConfig(
+        source="webdataset", path=str(shard), image_size=16, val_fraction=0.0, cond_dropout=0.0
+    )
+    assert isinstance(make_source(cfg.data), TarShards)
+    sources = [make_source(cfg.data)]
+    if importlib.util.find_spec("webdataset"):
+        sources.append(WebDatasetSource(cfg.data, "train"))
+    for source in sources:
+        loader = BatchLoader(cfg, TOK, fake_encode, source=source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reads = [loader.reader.read(i) for i in range(9)]  # three passes over a 3-item shard
+        texts = [None if r.sample is None else TOK.decode(next(s.ids for s in r.sample.segments if isinstance(s, Text)))
+                 for r in reads]  # fmt: skip
+        assert texts == ["red", None, "blue"] * 3
+        skipped = sum((Counter(r.skipped) for r in reads), Counter())
+        assert skipped == {"skipped": 3, "skipped_unreadable": 3}
+        assert {r.item for r in reads if r.sample is None} == {1}  # one item, met on each of three passes
 
 
 def test_skipped_items_are_counted_once_each_as_well_as_per_encounter(tmp_path):
@@ -375,14 +424,14 @@ def test_latent_cache_follows_the_vae_and_the_files(tmp_path):
     )
     assert ha != hb
     src, out = make_source(cfg), tmp_path / "cache"
-    build_latent_cache(src, enc_a, ha, out, count=len(src), progress=False)
-    torch.testing.assert_close(LatentCache(out, ha)[2], enc_a([src[2].image])[0])
-    build_latent_cache(src, enc_b, hb, out, count=len(src), progress=False)  # another VAE: rebuilt
-    torch.testing.assert_close(LatentCache(out, hb)[2], enc_b([src[2].image])[0])
+    build_latents(src, enc_a, ha, out, progress=False)
+    torch.testing.assert_close(LatentShards(out, ha)[2].latent, enc_a([src[2].image])[0])
+    build_latents(src, enc_b, hb, out, progress=False)  # another VAE: rebuilt
+    torch.testing.assert_close(LatentShards(out, hb)[2].latent, enc_b([src[2].image])[0])
     (tmp_path / "d" / "img002.png").write_bytes(png_bytes((24, 24), (255, 255, 0)))  # edited data, same count
     src = make_source(cfg)
-    build_latent_cache(src, enc_b, hb, out, count=len(src), progress=False)
-    torch.testing.assert_close(LatentCache(out, hb)[2], enc_b([src[2].image])[0])
+    build_latents(src, enc_b, hb, out, progress=False)
+    torch.testing.assert_close(LatentShards(out, hb)[2].latent, enc_b([src[2].image])[0])
 
 
 def test_fortune_files_split_at_percent_lines(tmp_path):
@@ -398,3 +447,28 @@ def test_fortune_files_split_at_percent_lines(tmp_path):
     (tmp_path / "notes.txt").write_text("para one\n\npara two")
     docs = TextFiles(DataConfig(val_fraction=0.0), "train", str(tmp_path)).docs
     assert sorted(docs) == ["E = mc^2", "F = ma", "para one", "para two"]
+
+
+def test_worker_processes_give_the_same_stream_and_resume_exactly(tmp_path):
+    """Decoding, pairing and tokenizing in 2 worker processes: the same batches as in the training
+    process, the same skip counts, and a resumed loader continues bit for bit."""
+    write_folder(tmp_path / "d", 44)
+    for f in sorted((tmp_path / "d").glob("*.png"))[::11]:
+        f.write_bytes(b"not a png")
+    cfg = loader_cfg()
+    cfg.data = DataConfig(
+        source="folder", path=str(tmp_path / "d"), image_size=16, val_fraction=0.0, prefetch=4
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        here = BatchLoader(cfg, TOK, fake_encode, 1, 2, workers=0)
+        want = [next(here) for _ in range(8)]
+        workers = BatchLoader(cfg, TOK, fake_encode, 1, 2, workers=2)
+        got = [next(workers) for _ in range(4)]
+        state = json.loads(json.dumps(workers.state_dict()))
+        resumed = BatchLoader(cfg, TOK, fake_encode, 1, 2, workers=2)
+        resumed.load_state_dict(state)
+        got += [next(resumed) for _ in range(4)]
+    assert all(same(a, b) for a, b in zip(want, got))
+    assert here.stats == resumed.stats and here.skipped_items == resumed.skipped_items
+    assert here.stats["skipped_unreadable"] > 0

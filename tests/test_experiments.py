@@ -98,7 +98,7 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_tiny_experiment_writes_results_and_its_page_then_resumes(tmp_path):
     out = tmp_path / "e"
-    args = ["experiment", "noise-limit", "--minutes", "2.5", "--seeds", "2", "--budgets", "1", "--prompts-per-kind", "1",
+    args = ["experiment", "noise-limit", "--minutes", "4", "--seeds", "2", "--budgets", "1", "--prompts-per-kind", "1",
             "--captions", "4", "--sample-steps", "5", "--set", "model.dim=32", "--set", "model.n_layers=1",
             "--out", str(out)]  # fmt: skip
     assert cli.main(args) == 0

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-vae": ("train_vae", "train the image autoencoder and compute its latent scale"),
     "train-vq": ("train_vq", "train the VQ image tokenizer of the Chameleon-style baseline"),
     "train-tokenizer": ("train_tokenizer", "train a byte-level BPE tokenizer.json on a data source's text"),
+    "encode": ("encode", "pre-encode a dataset through the VAE into latent shards that training streams"),
     "generate": ("generate", "generate text, images or both from a prompt"),
     "caption": ("caption", "describe image files with a trained model"),
     "eval": ("eval", "evaluate a checkpoint and write metrics.json"),

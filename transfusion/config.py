@@ -259,9 +259,11 @@ class DataConfig:
     """Where samples come from and how image-caption pairs are laid out (PAPER.md: 80/20)."""
 
     source: str = "shapes"
-    """'shapes' (built-in scenes), 'fashion_mnist', 'folder', 'jsonl', 'text' or 'webdataset'."""
+    """'shapes' (built-in scenes), 'fashion_mnist', 'folder', 'jsonl', 'text', 'webdataset' or 'latents'
+    (a dataset pre-encoded by ``transfusion encode``)."""
     path: str | None = None
-    """The files of a file-based source: a folder, a JSONL manifest, a .txt file or folder, tar shards."""
+    """The files of a file-based source: a folder, a JSONL manifest, a .txt file or folder, tar shards,
+    a latent store."""
     image_size: int = 32
     """Image side in pixels (images are resized on their shorter side and centre-cropped)."""
     caption_first_prob: float = 0.8
@@ -292,10 +294,24 @@ class DataConfig:
     """Cut a sample longer than ``train.seq_len`` at a text boundary (never inside an image) and count
     it; False stops with an error that names the sample."""
     latent_cache: str | None = None
-    """A directory where the images of a finite source are encoded once (safetensors shards)."""
+    """A directory where the images of a finite source are encoded once (a latent store: safetensors
+    shards, built by every rank, resumable); training then reads latents instead of images."""
+    num_workers: int = 0
+    """Worker processes per rank that read, decode, resize, pair and tokenize samples ahead of the
+    training step (0: the training process does it between steps)."""
+    prefetch: int = 16
+    """Samples each worker prepares ahead of the step."""
 
     def __post_init__(self) -> None:
-        _choice("source", self.source, ("shapes", "fashion_mnist", "folder", "jsonl", "text", "webdataset"))
+        _choice(
+            "source",
+            self.source,
+            ("shapes", "fashion_mnist", "folder", "jsonl", "text", "webdataset", "latents"),
+        )
+        if self.num_workers < 0 or self.prefetch < 1:
+            raise ValueError(
+                f"data.num_workers must be >= 0 and data.prefetch >= 1, got {self.num_workers}, {self.prefetch}"
+            )
         for name in ("caption_first_prob", "text_only_ratio", "image_only_ratio", "cond_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -115,7 +115,7 @@ def calibrate_train(cfg: Config, encode: Any, cache: Any = None) -> tuple[float,
     torch.manual_seed(cfg.train.seed)
     model = Transfusion(cfg.model)
     opt = make_optimizer(model, cfg.train)
-    loader = BatchLoader(cfg, load_tokenizer(cfg.train.tokenizer), encode, latent_cache=cache)
+    loader = BatchLoader(cfg, load_tokenizer(cfg.train.tokenizer), encode, source=cache)
     schedule = make_schedule(cfg.diffusion)
     tc = cfg.train
     batches = [next(loader) for _ in range(8)]
@@ -286,7 +286,7 @@ def _vae_probe(cfg: Config, images: torch.Tensor) -> Callable[[], None]:
 def make_latent_cache(cfg: Config, vae: Any, cache_dir: str | None) -> tuple[Any, Any]:
     """Stage 3: the pool of training scenes through the encoder, once (shapes only); returns the
     image encoder and the cache (None for sources encoded as batches need them)."""
-    from transfusion.data.latent_cache import LatentCache, build_latent_cache
+    from transfusion.data.latents import LatentShards, build_latents
     from transfusion.data.sources import make_source
     from transfusion.training import image_encoder
     from transfusion.vae import vae_hash
@@ -296,8 +296,8 @@ def make_latent_cache(cfg: Config, vae: Any, cache_dir: str | None) -> tuple[Any
         note("[3/5] latent cache: not used for this source (images are encoded as batches need them)")
         return encode, None
     note(f"[3/5] latent cache: {POOL} scenes through the VAE encoder")
-    build_latent_cache(make_source(cfg.data, "train"), encode, vae_hash(vae), cache_dir, POOL)
-    return encode, LatentCache(cache_dir, vae_hash(vae))
+    build_latents(make_source(cfg.data, "train"), encode, vae_hash(vae), cache_dir, POOL)
+    return encode, LatentShards(cache_dir, vae_hash(vae))
 
 
 def train_model(

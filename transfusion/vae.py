@@ -195,6 +195,11 @@ def pil_to_tensor(images: list[Image.Image]) -> Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
+def unit_range(pixels: Tensor) -> Tensor:
+    """uint8 pixels (0..255) to floats in [-1, 1]; floats pass through."""
+    return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels
+
+
 def tensor_to_pil(images: Tensor) -> list[Image.Image]:
     arr = (
         ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -214,12 +219,15 @@ def vae_hash(vae: nn.Module) -> str:
 
 @torch.no_grad()
 def encode_images(vae: Any, images: list[Image.Image] | Tensor, batch_size: int = 256) -> Tensor:
-    """PIL images (or pixels (N, 3, S, S) in [-1, 1]) -> latents scaled for diffusion, (N, C, h, w)
-    float32 on the CPU; encoded ``batch_size`` at a time on the VAE's device."""
+    """PIL images, pixels (N, 3, S, S) in [-1, 1], or uint8 pixels (N, S, S, 3) (what data workers
+    send) -> latents scaled for diffusion, (N, C, h, w) float32 on the CPU; encoded ``batch_size`` at a
+    time on the VAE's device."""
     pixels = pil_to_tensor(images) if isinstance(images, list) else images
     device = next(vae.parameters()).device
+    if pixels.dtype == torch.uint8:  # channels last, 0..255: converted on the device, a quarter of the copy
+        pixels = pixels.permute(0, 3, 1, 2)
     out = [
-        vae.to_diffusion(vae.encode(pixels[i : i + batch_size].to(device))).float().cpu()
+        vae.to_diffusion(vae.encode(unit_range(pixels[i : i + batch_size].to(device)))).float().cpu()
         for i in range(0, len(pixels), batch_size)
     ]
     return torch.cat(out) if out else torch.zeros(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 from transfusion.errors import UserError
 from transfusion.io import output_directory
 
-DATA_SOURCES = ("shapes", "fashion_mnist", "folder", "jsonl", "text", "webdataset")
+DATA_SOURCES = ("shapes", "fashion_mnist", "folder", "jsonl", "text", "webdataset", "latents")
 
 
 def note(message: str) -> None:
@@ -24,7 +24,8 @@ def add_data_options(
     """``--data`` and ``--data-path``, described the same way by every command."""
     text = (
         "data source: shapes (the built-in scenes), fashion_mnist (Debian's dataset-fashion-mnist), folder "
-        "(images with .txt captions), jsonl (a manifest), text (.txt documents), webdataset (tar shards)"
+        "(images with .txt captions), jsonl (a manifest), text (.txt documents), webdataset (tar shards), "
+        "latents (made by transfusion encode)"
     )
     shown = [s for s in DATA_SOURCES if s in sources]
     p.add_argument("--data", default=default, choices=shown, metavar="SOURCE",

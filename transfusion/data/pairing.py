@@ -30,7 +30,7 @@ PLACEHOLDER = torch.empty(0)
 
 def pair(record: Record, tokenize: Callable[[str], list[int]], cfg: DataConfig, rng: random.Random) -> Sample:
     """A Sample whose Image segments hold ``PLACEHOLDER`` latents, in the order of ``record.image``."""
-    has_image, has_text = record.image is not None, bool(record.text)
+    has_image, has_text = record.has_image, bool(record.text)
     if has_image and has_text:
         u = rng.random()
         text_only = 0.0 if cfg.text_path else cfg.text_only_ratio  # with text_path, text comes from there

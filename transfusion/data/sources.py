@@ -5,7 +5,9 @@
 - ``folder``: images with captions in ``.txt`` files of the same stem.
 - ``jsonl``: a manifest, one ``{"image": path, "caption": text}`` per line (paths relative to it).
 - ``text``: plain-text files (a file, or a folder of ``.txt``), documents split at blank lines.
-- ``webdataset``: tar shards (optional extra), ``jpg``/``png``/``webp`` + ``txt`` per key.
+- ``webdataset``: tar shards, ``jpg``/``png``/``webp`` + ``txt`` per key: local shards are indexed
+  (map-style: workers, exact resume, ``transfusion encode``); remote URLs stream (optional extra).
+- ``latents``: a dataset pre-encoded through the VAE by ``transfusion encode`` (``data/latents.py``).
 
 File-based sources (folder, jsonl, text, webdataset) hold out ``data.val_fraction`` of their items
 as the 'val' split (also used as 'test'), chosen by a hash of each item's name (its path, key or
@@ -19,10 +21,12 @@ skipped index, so indices stay stable for exact resume.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
 import random
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -373,6 +377,117 @@ class WebDatasetSource(_Skipping):
         return f"webdataset({self.urls})"
 
 
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard patterns: ``data-{000..099}.tar`` (zero-padded ranges) and ``{a,b}``."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, tail, body = pattern[: m.start()], pattern[m.end() :], m.group(1)
+    if ".." in body:
+        lo, hi = body.split("..", 1)
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [str(n).zfill(width) for n in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [x for c in choices for x in expand_braces(head + c + tail)]
+
+
+def webdataset_key(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member, as WebDataset groups them: ``dir/abc.seg.png`` -> (``dir/abc``,
+    ``seg.png``)."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+@functools.lru_cache(maxsize=8)
+def _tar_index(paths: tuple[str, ...], fingerprint: str) -> list[tuple[int, str, dict[str, tuple[int, int]]]]:
+    """Every sample of the shards: (shard number, key, {extension: (data offset, size)}), in order.
+    Read from the tar headers once per process and file state (the data itself is skipped)."""
+    import tarfile
+
+    items: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
+    for n, path in enumerate(paths):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = webdataset_key(member.name)
+                if not items or items[-1][:2] != (n, key):
+                    items.append((n, key, {}))
+                items[-1][2][ext.lower()] = (member.offset_data, member.size)
+    return items
+
+
+class TarShards(_Skipping):
+    """WebDataset tar shards on local disk as a map-style source: the shards' headers are read once
+    into an index of member offsets, and item i is read with one positioned read per file, so any
+    process (a rank, a worker) reads any item without reading the shards before it. Exact resume,
+    worker processes and ``transfusion encode`` need this; remote URLs stream (``WebDatasetSource``)."""
+
+    def __init__(self, cfg: DataConfig, split: str):
+        super().__init__(cfg.strict)
+        self.paths = expand_braces(cfg.path)
+        missing = [p for p in self.paths if not Path(p).is_file()]
+        if missing:
+            raise ValueError(
+                f"data.path {cfg.path}: {missing[0]} does not exist ({len(missing)} of {len(self.paths)} shards missing)"
+            )
+        self.pattern, self.size = cfg.path, cfg.image_size
+        items = _tar_index(tuple(self.paths), self.fingerprint())
+        self.items = split_items(items, [key for _, key, _ in items], split, cfg.val_fraction, cfg.path)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _read(self, shard: int, where: tuple[int, int]) -> bytes:
+        import os
+
+        fd = os.open(self.paths[shard], os.O_RDONLY)
+        try:
+            return os.pread(fd, where[1], where[0])
+        finally:
+            os.close(fd)
+
+    def __getitem__(self, i: int) -> Record | None:
+        import io
+
+        shard, key, members = self.items[i]
+        try:
+            ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
+            if ext is None:
+                raise BadItem("unreadable", f"{key}: no image in the sample")
+            try:
+                with Image.open(io.BytesIO(self._read(shard, members[ext]))) as im:
+                    im.load()
+                    image = fit_image(im, self.size, key)
+            except (UnidentifiedImageError, OSError) as e:
+                raise BadItem("unreadable", f"{key}: not a readable image ({e})") from None
+            try:
+                text = self._read(shard, members["txt"]).decode("utf-8").strip() if "txt" in members else None
+            except UnicodeDecodeError:
+                raise BadItem("not_utf8", f"{key}: caption is not UTF-8") from None
+        except BadItem as e:
+            self.skip(e)
+            return None
+        return Record(image, text or None, {"source": key})
+
+    def describe(self) -> str:
+        return f"webdataset({self.pattern}, {len(self.items)} items, size={self.size})"
+
+    def fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=8)
+        for path in self.paths:
+            st = Path(path).stat()
+            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return h.hexdigest()
+
+
+def is_local_pattern(pattern: str) -> bool:
+    """Tar shards on this machine's filesystem (not ``http://``, ``s3://``, ``pipe:``)."""
+    return "://" not in pattern and not pattern.startswith("pipe:")
+
+
 def make_source(cfg: DataConfig, split: str = "train") -> Any:
     """The dataset ``cfg.source`` names, for split 'train', 'val' or 'test'."""
     if split not in ("train", "val", "test"):
@@ -385,7 +500,32 @@ def make_source(cfg: DataConfig, split: str = "train") -> Any:
         return ImageTextFiles(cfg, split)
     if cfg.source == "text":
         return TextFiles(cfg, split)
-    return WebDatasetSource(cfg, split)
+    if cfg.source == "latents":
+        return latent_split(cfg, split)
+    if not cfg.path:
+        raise ValueError(
+            "data source 'webdataset' needs data.path (a shard pattern such as data-{000..009}.tar)"
+        )
+    return TarShards(cfg, split) if is_local_pattern(cfg.path) else WebDatasetSource(cfg, split)
+
+
+def latent_split(cfg: DataConfig, split: str) -> Any:
+    """``--data latents``: ``data.path`` is a store made by ``transfusion encode`` (its ``train`` and
+    ``val`` splits), or one split's store itself (a ``data.latent_cache``: training only)."""
+    from transfusion.data.latents import INDEX, LatentShards
+
+    if not cfg.path:
+        raise ValueError("data source 'latents' needs data.path (a directory made by transfusion encode)")
+    root = Path(cfg.path)
+    sub = root / ("train" if split == "train" else "val")
+    if (sub / INDEX).is_file():
+        return LatentShards(sub)
+    if split == "train" and (root / INDEX).is_file():
+        return LatentShards(root)
+    raise ValueError(
+        f"data.path {root} holds no {'train' if split == 'train' else 'val'} latents ({sub / INDEX} is missing); "
+        "encode that split with transfusion encode --splits train,val (or set train.eval_every=0)"
+    )
 
 
 def iterate(source: Any) -> Iterator[Record | None]:

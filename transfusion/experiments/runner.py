@@ -107,7 +107,7 @@ def fortunes_path() -> str:
 def prepare_shared(exp: Experiment, shared: Path, settings: Settings, vae_steps: int) -> None:
     """Tokenizer, the autoencoders the arms need, their latent caches (each skipped when present)."""
     from transfusion.config import DataConfig, VAEConfig
-    from transfusion.data.latent_cache import build_latent_cache
+    from transfusion.data.latents import build_latents
     from transfusion.data.sources import make_source, source_texts
     from transfusion.demo import TOKENIZER_VOCAB, VAE_LR
     from transfusion.tokenizer import train_bpe
@@ -136,9 +136,7 @@ def prepare_shared(exp: Experiment, shared: Path, settings: Settings, vae_steps:
         for seed in range(settings.seeds):
             pool = dataclasses.replace(data, seed=seed)
             cache = latent_dir(shared, kind == "vq", seed)
-            build_latent_cache(
-                make_source(pool, "train"), image_encoder(vae, "cpu"), vae_hash(vae), cache, POOL
-            )
+            build_latents(make_source(pool, "train"), image_encoder(vae, "cpu"), vae_hash(vae), cache, POOL)
 
 
 def autoencoder_dir(shared: Path, discrete: bool) -> Path:

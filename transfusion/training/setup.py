@@ -90,7 +90,7 @@ def check_consistency(cfg: Config) -> None:
             f"the VAE makes {v.latent_size}x{v.latent_size} latents (image {v.image_size} / {v.downsample}) but "
             f"model.latent_size is {m.latent_size}; set model.latent_size={v.latent_size}"
         )
-    if cfg.data.image_size != v.image_size:
+    if cfg.data.image_size != v.image_size and cfg.data.source != "latents":  # latents hold no pixels
         raise ValueError(f"data.image_size {cfg.data.image_size} != vae.image_size {v.image_size}")
     if cfg.train.seq_len > m.max_seq_len:
         raise ValueError(f"train.seq_len {cfg.train.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
@@ -119,33 +119,46 @@ def load_or_make_vae(vae_arg: str | None, cfg: Config, out: Path, is_main: bool,
     return vae
 
 
-def image_encoder(vae: Any, device: torch.device | str) -> Callable[[list], torch.Tensor]:
-    """A function from PIL images to their latents scaled for diffusion, (N, C, h, w) on the CPU."""
+def image_encoder(vae: Any, device: torch.device | str) -> Callable[[Any], torch.Tensor]:
+    """A function from images (uint8 pixels (N, S, S, 3) as the loader sends them, or PIL images) to
+    their latents scaled for diffusion, (N, C, h, w) on the CPU, encoded on ``device``."""
     from transfusion.vae import encode_images
 
     vae = vae.to(device).eval()
     return lambda images: encode_images(vae, images)
 
 
-def open_latent_cache(cfg: Config, source: Any, vae: Any, encode: Any, info: D.DistInfo) -> Any:
-    """Build (rank 0) or reuse the latent cache named by data.latent_cache; every rank then reads it."""
-    import torch.distributed as dist
-
-    from transfusion.data.latent_cache import LatentCache, build_latent_cache
+def open_latent_cache(cfg: Config, vae: Any, encode: Any, info: D.DistInfo) -> Any:
+    """The training split of ``data.source`` as a latent store in ``data.latent_cache``: built once (every
+    rank encoding its own shards, resumable), rebuilt when the VAE or the data changed, then read."""
+    from transfusion.data.latents import LatentShards, build_latents
+    from transfusion.data.sources import make_source
     from transfusion.vae import vae_hash
 
-    unbounded = cfg.data.source == "shapes" and cfg.data.length is None
-    if unbounded or not hasattr(source, "__len__") or len(source) > 5_000_000:
+    if cfg.data.source == "latents":
+        raise ValueError("data.latent_cache encodes a source of images; --data latents is encoded already")
+    source = make_source(cfg.data, "train")
+    if cfg.data.source == "shapes" and cfg.data.length is None or not hasattr(source, "__len__"):
         raise ValueError(
-            "data.latent_cache needs a finite map-style source: folder, jsonl, fashion_mnist, or shapes with "
-            "data.length set (a pool of scenes)"
+            "data.latent_cache needs a finite indexable source: folder, jsonl, fashion_mnist, local webdataset "
+            "shards, or shapes with data.length set (a pool of scenes)"
         )
     digest = vae_hash(vae)
-    if info.is_main:
-        build_latent_cache(source, encode, digest, cfg.data.latent_cache, len(source))
-    if dist.is_initialized():
-        dist.barrier()
-    return LatentCache(cfg.data.latent_cache, digest)
+    build_latents(source, encode, digest, cfg.data.latent_cache, workers=cfg.data.num_workers,
+                  rank=info.rank, world=info.world_size, progress=info.is_main)  # fmt: skip
+    return LatentShards(cfg.data.latent_cache, digest)
+
+
+def check_latents(source: Any, vae: Any) -> None:
+    """Pre-encoded latents must come from the run's VAE (its decoder draws the samples)."""
+    from transfusion.vae import vae_hash
+
+    made_by = getattr(source, "meta", {}).get("vae_hash") if hasattr(source, "meta") else None
+    if made_by is not None and made_by != vae_hash(vae):
+        raise ValueError(
+            f"{source.describe()} was encoded with VAE {made_by}, the run's --vae is {vae_hash(vae)}; "
+            "give the VAE the latents were made with"
+        )
 
 
 def make_loaders(
@@ -156,18 +169,18 @@ def make_loaders(
     The run reads ``streams`` data streams (default: processes x ``train.grad_accum``): stream s reads
     source items s, s + streams, s + 2 streams, ... and yields one micro-batch per optimizer step.
     Rank r owns streams r x A ... r x A + A - 1 (A = streams / processes), so the global batch of a
-    step is the same whatever the number of processes, and a run resumes exactly on another number."""
+    step is the same whatever the number of processes, and a run resumes exactly on another number.
+    ``data.num_workers`` worker processes per rank are shared out between its streams."""
     streams = streams or info.world_size * cfg.train.grad_accum
     per_rank = streams // info.world_size
     encode = image_encoder(vae, info.device)
+    source = open_latent_cache(cfg, vae, encode, info) if cfg.data.latent_cache else None
     owned = range(info.rank * per_rank, (info.rank + 1) * per_rank)
-    loaders = [BatchLoader(cfg, tokenizer, encode, s, streams, "train") for s in owned]
-    if cfg.data.latent_cache:
-        cache = open_latent_cache(cfg, loaders[0].source, vae, encode, info)
-        for loader in loaders:
-            loader.cache = cache
+    workers = -(-cfg.data.num_workers // per_rank)
+    loaders = [BatchLoader(cfg, tokenizer, encode, s, streams, "train", source, workers) for s in owned]
+    check_latents(loaders[0].source, vae)
     val = (
-        BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "val")
+        BatchLoader(cfg, tokenizer, encode, info.rank, info.world_size, "val", workers=0)
         if cfg.train.eval_every
         else None
     )

@@ -120,7 +120,12 @@ def test_two_ranks_match_one_process(tmp_path, parallel):
     from transfusion.checkpoint import load_model, read_weights, resolve_checkpoint
 
     latest = resolve_checkpoint(out)
-    assert not (latest / "model.safetensors").exists() and len(list((latest / "shards").iterdir())) == 2
+    files = sorted(p.name for p in (latest / "shards").iterdir())
+    assert not (latest / "model.safetensors").exists()
+    assert {f.split("-")[1] for f in files} == {"00001", "00002"}  # each rank wrote its own files
+    assert (
+        len(files) > 2
+    )  # several files a rank: a rank's memory during the save stays a fraction of its shard
     loaded = load_model(out)
     assert loaded.meta["step"] == 3
     ema = read_weights(latest, loaded.meta, use_ema=True)[1]

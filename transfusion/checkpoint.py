@@ -307,11 +307,27 @@ def save_sharded(
     ``group``, a gloo group): returns a future, else None once written."""
     import torch.distributed.checkpoint as dcp
 
-    writer = dcp.HuggingFaceStorageWriter(str(directory), save_distributed=True)
+    writer = dcp.HuggingFaceStorageWriter(
+        str(directory), save_distributed=True, fqn_to_index_mapping=file_groups(tensors)
+    )
     if background:
         return dcp.async_save(tensors, storage_writer=writer, process_group=group)
     dcp.save(tensors, storage_writer=writer)
     return None
+
+
+def file_groups(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Which file of its rank each tensor goes to (1, 2, ...): one per part of the model and kind of
+    state (``model.layers.3``, ``optim.tok_emb``, ...). DCP serialises a file in memory before writing
+    it, so many small files keep a rank's memory during a save to a fraction of its shard."""
+    groups: dict[str, int] = {}
+    index = {}
+    for name in tensors:
+        kind, _, rest = name.partition(".")
+        parts = rest.split(".")
+        key = ".".join([kind, *parts[: 2 if parts[0] == "layers" else 1]])
+        groups[name] = index.setdefault(key, len(index) + 1)
+    return groups
 
 
 def shard_files(ckpt: Path) -> list[str]:

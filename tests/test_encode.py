@@ -66,7 +66,7 @@ def test_encode_webdataset_through_a_diffusers_vae_then_train_on_the_latents(
         source, store = make_source(data, split), LatentShards(out / split)
         assert len(store) == len(source) > 0 and store.meta["dtype"] == "float16"
         want = encode_images(vae, [source[i].image for i in range(len(source))])  # (N, 8, 8, 8)
-        got = torch.stack([store[i].latent for i in range(len(store))])
+        got = torch.stack([store[i].latent for i in range(len(store))]).float()
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # stored as float16
         assert [store[i].text for i in range(len(store))] == [source[i].text for i in range(len(source))]
     # run again: every shard is there, nothing is encoded again

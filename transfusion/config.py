@@ -299,8 +299,8 @@ class DataConfig:
     num_workers: int = 0
     """Worker processes per rank that read, decode, resize, pair and tokenize samples ahead of the
     training step (0: the training process does it between steps)."""
-    prefetch: int = 16
-    """Samples each worker prepares ahead of the step."""
+    prefetch: int = 64
+    """Samples each worker prepares ahead of the step (at least two chunks of 16)."""
 
     def __post_init__(self) -> None:
         _choice(

@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -275,28 +276,39 @@ def _fill_rows(
 ) -> MixedBatch:
     """The tensors of a packing plan: every sample laid out (``layout``) in its row, in order."""
     B, L = len(rows), seq_len
-    ids = torch.full((B, L), specials.pad, dtype=torch.long)
-    image_index = torch.zeros(B, L, dtype=torch.long)
-    doc_ids = torch.zeros(B, L, dtype=torch.long)
-    positions = torch.zeros(B, L, dtype=torch.long)
-    is_token = torch.zeros(B, L, dtype=torch.bool)  # text positions that belong to a sample (not padding)
+    # the ids and image numbers as two flat lists, the rest from each piece's length with numpy: per
+    # position Python (or a tensor write per sample) costs more than the loader's reading at a GPU's rate
+    ids_l: list[int] = []
+    img_l: list[int] = []  # the sample's own image numbers (0 = text), -1 for padding
+    lengths: list[int] = []  # pieces: every sample of a row, then the row's padding
+    docs: list[int] = []  # each piece's sample number in its row
+    offsets: list[int] = []  # images of the row before each piece
     images: list[Image] = []
-    for b, row in enumerate(rows):
+    for row in rows:
         p, k = 0, 0
         for d, si in enumerate(row):
             row_ids, row_img, row_images = layout(samples[si], specials, patches_per_image)
-            n = len(row_ids)
-            ids[b, p : p + n] = torch.tensor(row_ids)
-            img = torch.tensor(row_img)
-            image_index[b, p : p + n] = torch.where(img > 0, img + k, 0)
-            is_token[b, p : p + n] = img == 0
-            doc_ids[b, p : p + n] = d
-            positions[b, p : p + n] = torch.arange(n)
-            p, k = p + n, k + len(row_images)
+            ids_l += row_ids
+            img_l += row_img
+            lengths.append(len(row_ids))
+            docs.append(d)
+            offsets.append(k)
+            p, k = p + len(row_ids), k + len(row_images)
             images += row_images
         # padding is a sample of its own so that its rows of the mask are never empty
-        doc_ids[b, p:] = len(row)
-        positions[b, p:] = torch.arange(L - p)
+        ids_l += [specials.pad] * (L - p)
+        img_l += [-1] * (L - p)
+        lengths.append(L - p)
+        docs.append(len(row))
+        offsets.append(0)
+    n = np.array(lengths)
+    img = np.array(img_l, dtype=np.int64)
+    starts = np.repeat(np.cumsum(n) - n, n)
+    ids = torch.from_numpy(np.array(ids_l, dtype=np.int64)).view(B, L)
+    image_index = torch.from_numpy(np.where(img > 0, img + np.repeat(offsets, n), 0)).view(B, L)
+    doc_ids = torch.from_numpy(np.repeat(np.array(docs, dtype=np.int64), n)).view(B, L)
+    positions = torch.from_numpy(np.arange(B * L, dtype=np.int64) - starts).view(B, L)
+    is_token = torch.from_numpy(img == 0).view(B, L)  # text positions that belong to a sample (not padding)
     return MixedBatch(
         ids=ids,
         image_index=image_index,

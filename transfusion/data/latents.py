@@ -193,8 +193,9 @@ def _finish(out: Path, plan: dict[str, Any]) -> None:
 
 
 class LatentShards:
-    """A latent store as a map-style source: item i is a ``Record`` with ``latent`` (C, h, w) and the
-    text it was encoded with, or None for an item the encoder could not read."""
+    """A latent store as a map-style source: item i is a ``Record`` with ``latent`` (C, h, w, in the
+    store's dtype: the loader makes it fp32 when it stacks a batch) and the text it was encoded with,
+    or None for an item the encoder could not read."""
 
     def __init__(self, directory: str | Path, vae_hash: str | None = None):
         self.dir = Path(directory)
@@ -209,30 +210,30 @@ class LatentShards:
                 "encode them again with this VAE or give the run the VAE they were made with"
             )
         self.skipped: Counter[str] = Counter()
-        self._open: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self._open: dict[int, tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = {}
 
     def __len__(self) -> int:
         return int(self.meta["count"])
 
-    def _shard(self, k: int) -> tuple[Any, dict[str, Any]]:
+    def _shard(self, k: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Shard k's latents (read whole: a reader walks through a shard item after item), which rows
+        hold an item the encoder could not read, and its texts; the last two shards read are kept."""
         if k not in self._open:
-            from safetensors import safe_open
-
-            if len(self._open) >= 4:  # a few shards open at a time (memory-mapped)
+            if len(self._open) >= 2:
                 self._open.pop(next(iter(self._open)))
-            handle = safe_open(str(self.dir / f"{shard_name(k)}.safetensors"), framework="pt")
+            latents = load_tensors(self.dir / f"{shard_name(k)}.safetensors")["latents"]
+            unreadable = torch.isnan(latents.flatten(1)).any(1)
             texts = json.loads((self.dir / f"{shard_name(k)}.json").read_text())
-            self._open[k] = (handle.get_slice("latents"), texts)
+            self._open[k] = (latents, unreadable, texts)
         return self._open[k]
 
     def __getitem__(self, i: int) -> Record | None:
         k, j = divmod(i, self.meta["shard_size"])
-        latents, texts = self._shard(k)
-        z = latents[j : j + 1][0].float()
-        if torch.isnan(z).any():
+        latents, unreadable, texts = self._shard(k)
+        if unreadable[j]:
             self.skipped["unreadable"] += 1
             return None
-        return Record(None, texts["texts"][j], {"source": texts["names"][j]}, latent=z)
+        return Record(None, texts["texts"][j], {"source": texts["names"][j]}, latent=latents[j].clone())
 
     def describe(self) -> str:
         return f"latents({self.dir}, {len(self)} items, vae {self.meta['vae_hash']})"

@@ -62,6 +62,25 @@ class Read:
     item: int = 0
     """Which source item the index reads (sources are cycled)."""
 
+    def to_wire(self) -> Read:
+        """What crosses from a worker: tensors as numpy arrays, the images' empty latents left out
+        (the loader fills them), so nothing goes through a shared-memory file per tensor."""
+        sample = None
+        if self.sample is not None:
+            segs = [
+                dataclasses.replace(s, latent=None) if isinstance(s, Image) else s
+                for s in self.sample.segments
+            ]
+            sample = dataclasses.replace(self.sample, segments=segs)
+        pixels = None if self.pixels is None else self.pixels.numpy()
+        latent = None if self.latent is None else self.latent.numpy()
+        return dataclasses.replace(self, sample=sample, pixels=pixels, latent=latent)
+
+    def from_wire(self) -> Read:
+        pixels = None if self.pixels is None else torch.from_numpy(self.pixels)
+        latent = None if self.latent is None else torch.from_numpy(self.latent)
+        return dataclasses.replace(self, pixels=pixels, latent=latent)
+
 
 class SampleReader:
     """Reads one source index into a paired ``Read``: the record (decoding and resizing its image),
@@ -193,7 +212,8 @@ class BatchLoader:
             return read
         if self._reads is None:
             indices = itertools.count(self.next_index, self.world)
-            self._reads = ordered(self.reader.read, indices, self.workers, self.cfg.data.prefetch)
+            self._reads = ordered(self.reader.read, indices, self.workers, self.cfg.data.prefetch,
+                                  send=Read.to_wire, receive=Read.from_wire)  # fmt: skip
         self.next_index += self.world
         return next(self._reads)
 

@@ -1,21 +1,47 @@
 #!/usr/bin/env bash
-# The GPU rows of benchmarks/RESULTS.md, on one CUDA GPU, in under 8 minutes on an H100/H200:
-#   1. training throughput and MFU of the paper's 0.16B (8 x 2048) and 0.76B (4 x 2048) presets, with
-#      the training defaults (bf16 autocast, compiled blocks), against a bf16 matmul peak measured in
-#      the same run; decoding and sampling speed of 0.16B;
-#   2. the side-by-side with transfusion-pytorch at matched parameters (about 0.26B each).
+# Everything the GPU paths need measured, in one run on one CUDA GPU (about 10 minutes on an H100/H200):
+#   1. the GPU-only tests (graph decoding on the model's device, the frozen-row mask, the compiled
+#      block mask), which skip themselves on a CPU;
+#   2. training throughput, MFU and peak memory of the paper's 0.16B (8 x 2048): compiled (the default),
+#      eager, FSDP2 with its bf16/fp32 mixed-precision policy (a process group of one), and activation
+#      checkpointing full; 0.76B (4 x 2048) compiled; decoding and sampling speed of 0.16B;
+#   3. `transfusion plan` for the same 0.16B configurations, to set beside the measured peaks;
+#   4. how long a checkpoint stops training, synchronous against train.async_checkpoint (0.16B);
+#   5. the loader's images/s on this machine's cores (JPEG WebDataset with 0-8 workers, latent shards);
+#   6. the side-by-side with transfusion-pytorch (needs PyPI; skipped where there is no network).
 # Usage: benchmarks/gpu.sh [OUT]   (default bench-gpu/); needs the package installed (make venv).
-set -euo pipefail
+# Each step has its own time limit and a failed step does not stop the others; the summary at the
+# end says which ran.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench-gpu}
 py=${PYTHON:-.venv/bin/python}
-$py -c "import torch; assert torch.cuda.is_available(), 'benchmarks/gpu.sh needs a CUDA GPU'"
+$py -c "import torch; assert torch.cuda.is_available(), 'benchmarks/gpu.sh needs a CUDA GPU'" || exit 1
 mkdir -p "$out"
-$py -m transfusion bench --device cuda --configs 0.16B --batch-size 8 --seq-len 2048 --repeat 10 \
-    --image-steps 250 --out "$out/0.16B" | tee "$out/0.16B.txt"
-$py -m transfusion bench --device cuda --configs 0.76B --batch-size 4 --seq-len 2048 --repeat 10 \
-    --no-sampling --out "$out/0.76B" | tee "$out/0.76B.txt"
-$py -m transfusion bench --device cuda --configs 0.16B --batch-size 8 --seq-len 2048 --repeat 10 \
-    --no-sampling --compile off --out "$out/0.16B-eager" | tee "$out/0.16B-eager.txt"
-$py benchmarks/compare_transfusion_pytorch.py --device cuda --width 1024 --heads 16 --text 64 \
-    --latent-size 16 --their-depth 12 --rounds 2 --steps 10 --sample-steps 50 --out "$out" | tee "$out/compare.txt"
+status=()
+step() {  # step NAME SECONDS COMMAND...: run, tee to OUT/NAME.txt, remember how it ended
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+  status+=("$name: exit ${PIPESTATUS[0]}")
+}
+bench=("$py" -m transfusion bench --device cuda --repeat 10)
+
+step gpu-tests 300 $py -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_generate.py tests/test_compile.py
+step 0.16B 240 "${bench[@]}" --configs 0.16B --batch-size 8 --seq-len 2048 --image-steps 250 --out "$out/0.16B"
+step 0.16B-eager 120 "${bench[@]}" --configs 0.16B --batch-size 8 --seq-len 2048 --no-sampling --compile off --out "$out/0.16B-eager"
+step 0.16B-fsdp 180 "${bench[@]}" --configs 0.16B --batch-size 8 --seq-len 2048 --no-sampling --parallel fsdp --out "$out/0.16B-fsdp"
+step 0.16B-ac-full 180 "${bench[@]}" --configs 0.16B --batch-size 8 --seq-len 2048 --no-sampling \
+    --activation-checkpointing full --out "$out/0.16B-ac-full"
+step 0.76B 240 "${bench[@]}" --configs 0.76B --batch-size 4 --seq-len 2048 --no-sampling --out "$out/0.76B"
+for ac in none full; do
+  step "plan-0.16B-$ac" 60 $py -m transfusion plan --preset 0.16B --seq-len 2048 --micro-batch 8 --gpu-memory 141 \
+      --activation-checkpointing $ac --json --out "$out/plan-0.16B-$ac.json"
+done
+step save-time 240 $py benchmarks/save_time.py --preset 0.16B --device cuda --out "$out"
+step data-rate 300 $py benchmarks/data_rate.py --workers 0 1 2 4 8 --out "$out"
+step compare 300 $py benchmarks/compare_transfusion_pytorch.py --device cuda --width 1024 --heads 16 --text 64 \
+    --latent-size 16 --their-depth 12 --rounds 2 --steps 10 --sample-steps 50 --out "$out"
+echo "=== summary"
+printf '%s\n' "${status[@]}" | tee "$out/summary.txt"

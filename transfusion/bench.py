@@ -128,9 +128,19 @@ def synthetic_batch(
 
 
 # --- the benchmarks --------------------------------------------------------------------------------
+def one_process_group(device: str) -> None:
+    """A process group of this process alone, so that FSDP2 (and its mixed-precision policy) can be
+    measured on one GPU."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def bench_train(
     cfg: ModelConfig, batch_size: int, seq_len: int, device: str, repeat: int, compile: bool | None = None,
-    activation_checkpointing: str = "none",
+    activation_checkpointing: str = "none", parallel: str = "none",
 ) -> dict[str, Any]:  # fmt: skip
     """The step users run (``training.train_step``: forward, both losses, backward, clipping, AdamW)
     on one synthetic batch, made ready by ``training.parallelize`` as the training loop makes it:
@@ -144,9 +154,12 @@ def bench_train(
 
     torch.manual_seed(0)
     model = Transfusion(cfg).to(device)
-    tc = TrainConfig(lr=1e-4, compile=compile, activation_checkpointing=activation_checkpointing)
-    parallel = parallelize(model, Config(model=cfg, train=tc), DistInfo(device=torch.device(device)))
-    compiled = parallel.compiled
+    if parallel == "fsdp":
+        one_process_group(device)
+    tc = TrainConfig(lr=1e-4, compile=compile, activation_checkpointing=activation_checkpointing,
+                     parallel="fsdp" if parallel == "fsdp" else "ddp")  # fmt: skip
+    wrapped = parallelize(model, Config(model=cfg, train=tc), DistInfo(device=torch.device(device)))
+    compiled = wrapped.compiled
     batch = synthetic_batch(cfg, batch_size, seq_len).to(device)
     dc = DiffusionConfig()
     opt = make_optimizer(model, tc, fused=device.startswith("cuda"))
@@ -154,7 +167,7 @@ def bench_train(
 
     def step() -> None:
         train_step(model, opt, [batch], schedule, dc, lr=tc.lr, grad_clip=tc.grad_clip,
-                   autocast=parallel.autocast())  # fmt: skip
+                   autocast=wrapped.autocast())  # fmt: skip
 
     reset_peak_rss()
     if device.startswith("cuda"):
@@ -170,9 +183,10 @@ def bench_train(
         "tokens_per_s": tokens / sec,
         "model_gflops": step_flops / sec / 1e9,
         "attention": model.backend(torch.device(device)),
-        "dtype": "bf16-autocast" if parallel.dtype == torch.bfloat16 else "fp32",
+        "dtype": "bf16-autocast" if wrapped.dtype == torch.bfloat16 else "fp32",
         "compiled": compiled,
         "activation_checkpointing": activation_checkpointing,
+        "parallel": wrapped.mode,
         "peak_rss_mb": peak_rss_mb(),
         "cuda_max_alloc_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
     }
@@ -243,6 +257,7 @@ def _denoise_step_ms(dec: Any, prefix: int, rows_n: int, scale: float, device: s
 def run_benchmarks(
     names: list[str], batch_size: int, seq_len: int, repeat: int, device: str, sampling: bool = True,
     image_steps: tuple[int, ...] = (250, 50), compile: bool | None = None, activation_checkpointing: str = "none",
+    parallel: str = "none",
 ) -> dict[str, Any]:  # fmt: skip
     peak = matmul_peak(device)
     rows = []
@@ -251,7 +266,7 @@ def run_benchmarks(
         if seq_len > cfg.max_seq_len:
             cfg = dataclasses.replace(cfg, max_seq_len=seq_len)
         row = {"config": name,
-               **bench_train(cfg, batch_size, seq_len, device, repeat, compile, activation_checkpointing)}  # fmt: skip
+               **bench_train(cfg, batch_size, seq_len, device, repeat, compile, activation_checkpointing, parallel)}  # fmt: skip
         row["mfu"] = row["model_gflops"] / peak
         if sampling:
             row.update(bench_sampling(cfg, device, repeat, image_steps))

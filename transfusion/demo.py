@@ -107,13 +107,17 @@ def calibrate_train(cfg: Config, encode: Any, cache: Any = None) -> tuple[float,
     with the training loop's own step."""
     from transfusion.data.loader import BatchLoader
     from transfusion.diffusion import make_schedule
+    from transfusion.distributed import DistInfo
     from transfusion.flops import batch_train_flops
     from transfusion.model import Transfusion
     from transfusion.tokenizer import load_tokenizer
     from transfusion.training import make_optimizer, train_step
+    from transfusion.training.parallelize import parallelize
 
     torch.manual_seed(cfg.train.seed)
-    model = Transfusion(cfg.model)
+    model = parallelize(
+        Transfusion(cfg.model), cfg, DistInfo()
+    ).model  # as training runs it (on the CPU: as is)
     opt = make_optimizer(model, cfg.train)
     loader = BatchLoader(cfg, load_tokenizer(cfg.train.tokenizer), encode, source=cache)
     schedule = make_schedule(cfg.diffusion)

@@ -171,11 +171,6 @@ def cpu_group() -> Any:
     return dist.new_group(backend="gloo") if dist.is_initialized() else None
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     if not dist.is_initialized():
         return [obj]

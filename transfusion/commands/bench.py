@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="none (default), full, or every:K: recompute blocks' activations in the backward pass",
     )  # fmt: skip
     p.add_argument(
+        "--parallel", choices=["none", "fsdp"], default="none",
+        help="fsdp: the model sharded by FSDP2 in a process group of one (its bf16 mixed-precision policy on CUDA)",
+    )  # fmt: skip
+    p.add_argument(
         "--image-steps", type=int, nargs="+", default=[250, 50],
         help="denoising steps of the whole-image timings (default 250 50: the paper's, and a fast setting)",
     )  # fmt: skip
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmarks(
         args.configs, args.batch_size, args.seq_len, args.repeat, device, not args.no_sampling,
         tuple(args.image_steps), {"auto": None, "on": True, "off": False}[args.compile],
-        args.activation_checkpointing,
+        args.activation_checkpointing, args.parallel,
     )  # fmt: skip
     print(format_table(result))
     out = out_dir(args.out)

@@ -80,7 +80,7 @@ def parallelize(model: nn.Module, cfg: Config, info: D.DistInfo, backend: str = 
         compile_model(model, backend)
     dtype = training_dtype(tc, info.device)
     step_model, mode = model, "single"
-    if info.enabled and tc.parallel == "fsdp":
+    if tc.parallel == "fsdp" and torch.distributed.is_initialized():  # also a group of one (benchmarks)
         shard(model, dtype)
         mode = "fsdp"
     elif info.enabled:

@@ -102,20 +102,20 @@ def test_cached_steps_equal_full_recompute(decoder, kv_heads):
     cache = KVCache(model, 1, 64, CPU, torch.float32)
     row = torch.tensor([0])
     with torch.no_grad():
-        logits = decoder._prefill(cache, row, [Sample(prompt, eos=False)])
+        logits = decoder.steps.prefill(cache, row, [Sample(prompt, eos=False)])
         ref, _, L = full_forward(model, Sample(prompt, eos=False))
         torch.testing.assert_close(logits[0], ref.logits[0, L - 1], atol=1e-5, rtol=1e-5)
         # a denoising step: only the patches, against the cached prefix, not committed
-        decoder._text_step(cache, row, [SP.boi])
+        decoder.steps.text(cache, row, [SP.boi])
         before = int(cache.lens[0])
-        pred = decoder._image_pred(cache, row, x_t[None], torch.tensor([300]), commit=False)
+        pred = decoder.steps.image(cache, row, x_t[None], torch.tensor([300]), commit=False)
         assert int(cache.lens[0]) == before
         ref, _, _ = full_forward(model, Sample([*prompt, Image(x_t, t=300)], eos=False))
         torch.testing.assert_close(pred[0], ref.image_pred[1], atol=1e-5, rtol=1e-5)
         # the clean image committed at t = 0, then EOI and more text
-        decoder._image_pred(cache, row, z2[None], torch.tensor([0]), commit=True)
-        decoder._text_step(cache, row, [SP.eoi])
-        logits = decoder._text_step(cache, row, [ord("x")])
+        decoder.steps.image(cache, row, z2[None], torch.tensor([0]), commit=True)
+        decoder.steps.text(cache, row, [SP.eoi])
+        logits = decoder.steps.text(cache, row, [ord("x")])
         ref, _, L = full_forward(model, Sample([*prompt, Image(z2, t=0), Text([ord("x")])], eos=False))
         torch.testing.assert_close(logits[0], ref.logits[0, L - 1], atol=1e-5, rtol=1e-5)
 
@@ -293,13 +293,13 @@ def test_guidance_one_batch_equals_two_passes(decoder):
     rows = torch.tensor([0, 1])
     with torch.no_grad():
         prompts = [Sample([Text(TOK.encode(c)), Text([SP.boi])], eos=False) for c in ("ab", "longer one")]
-        decoder._prefill(cache, rows, prompts)
-        decoder._prefill(twins, rows, [Sample([Text([SP.boi])], eos=False)] * 2)
+        decoder.steps.prefill(cache, rows, prompts)
+        decoder.steps.prefill(twins, rows, [Sample([Text([SP.boi])], eos=False)] * 2)
         x = torch.stack([latent(model.cfg), latent(model.cfg)])
         t = torch.tensor([700, 20])
-        both = decoder._image_pred_pair(cache, decoder._unconditional_prefix(), rows, x, t)
-        cond = decoder._image_pred(cache, rows, x, t, commit=False)
-        uncond = decoder._image_pred(twins, rows, x, t, commit=False)
+        both = decoder.steps.image_pair(cache, decoder.steps.unconditional_prefix(), rows, x, t)
+        cond = decoder.steps.image(cache, rows, x, t, commit=False)
+        uncond = decoder.steps.image(twins, rows, x, t, commit=False)
     torch.testing.assert_close(both[:2], cond, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(both[2:], uncond, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(

@@ -7,8 +7,9 @@ import pytest
 import torch
 from test_generate import IdTokenizer, random_head
 
-from transfusion import checkpoint, decode_graphs, masks
+from transfusion import checkpoint, masks
 from transfusion.config import DiffusionConfig, tiny
+from transfusion.decoding import graphs as decode_graphs
 from transfusion.distributed import use_tf32
 from transfusion.generate import Decoder, GenerationConfig
 from transfusion.model import Transfusion
@@ -74,19 +75,19 @@ def test_static_decoder_keeps_its_caches_between_calls():
     model, prompts = model_and_prompts()
     dec = Decoder(model, IdTokenizer(), DiffusionConfig(objective="flow"), static=True)
     first = dec.generate(prompts, GEN, [1, 2, 3], [True, False, False])
-    serials = {k: c.serial for k, c in dec._caches.items()}
+    serials = {k: c.serial for k, c in dec.steps._caches.items()}
     second = dec.generate(prompts, GEN, [4, 5, 6], [True, False, False])
-    assert {k: c.serial for k, c in dec._caches.items()} == serials
+    assert {k: c.serial for k, c in dec.steps._caches.items()} == serials
     fresh = Decoder(model, IdTokenizer(), DiffusionConfig(objective="flow"), static=True)
     same(second, fresh.generate(prompts, GEN, [4, 5, 6], [True, False, False]))
     same(first, Decoder(model, IdTokenizer(), DiffusionConfig(objective="flow")).generate(
         prompts, GEN, [1, 2, 3], [True, False, False]), tol=1e-4)  # fmt: skip
     # a few shapes at most are kept, and an evicted cache takes its graphs with it
-    dec._steps.graphs = {("text", c.serial, 0, 1): None for c in dec._caches.values()}
+    dec.steps.static.graphs = {("text", c.serial, 0, 1): None for c in dec.steps._caches.values()}
     for rows in (1, 2, 4, 5):
         dec.generate([["x"]] * rows, GenerationConfig(max_new_tokens=2, max_images=0))
-    kept = {c.serial for c in dec._caches.values()}
-    assert len(dec._caches) <= 4 and all(k[1] in kept for k in dec._steps.graphs)
+    kept = {c.serial for c in dec.steps._caches.values()}
+    assert len(dec.steps._caches) <= 4 and all(k[1] in kept for k in dec.steps.static.graphs)
 
 
 def test_a_failed_capture_warns_once_and_decodes_eagerly(monkeypatch, capsys):
@@ -96,7 +97,7 @@ def test_a_failed_capture_warns_once_and_decodes_eagerly(monkeypatch, capsys):
     model, prompts = model_and_prompts()
     monkeypatch.setattr(decode_graphs, "StepGraph", refuse)
     dec = Decoder(model, IdTokenizer(), DiffusionConfig(objective="flow"), static=True)
-    dec._steps.capture = True  # as on a GPU
+    dec.steps.static.capture = True  # as on a GPU
     got = dec.generate(prompts, GEN, [1, 2, 3], [True, False, False])
     want = Decoder(model, IdTokenizer(), DiffusionConfig(objective="flow"), static=True).generate(
         prompts, GEN, [1, 2, 3], [True, False, False]
@@ -120,8 +121,8 @@ def test_cuda_graphs_on_any_device_equal_eager_and_replay_across_calls(index):
         same(graphed.generate(prompts, GEN, seeds, [True, False, False]),
              eager.generate(prompts, GEN, seeds, [True, False, False]), tol=1e-3)  # fmt: skip
         if seeds[0] == 1:
-            captured = len(graphed._steps.graphs)
-    assert captured > 0 and len(graphed._steps.graphs) == captured  # the second call captured nothing
+            captured = len(graphed.steps.static.graphs)
+    assert captured > 0 and len(graphed.steps.static.graphs) == captured  # the second call captured nothing
 
 
 # --- 4. the block mask, compiled -------------------------------------------------------------------

@@ -416,6 +416,16 @@ class Sampler:
             raise ValueError(f"step index {i} is outside 0..{len(self.timesteps) - 1}")
         return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
 
+    def x0(self, model_output: Tensor, i: int, x: Tensor) -> Tensor:
+        """The clean sample that step i's prediction points to (what a preview shows): from the
+        noise prediction (clipped as the step clips it), or x - s v for flow."""
+        t = self.timesteps[i]
+        dtype = _work_dtype(x)
+        if self.name == "flow":
+            s = (t + 1) / self.schedule.num_timesteps
+            return (x.to(dtype) - s * model_output.to(dtype)).to(x.dtype)
+        return _x0_from_eps(model_output, x, self.schedule.alpha_bar(t), dtype, self.clip_x0).to(x.dtype)
+
     def step(
         self, model_output: Tensor, i: int, x: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:

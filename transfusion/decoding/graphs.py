@@ -15,7 +15,8 @@ side stream, as PyTorch's CUDA-graph notes require), on the model's device, and 
 call and later ones (the decoder keeps its caches); all graphs share one memory pool. On the CPU, or
 when capture is off, the same static code runs eagerly, so the CPU tests check the arithmetic that
 the graphs replay. Inputs are copied into the graph's own buffers before each replay; outputs are
-cloned out.
+cloned out. The caches' static views and scattered writes are ``KVCache.static_prefix`` and
+``KVCache.write_at`` (``decoding.cache``).
 """
 
 from __future__ import annotations
@@ -26,14 +27,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-from transfusion.layers import Prefix
-
-
-def consecutive(rows: Tensor) -> int | None:
-    """The first row when ``rows`` (CPU, ascending) is a run r0, r0 + 1, ...; else None."""
-    r0 = int(rows[0])
-    return r0 if bool((rows == torch.arange(r0, r0 + len(rows))).all()) else None
 
 
 class StepGraph:
@@ -122,29 +115,3 @@ class StaticSteps:
 
         key = ("image", cache.serial, r0, R, twins, None if shared is None else shared.serial)
         return self._run(key, step, [x, t, start])
-
-
-def static_prefix(
-    cache: Any, r0: int, R: int, start: Tensor, shared: Any = None, twins: int = 0
-) -> list[Prefix]:
-    """Each layer's ``Prefix`` over the whole capacity of rows r0 .. r0 + R - 1 of ``cache``, the slots
-    at or past each row's length masked (``start``, on the device); then ``twins`` rows that read
-    ``shared``'s single, full row."""
-    valid = torch.arange(cache.capacity, device=start.device)[None, :] < start[:, None]  # (R, capacity)
-    sl = slice(r0, r0 + R)
-    layers = []
-    for layer in range(len(cache.k)):
-        parts = [(R, cache.k[layer][sl], cache.v[layer][sl], valid)]
-        if twins:
-            parts.append((twins, shared.k[layer][:1], shared.v[layer][:1], None))
-        layers.append(Prefix(parts))
-    return layers
-
-
-def write_at(cache: Any, r0: int, start: Tensor, kv: list[tuple[Tensor, Tensor]]) -> None:
-    """Write one new position's keys/values (R, Hk, 1, Dh) per layer at slot ``start[i]`` of row r0 + i."""
-    R = len(start)
-    for layer, (k, v) in enumerate(kv):
-        index = start.view(R, 1, 1, 1).expand(R, k.shape[1], 1, k.shape[3])
-        cache.k[layer][r0 : r0 + R].scatter_(2, index, k.to(cache.k[layer].dtype))
-        cache.v[layer][r0 : r0 + R].scatter_(2, index, v.to(cache.v[layer].dtype))

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_CPU_VERSION ?= 2.13.0
-EXTRAS ?= test,hf,diffusers,webdataset,eval,plots
+EXTRAS ?= test,hf,diffusers,webdataset,eval,plots,serve
 DEBIAN_PACKAGES ?= dataset-fashion-mnist fortunes chromium
 export HF_HUB_OFFLINE := 1
 

@@ -20,7 +20,7 @@ LAYERS = {
     "distributed": 1, "vae": 1, "vq": 1, "data.base": 1, "data.shapes": 1,
     "model": 2, "losses": 2, "flops": 2, "checkpoint": 2, "data": 2, "pretrained": 2,
     "generate": 3, "decoding": 3, "training": 3, "evaluation": 3,
-    "demo": 4, "bench": 4, "experiments": 4,
+    "demo": 4, "bench": 4, "experiments": 4, "serve": 4,
     "commands": 5, "cli": 5, "__main__": 5, "__init__": 0,
 }  # fmt: skip
 

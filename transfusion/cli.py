@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("caption", "describe image files with a trained model"),
     "eval": ("eval", "evaluate a checkpoint and write metrics.json"),
     "export": ("export", "write a checkpoint's text side in the Hugging Face Llama / Qwen2 layout"),
+    "serve": ("serve", "a playground page and an HTTP API, every request batched into one running decoder"),
     "bench": ("bench", "measure speed and memory; print a table and write JSON"),
     "plan": (
         "plan",

@@ -113,6 +113,7 @@ class Engine:
         )
         for j, row in enumerate(joining):
             row.logits = logits[j]
+            row.emit("start", slot=row.slot)
             if row.force_image:
                 self.image_mode.start(self, row)
 

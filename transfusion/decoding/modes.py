@@ -113,8 +113,9 @@ class Row:
     generator: torch.Generator
     force_image: bool = False
     events: Callable[[str, dict[str, Any]], None] | None = None
-    """Called on the engine's thread: ('text', {'text': this segment so far}), ('step', {'step': i,
-    'steps': T, 'preview': x0 estimate or None}), ('image', {'latent': ...}), ('done', {'out': ...})."""
+    """Called on the engine's thread: ('start', {'slot'}) when it joins, ('text', {'text': this
+    segment so far}), ('step', {'step': i, 'steps': T, 'preview': x0 estimate or None}),
+    ('image', {'latent': ...}), ('done', {'out': ...})."""
     preview_every: int = 0
     """Denoising steps between previews of the clean image (0: none)."""
     slot: int = -1

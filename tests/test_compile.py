@@ -160,3 +160,17 @@ def test_compiled_training_step_equals_eager_on_the_cpu():
         torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
         for name, g in want.items():
             torch.testing.assert_close(got[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_mot_blocks_compile_once_for_any_number_of_patches():
+    """With modality-specific weights each copy gathers as many positions as the batch has of its
+    modality: the blocks compile with dynamic shapes, not once per image count."""
+    torch._dynamo.reset()
+    cfg = tiny(n_layers=2, modality_weights="mot")
+    model = Transfusion(cfg)
+    compile_model(model, backend="eager")
+    dc = DiffusionConfig()
+    before = compiled_graphs()
+    for n_images in (3, 5, 4, 2):
+        training_loss(model, batch(cfg, n_images, n_images), make_schedule(dc), dc).total.backward()
+    assert compiled_graphs() - before <= 5  # blocks, encode, decode, and a dynamic recompile of the patcher

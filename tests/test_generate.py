@@ -181,7 +181,7 @@ def reference_decode(
 @pytest.mark.parametrize(
     "patcher, objective, image_attention",
     [("linear", "ddpm", "bidirectional"), ("linear", "flow", "bidirectional"), ("unet", "flow", "bidirectional"),
-     ("linear", "flow", "causal"), ("linear", "flow", "rope_2d")],
+     ("linear", "flow", "causal"), ("linear", "flow", "rope_2d"), ("unet", "flow", "mot")],
 )  # fmt: skip
 def test_generate_equals_uncached_reference(patcher, objective, image_attention):
     """(Flow samples stay O(1), so they compare tightly; DDPM samples of an untrained model blow up.)
@@ -189,10 +189,12 @@ def test_generate_equals_uncached_reference(patcher, objective, image_attention)
     the cached decoder as in the training forward."""
     torch.manual_seed(1)
     rope_2d = image_attention == "rope_2d"  # 2D RoPE positions for the patches, attention as usual
-    attention = "bidirectional" if rope_2d else image_attention
+    mot = image_attention == "mot"  # modality-specific weights: patches through the image copies
+    attention = "bidirectional" if rope_2d or mot else image_attention
     model = random_head(
-        Transfusion(tiny(patcher=patcher, unet_channels=16, image_attention=attention, rope_2d=rope_2d))
-    )
+        Transfusion(tiny(patcher=patcher, unet_channels=16, image_attention=attention, rope_2d=rope_2d,
+                         modality_weights="mot" if mot else "shared"))
+    )  # fmt: skip
     with torch.no_grad():  # a direction every token carries, read by BOI's logit: greedy draws again
         model.tok_emb.weight[:, 0] += 1.0
         model.lm_head.weight[SP.boi, 0] = 3.0

@@ -325,3 +325,40 @@ def test_init_from_keeps_set_fields_and_refuses_contradictions(llama, tmp_path, 
     assert "dim=96" in err and "contradicts" in err and len(err.strip().splitlines()) == 1
     assert cli.main([*base, "--out", str(tmp_path / "c"), "--train-layers", "1"]) == 2  # needs --freeze-text
     assert "freeze_text" in capsys.readouterr().err
+
+
+def test_lmfusion_mot_keeps_the_llms_text_logits_exactly_while_the_image_copies_train(llama):
+    """``--init-from --freeze-text`` with modality-specific weights (LMFusion): both copies start as
+    the LLM's layers, the text copies are frozen, the image copies train; after training steps on
+    mixed samples the text-only logits are bit for bit what they were (the LLM's, to 1e-4 against
+    transformers), while the image copies have moved."""
+    hf_model, path = llama
+    model, cfg, tok = load_pretrained(path, model_overrides={"latent_size": 4, "modality_weights": "mot"})
+    assert cfg.modality_weights == "mot"
+    state = model.state_dict()
+    assert torch.equal(state["layers.1.attn.wq.image.weight"], state["layers.1.attn.wq.text.weight"])
+    assert max_logit_diff((model, cfg, tok), hf_model, IDS, columns=WORDS) < 1e-4
+    with torch.no_grad():
+        before = model.eval()(text_batch(IDS, tok, cfg)).logits[..., :WORDS].clone()
+    model.train()
+    freeze = freeze_text(model, tokenizer=tok)
+    assert all(".image." in n or not n.startswith("layers.") for n in freeze.trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    freeze.attach(opt)
+    gen = torch.Generator().manual_seed(0)
+    samples = [
+        Sample([Text(tok.encode("w1 w2 w3")), Image(latent(cfg, gen)), Text(tok.encode("w4 w5"))]),
+        Sample([Image(latent(cfg, gen), noise_limited=True), Text(tok.encode("w6 w7 w8 w9"))]),
+    ]
+    batch = pack(samples, 24, Specials.of(tok), cfg.patches_per_image)
+    dcfg = DiffusionConfig()
+    for _ in range(3):
+        loss = losses.training_loss(model, batch, diffusion.make_schedule(dcfg), dcfg, generator=gen).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    assert not torch.equal(after["layers.1.attn.wq.image.weight"], state["layers.1.attn.wq.text.weight"])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(text_batch(IDS, tok, cfg)).logits[..., :WORDS], before)
+    freeze.remove()

@@ -87,6 +87,11 @@ class ModelConfig:
     vocab_size .. vocab_size + codebook_size - 1."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation (Model.init_weights says where it applies)."""
+    modality_weights: str = "shared"
+    """'shared' (the paper's: one trunk for every position) or 'mot' (Mixture-of-Transformers, Liang
+    et al. 2024): every block has a text copy and an image copy of its norms, attention projections and
+    feed-forward layer; each position goes through its modality's copy (BOI/EOI count as text) and
+    attention still runs once over the whole sequence. Twice the trunk's parameters, the same FLOPs."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "latent_channels"):
@@ -109,6 +114,11 @@ class ModelConfig:
         _choice("attention", self.attention, ("auto", "sdpa", "flex"))
         _choice("image_attention", self.image_attention, ("bidirectional", "causal"))
         _choice("image_tokens", self.image_tokens, ("continuous", "discrete"))
+        _choice("modality_weights", self.modality_weights, ("shared", "mot"))
+        if self.modality_weights == "mot" and self.image_tokens == "discrete":
+            raise ValueError(
+                "model.modality_weights=mot needs continuous images (its image copies serve patches)"
+            )
         if self.discrete:
             if self.codebook_size < 2:
                 raise ValueError("discrete image tokens need model.codebook_size (the VQ tokenizer's codes)")

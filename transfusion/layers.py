@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,56 @@ class Prefix:
         if start != B:
             raise ValueError(f"the prefix parts cover {start} rows, the batch has {B}")
         return torch.cat(out) if len(out) > 1 else out[0]
+
+
+@dataclass
+class Route:
+    """Which positions of a (B, L) sequence are image patches, for modality-specific weights (MoT):
+    the flat indices of the text positions and of the image positions."""
+
+    text: Tensor
+    image: Tensor
+
+    @classmethod
+    def of(cls, is_image: Tensor) -> Route:
+        flat = is_image.reshape(-1)
+        return cls(torch.nonzero(~flat).squeeze(1), torch.nonzero(flat).squeeze(1))
+
+
+Routing = Route | str | None
+"""A ``Route``; 'text' or 'image' when every position has that modality (cached decoding: a token, an
+image's patches); None for a model with shared weights."""
+
+
+class Pair(nn.Module):
+    """A text copy and an image copy of one module (a norm or a linear layer): each position goes
+    through its modality's copy, gathered, run once, and scattered back: no position computed twice."""
+
+    def __init__(self, make: Callable[[], nn.Module]):
+        super().__init__()
+        self.text, self.image = make(), make()
+
+    def forward(self, x: Tensor, route: Routing) -> Tensor:
+        if route == "text" or route is None:
+            return self.text(x)
+        if route == "image":
+            return self.image(x)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        yt, yi = self.text(flat[route.text]), self.image(flat[route.image])
+        out = yt.new_empty(flat.shape[0], yt.shape[-1], dtype=torch.promote_types(yt.dtype, yi.dtype))
+        out[route.text] = yt.to(out.dtype)
+        out[route.image] = yi.to(out.dtype)
+        return out.view(*lead, -1)
+
+
+def routed(module: nn.Module, x: Tensor, route: Routing) -> Tensor:
+    """``module(x)``, through the modality copies when ``module`` is a ``Pair``."""
+    return module(x, route) if isinstance(module, Pair) else module(x)
+
+
+def maybe_pair(mot: bool, make: Callable[[], nn.Module]) -> nn.Module:
+    return Pair(make) if mot else make()
 
 
 class RMSNorm(nn.Module):
@@ -138,22 +189,33 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        mot = cfg.modality_weights == "mot"
+        self.wq = maybe_pair(mot, lambda: nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias))
+        self.wk = maybe_pair(mot, lambda: nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias))
+        self.wv = maybe_pair(mot, lambda: nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias))
+        self.wo = maybe_pair(mot, lambda: nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False))
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: object, past: Prefix | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: object,
+        past: Prefix | None = None,
+        route: Routing = None,
     ) -> tuple[Tensor, KV]:
         B, L, _ = x.shape
-        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
-        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, L, Dh)
-        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, L, Dh)
+        q = routed(self.wq, x, route).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        k = (
+            routed(self.wk, x, route).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, Hk, L, Dh)
+        v = (
+            routed(self.wv, x, route).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, Hk, L, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:  # decoding: new positions after cached ones (``mask`` is unused)
             y = past.attend(q, k, v)
-            return self.wo(y.transpose(1, 2).reshape(B, L, -1)), (k, v)
+            return routed(self.wo, y.transpose(1, 2).reshape(B, L, -1), route), (k, v)
         new = (k, v)
         gqa = self.n_kv_heads != self.n_heads
         if isinstance(mask, Tensor) or mask is None:
@@ -163,7 +225,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
         else:
             y = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(B, L, -1)), new
+        return routed(self.wo, y.transpose(1, 2).reshape(B, L, -1), route), new
 
 
 @functools.cache
@@ -181,32 +243,41 @@ def _flex_attention(compiled: bool):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, mot: bool = False):
         super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.gate = maybe_pair(mot, lambda: nn.Linear(dim, hidden, bias=False))
+        self.up = maybe_pair(mot, lambda: nn.Linear(dim, hidden, bias=False))
+        self.down = maybe_pair(mot, lambda: nn.Linear(hidden, dim, bias=False))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+    def forward(self, x: Tensor, route: Routing = None) -> Tensor:
+        return routed(self.down, F.silu(routed(self.gate, x, route)) * routed(self.up, x, route), route)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). With modality-specific
+    weights (``model.modality_weights=mot``) every norm and linear layer is a ``Pair`` and ``route``
+    says which positions take the image copies; attention still runs over the whole sequence."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        mot = cfg.modality_weights == "mot"
+        self.attn_norm = maybe_pair(mot, lambda: RMSNorm(cfg.dim, cfg.norm_eps))
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.mlp_norm = maybe_pair(mot, lambda: RMSNorm(cfg.dim, cfg.norm_eps))
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim, mot)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: object, past: Prefix | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: object,
+        past: Prefix | None = None,
+        route: Routing = None,
     ) -> tuple[Tensor, KV]:
-        h, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
+        h, kv = self.attn(routed(self.attn_norm, x, route), cos, sin, mask, past, route)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), kv
+        return x + self.mlp(routed(self.mlp_norm, x, route), route), kv
 
 
 def sinusoidal(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

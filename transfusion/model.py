@@ -21,7 +21,17 @@ from torch import Tensor, nn
 
 from transfusion import masks
 from transfusion.config import ModelConfig
-from transfusion.layers import KV, Block, Prefix, RMSNorm, RotaryEmbedding, axial_positions
+from transfusion.layers import (
+    KV,
+    Block,
+    Pair,
+    Prefix,
+    RMSNorm,
+    RotaryEmbedding,
+    Route,
+    Routing,
+    axial_positions,
+)
 from transfusion.patching import make_patcher
 from transfusion.sequence import MixedBatch
 
@@ -72,8 +82,8 @@ class Transfusion(nn.Module):
         """All initialisation in one place.
 
         - every Linear and the embedding: normal(0, init_std), biases zero;
-        - the residual output projections (attention ``wo``, MLP ``down``): std scaled by
-          1/sqrt(2 * n_layers) (GPT-2), so the residual stream's variance does not grow with depth;
+        - the residual output projections (attention ``wo``, MLP ``down``, both copies under MoT): std
+          scaled by 1/sqrt(2 * n_layers) (GPT-2), so the residual stream's variance does not grow with depth;
         - RMSNorm weights: one;
         - the image output layer: zero (DiT), so an untrained model predicts zero noise and the
           diffusion loss starts at the variance of the target.
@@ -89,14 +99,24 @@ class Transfusion(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
         for block in self.layers:
-            nn.init.normal_(block.attn.wo.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
-            nn.init.normal_(block.mlp.down.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            for out in (block.attn.wo, block.mlp.down):
+                for copy in (out.text, out.image) if isinstance(out, Pair) else (out,):
+                    nn.init.normal_(copy.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
         if hasattr(self.patcher, "reset_parameters"):
             self.patcher.reset_parameters()
         if self.patcher is not None:
             self.patcher.zero_init_output()
 
     # --- pieces, shared by forward() and the cached API ---------------------------------------------
+    @property
+    def mot(self) -> bool:
+        """Modality-specific weights (Mixture-of-Transformers): a text and an image copy per block."""
+        return self.cfg.modality_weights == "mot"
+
+    def route(self, image_index: Tensor) -> Routing:
+        """Which positions take the image copies (patches; BOI and EOI are text), or None (shared)."""
+        return Route.of(image_index > 0) if self.mot else None
+
     def backend(self, device: torch.device) -> str:
         if self.cfg.attention == "auto":
             return "flex" if device.type == "cuda" else "sdpa"
@@ -136,18 +156,20 @@ class Transfusion(nn.Module):
         past: list[Prefix] | None = None,
         image_index: Tensor | None = None,
         keep_kv: bool = True,
+        route: Routing = None,
     ) -> tuple[Tensor, list[KV]]:
         """Run every block; returns the final-normed hidden states and each layer's new (k, v)
         (none with ``keep_kv=False``: training does not hold every layer's keys and values to the end
         of the forward, which under activation checkpointing would cost more than the checkpoints).
-        ``image_index`` gives image patches their 2D RoPE positions when ``rope_2d`` is on."""
+        ``image_index`` gives image patches their 2D RoPE positions when ``rope_2d`` is on; ``route``
+        which positions take the image copies of the weights (``modality_weights=mot``)."""
         axial = None
         if self.cfg.rope_2d and image_index is not None:
             axial = axial_positions(positions, image_index, self.cfg.patches_per_side)
         cos, sin = self.rope(positions, axial)
         new_kv = []
         for i, block in enumerate(self.layers):
-            x, kv = block(x, cos, sin, mask, None if past is None else past[i])
+            x, kv = block(x, cos, sin, mask, None if past is None else past[i], route)
             if keep_kv:
                 new_kv.append(kv)
         return self.norm(x), new_kv
@@ -165,7 +187,10 @@ class Transfusion(nn.Module):
         patch_mask = batch.patch_mask
         x, ctx = self.embed(batch.ids, patch_mask, batch.latents, batch.timesteps)  # (B, L, D)
         mask = self.attention_mask(batch.doc_ids, batch.image_index)
-        h, _ = self.trunk(x, batch.positions, mask, image_index=batch.image_index, keep_kv=False)  # (B, L, D)
+        route = self.route(batch.image_index)
+        h, _ = self.trunk(
+            x, batch.positions, mask, image_index=batch.image_index, keep_kv=False, route=route
+        )  # (B, L, D)
         logits = self.lm_head(h)  # (B, L, V)
         if batch.num_images:
             image_pred = self.image_outputs(h, patch_mask, ctx, batch.num_images)
@@ -185,6 +210,7 @@ class Transfusion(nn.Module):
             batch.positions,
             self.attention_mask(batch.doc_ids, batch.image_index, dense=True),
             image_index=batch.image_index,
+            route=self.route(batch.image_index),
         )
         rows = torch.arange(h.shape[0], device=h.device)
         return Cached(kv=kv, logits=self.lm_head(h[rows, last.to(h.device)]).float())
@@ -193,7 +219,7 @@ class Transfusion(nn.Module):
         """One token per row (R,) after each row's ``start`` (R,) cached positions: its next-token
         logits (R, V) and keys/values."""
         x = self.tok_emb(tokens.to(self.tok_emb.weight.device)[:, None])  # (R, 1, D)
-        h, kv = self.trunk(x, _continue(start, 1, x.device), None, past)
+        h, kv = self.trunk(x, _continue(start, 1, x.device), None, past, route="text" if self.mot else None)
         return Cached(kv=kv, logits=self.lm_head(h[:, -1]).float())
 
     def extend_image(self, latents: Tensor, t: Tensor, start: Tensor, past: list[Prefix]) -> Cached:
@@ -208,7 +234,14 @@ class Transfusion(nn.Module):
         if self.cfg.image_attention == "causal":
             past = [dataclasses.replace(p, causal=True) for p in past]
         positions = _continue(start, patches.shape[1], device)
-        h, kv = self.trunk(patches, positions, None, past, image_index=torch.ones_like(positions))
+        h, kv = self.trunk(
+            patches,
+            positions,
+            None,
+            past,
+            image_index=torch.ones_like(positions),
+            route="image" if self.mot else None,
+        )
         return Cached(kv=kv, image_pred=self.patcher.decode(h, ctx).float())
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

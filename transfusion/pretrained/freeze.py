@@ -69,7 +69,8 @@ def freeze_text(
     """Freeze the language model's weights; train the image side and what is chosen here.
 
     - frozen: the embedding, the LM head, every trunk layer not in ``train_layers``, the final norm;
-    - trained: everything else (the patcher: the image-specific parts) and the layers in
+    - trained: everything else (the patcher: the image-specific parts; with modality-specific
+      weights, the image copies of every layer: LMFusion, Shi et al. 2024) and the layers in
       ``train_layers`` (indices; negative ones count from the end);
     - ``train_embeddings_new_rows``: the rows of the ids the tokenizer added (BOI, EOI...; needs
       ``tokenizer``) train through a gradient mask on the embedding and LM head; call
@@ -94,7 +95,8 @@ def freeze_text(
     trained_prefixes = tuple(f"layers.{i}." for i in sorted(chosen))
     trainable, frozen = [], []
     for name, p in model.named_parameters():
-        train = not name.startswith(TEXT_PREFIXES) or name.startswith(trained_prefixes)
+        # with modality-specific weights the image copies of the trunk are image side (LMFusion)
+        train = not name.startswith(TEXT_PREFIXES) or name.startswith(trained_prefixes) or ".image." in name
         p.requires_grad_(train)
         (trainable if train else frozen).append(name)
     freeze = TextFreeze(trainable=trainable, frozen=frozen, new_rows=[])

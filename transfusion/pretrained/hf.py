@@ -232,11 +232,22 @@ def hf_key_map(cfg: ModelConfig, qkv_bias: bool | None = None) -> dict[str, str]
         keys["lm_head.weight"] = "lm_head.weight"
     for i in range(cfg.n_layers):
         for hf_name, ours in _LAYER.items():
-            keys[f"model.layers.{i}.{hf_name}"] = f"layers.{i}.{ours}"
+            keys[f"model.layers.{i}.{hf_name}"] = text_copy(cfg, f"layers.{i}.{ours}")
         if qkv_bias:
             for hf_name, ours in _LAYER_BIAS.items():
-                keys[f"model.layers.{i}.{hf_name}"] = f"layers.{i}.{ours}" if cfg.qkv_bias else ""
+                keys[f"model.layers.{i}.{hf_name}"] = (
+                    text_copy(cfg, f"layers.{i}.{ours}") if cfg.qkv_bias else ""
+                )
     return keys
+
+
+def text_copy(cfg: ModelConfig, name: str) -> str:
+    """A trunk weight's name in a model with modality-specific weights: its text copy
+    (``layers.0.attn.wq.weight`` -> ``layers.0.attn.wq.text.weight``); unchanged for shared weights."""
+    if cfg.modality_weights != "mot":
+        return name
+    module, _, leaf = name.rpartition(".")
+    return f"{module}.text.{leaf}"
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -340,6 +351,10 @@ def load_pretrained(
     missing = [k for k in keys if k not in loaded]
     if missing:
         raise ValueError(f"{path}: weight {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if cfg.modality_weights == "mot":  # LMFusion: the image copies start as the LLM's layers too
+        for name, p in model.named_parameters():
+            if ".image." in name:
+                p.copy_(model.get_parameter(name.replace(".image.", ".text.")))
     new_ids = added_token_ids(tokenizer)
     n_known = tokenizer.base_vocab_size
     _init_new_rows(model.tok_emb.weight, new_ids, n_known)

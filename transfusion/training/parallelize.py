@@ -138,9 +138,12 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> None:
     """Compile in place every block's ``forward`` (static shapes) and the patcher's ``encode`` and
     ``decode`` (dynamic shapes), each falling back to eager with a one-line warning if compiling
     fails. Masks, losses and data stay outside: nothing in a compiled region waits for the host."""
+    # blocks see the packed batch's fixed shape, except that with modality-specific weights the
+    # number of positions each copy gathers changes from batch to batch: dynamic shapes there
+    dynamic = getattr(model.cfg, "modality_weights", "shared") == "mot"
     for i, block in enumerate(model.layers):
         block.forward = with_fallback(
-            torch.compile(block.forward, dynamic=False, backend=backend), block.forward, f"layers.{i}"
+            torch.compile(block.forward, dynamic=dynamic, backend=backend), block.forward, f"layers.{i}"
         )
     patcher = getattr(model, "patcher", None)
     if patcher is not None:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -42,3 +43,26 @@ def test_load_json_and_toml(tmp_path):
 def test_llama_ffn_rule():
     assert ModelConfig(dim=4096, n_heads=32, multiple_of=256).ffn_dim == 11008
     assert ModelConfig(dim=768, n_heads=12, multiple_of=256).ffn_dim == 2048
+
+
+def test_a_value_of_the_wrong_type_names_the_key_and_the_type(tmp_path, capsys):
+    from transfusion import cli
+
+    cases = {"model.dim=notanumber": "model.dim='notanumber': expected int",
+             "train.lr=abc": "train.lr='abc': expected float",
+             "train.compile=yes": "train.compile='yes': expected bool | null",
+             "model.rope_2d=1": "model.rope_2d=1: expected bool",
+             "train.train_layers=[1, \"a\"]": "expected list[int] | null"}  # fmt: skip
+    for assignment, message in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Config().override([assignment])
+    cfg = Config().override(
+        ["train.lr=1", "train.compile=null", "model.n_kv_heads=2", "train.train_layers=null"]
+    )
+    assert cfg.train.lr == 1 and cfg.model.kv_heads == 2  # an int fits a float field
+    for command in (["train", "--preset", "tiny", "--vae", "random", "--out", str(tmp_path / "r")],
+                    ["experiment", "noise-limit", "--out", str(tmp_path / "e")]):  # fmt: skip
+        assert cli.main([*command, "--set", "model.dim=notanumber"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "model.dim='notanumber': expected int" in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()

@@ -298,8 +298,11 @@ def test_sampler_dtypes_clip_and_indexing():
     sampler = D.make_sampler("ddpm", sched, 10)
     assert len(sampler) == 10 and sampler.prev_timestep(9) == -1 and sampler.prev_timestep(0) == 888
     x = torch.randn(1, 8, 4, 4)
-    out = sampler.step(torch.randn(1, 8, 4, 4, dtype=torch.bfloat16), 0, x, torch.Generator().manual_seed(0))
-    assert out.dtype == torch.float32 and out.shape == x.shape and torch.isfinite(out).all()
+    pred = torch.randn(1, 8, 4, 4, dtype=torch.bfloat16)  # what a bf16-autocast model returns
+    out = sampler.step(pred, 0, x, torch.Generator().manual_seed(0))
+    # the step runs in the state's fp32: equal to the step on the prediction cast up, not rounded to bf16
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, sampler.step(pred.float(), 0, x, torch.Generator().manual_seed(0)))
     # clipping the predicted x0: the last step returns it
     x0 = torch.full((1, 4), 3.0, dtype=torch.float64)
     ab = cosine_alpha_bar_clipped(0)

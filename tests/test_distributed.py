@@ -81,7 +81,7 @@ def losses(out: Path) -> list[tuple[int, float, float]]:
 def reference_run(cfg: Config, vae_dir: Path) -> tuple[list[tuple[float, float]], dict]:
     """One process: each step accumulates rank 0's and rank 1's batches, each loss halved; returns
     the (text, image) losses of every step and the final EMA."""
-    from transfusion.vae import load_vae
+    from transfusion.autoencoders import load_vae
 
     torch.manual_seed(cfg.train.seed)
     model = Transfusion(cfg.model)

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from transfusion import cli
+from transfusion.autoencoders import load_vae
 from transfusion.config import DataConfig, VAEConfig
 from transfusion.data.latents import LatentShards
 from transfusion.data.sources import make_source
-from transfusion.vae import KLVAE, encode_images, load_vae, save_vae
+from transfusion.vae import KLVAE, encode_images, save_vae
 
 
 def write_shards(root: Path, n: int = 24, size: int = 64) -> str:

@@ -376,8 +376,11 @@ def test_flow_model_samples_with_the_flow_sampler():
     model = random_head(Transfusion(tiny()))
     dec = Decoder(model, TOK, DiffusionConfig(objective="flow"))
     assert dec.settings().sampler == "flow"  # the default follows the objective
-    image = text_to_image(dec, ["a"], GenerationConfig(steps=4, cfg_scale=2.0))[0]
-    assert image.shape == (8, 4, 4) and torch.isfinite(image).all()
+    gen = GenerationConfig(steps=4, cfg_scale=2.0, max_new_tokens=0, max_images=1, temperature=0.0)
+    image = dec.generate([["a"]], gen, seeds=[5], force_image=[True])[0]
+    ref = reference_decode(model, "flow", "a", 5, steps=4, scale=2.0, max_new_tokens=0, max_images=1)
+    assert len(image) == len(ref) == 1
+    close(image[0], ref[0].latent)  # the flow sampler's Euler steps, against the uncached loop
     with pytest.raises(ValueError, match="flow"):
         text_to_image(dec, ["a"], GenerationConfig(sampler="ddpm", steps=4))
 
@@ -464,7 +467,12 @@ def test_cli_errors_are_one_line(checkpoints, tmp_path, capsys):
         "num-images": ["generate", "--checkpoint", ckpt, "--prompt", "x", "--num-images", "0"],
         "--guidance-max-t": ["generate", "--checkpoint", ckpt, "--prompt", "x", "--guidance-max-t", "soon"],
     }
-    for expected, args in cases.items():
+    out_of_range = [("-3", "give a timestep"), ("1000", "past the model's last timestep (999)")]
+    cases = [*cases.items()] + [
+        (expected, ["generate", "--checkpoint", ckpt, "--prompt", "x", "--guidance-max-t", value])
+        for value, expected in out_of_range
+    ]
+    for expected, args in cases:
         assert cli.main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err and expected in err, err

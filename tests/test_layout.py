@@ -17,9 +17,9 @@ MAX_FUNCTION_LINES = 80
 LAYERS = {
     "errors": 0, "io": 0, "config": 0,
     "tokenizer": 1, "sequence": 1, "masks": 1, "layers": 1, "patching": 1, "unet": 1, "diffusion": 1,
-    "distributed": 1, "vae": 1, "vq": 1, "data.base": 1, "data.shapes": 1,
+    "distributed": 1, "vae": 1, "vq": 1, "autoencoders": 1, "data.base": 1, "data.shapes": 1,
     "model": 2, "losses": 2, "flops": 2, "checkpoint": 2, "data": 2, "pretrained": 2,
-    "generate": 3, "decoding": 3, "training": 3, "evaluation": 3,
+    "generate": 3, "decoding": 3, "recipe": 3, "training": 3, "evaluation": 3,
     "demo": 4, "bench": 4, "experiments": 4, "serve": 4,
     "commands": 5, "cli": 5, "__main__": 5, "__init__": 0,
 }  # fmt: skip
@@ -45,10 +45,20 @@ def modules():
 
 
 def imports(path: Path, module: str) -> list[str]:
-    """Every transfusion module ``path`` imports, at the top or inside a function."""
+    """Every transfusion module ``path`` imports, at the top or inside a function (not those only a
+    type checker reads)."""
     out = []
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {  # imports under `if TYPE_CHECKING:` never run
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+        for n in ast.walk(block)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names if a.name.startswith("transfusion")]
         elif isinstance(node, ast.ImportFrom):
@@ -97,3 +107,24 @@ def test_no_function_is_longer_than_80_lines():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{module}.{node.name}: {n} lines")
     assert not long, "\n".join(long)
+
+
+def test_no_two_modules_import_each_other():
+    """No import cycles (``vae`` and ``vq`` once did, through a function-level import): the module graph,
+    imports inside functions included, is a DAG."""
+    graph = {module: {t for t in imports(path, module) if t != module} for module, path in modules()}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(node: str, stack: list[str]) -> bool:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                cycle.extend([*stack[stack.index(nxt) :], nxt] if nxt in stack else [node, nxt])
+                return True
+            if nxt in graph and not state.get(nxt) and visit(nxt, [*stack, nxt]):
+                return True
+        state[node] = 2
+        return False
+
+    assert not any(visit(m, [m]) for m in sorted(graph) if not state.get(m)), " -> ".join(cycle)

@@ -259,12 +259,12 @@ def test_gradient_accumulation_is_the_mean_of_its_micro_batches(tmp_path):
     """One step of grad_accum=2 equals a hand-written step on the first batch of each of the run's two
     data streams (stream s reads items s, s + 2, ...: the layout a 2-process run has, so the run can
     resume on 1 or 2 processes)."""
+    from transfusion.autoencoders import load_vae
     from transfusion.data.loader import BatchLoader
     from transfusion.diffusion import make_schedule
     from transfusion.losses import training_loss
     from transfusion.model import Transfusion
     from transfusion.tokenizer import ByteTokenizer
-    from transfusion.vae import load_vae
 
     cfg = small_cfg(steps=1, grad_accum=2, ckpt_every=1, grad_clip=0.5)
     T.train(cfg, tmp_path / "r", vae="random", progress=False)

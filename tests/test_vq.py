@@ -2,13 +2,16 @@
 dead-code restarts, the autoencoder interface, training and saving."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from transfusion import cli
+from transfusion.autoencoders import load_vae, make_autoencoder
 from transfusion.config import VAEConfig
-from transfusion.vae import decode_latents, encode_images, load_vae, make_autoencoder, save_vae
+from transfusion.vae import decode_latents, encode_images, save_vae
 from transfusion.vq import VQVAE, code_usage
 
 
@@ -88,3 +91,17 @@ def test_train_vq_learns_and_reports_its_codebook(tmp_path, capsys):
     assert "PSNR" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["train-vq", "--help"])
+
+
+def test_train_vq_into_an_unwritable_place_fails_before_training(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    # root writes through permissions; /proc takes no new directories from anyone
+    target = locked / "vq" if os.geteuid() != 0 else Path("/proc/transfusion-vq")
+    try:
+        code = cli.main(["train-vq", "--out", str(target), "--steps", "100000", "--no-progress"])
+        assert code == 2 and "cannot be written" in capsys.readouterr().err
+        assert list(locked.iterdir()) == [] and not target.exists()
+    finally:
+        locked.chmod(0o700)

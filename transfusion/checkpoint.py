@@ -208,7 +208,7 @@ def load_for_inference(
 ) -> tuple[Loaded, Any | None]:
     """(``Loaded``, VAE or None) from a checkpoint or run directory. The VAE is the directory
     meta.json names under "vae" (relative to the checkpoint); None if there is none."""
-    from transfusion.vae import load_vae
+    from transfusion.autoencoders import load_vae
 
     loaded = load_model(checkpoint, device)
     vae_dir = vae_directory(loaded)

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import re
+import types
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,7 +544,33 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"unknown key(s) in [{section}]: {sorted(unknown)}; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if not _conforms(value, hints[name]):
+            want = re.sub(r"<class '(\w+)'>|typing\.", r"\1", str(hints[name])).replace("NoneType", "null")
+            want = want.replace("None", "null")
+            raise ValueError(f"{section}.{name}={value!r}: expected {want}")
     return cls(**values)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a config field's type (an int fits a float; a bool is not an int)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return (
+            isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+            if args
+            else isinstance(value, list)
+        )
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 def load_config(path: str | Path) -> Config:

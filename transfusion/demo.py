@@ -42,64 +42,18 @@ from typing import Any
 import torch
 
 from transfusion.bench import timed
-from transfusion.config import Config, DataConfig, DiffusionConfig, TrainConfig, VAEConfig, preset
+from transfusion.config import Config
 from transfusion.evaluation.report import write_report
 from transfusion.io import atomic_write_text
+from transfusion.recipe import GUIDANCE_MAX_T, POOL, TOKENIZER_VOCAB, VAE_LR, demo_config, note
 
-
-def note(message: str) -> None:
-    """The demo's progress lines (stderr: the final summary is the command's result, on stdout)."""
-    import sys
-
-    print(message, file=sys.stderr)
+__all__ = ["GUIDANCE_MAX_T", "POOL", "TOKENIZER_VOCAB", "VAE_LR", "demo_config", "note", "run_demo"]
 
 
 SHARES = {"vae": 0.10, "train": 0.77}  # the rest: tokenizer, latent cache, evaluation
 REFERENCE = {"vae_steps_per_s": 13.5, "train_gflops": 110.0}
 """Speeds of the reference machine (2 x86_64 CPU cores, fp32): VAE steps (batch 32) per second, and
 training FLOP/s of the demo's model (``flops.batch_train_flops`` per step over seconds per step)."""
-GUIDANCE_MAX_T = 700
-"""On shape scenes, guidance only at t <= 700: guiding the noisiest steps drew blank images for single
-objects (the blank share of 24 single-object prompts went 17% -> 50% from guidance 1 to 3 on every
-step, 20% with t <= 700 on the same checkpoint; Kynkäänniemi et al. 2024 find the same on ImageNet).
-Fashion-MNIST keeps guidance on every step: on one of its checkpoints the interval cut class accuracy
-from 0.89 to 0.73 (garments fill the frame, there is no blank mean to fall into)."""
-VAE_LR = 5e-3
-"""The VAE's peak learning rate (warm-up, cosine decay); with base_channels 16 it reaches 35 dB in
-1,200 steps on the shape scenes (32 width: 19 dB in the same time)."""
-POOL = 20_000  # distinct training scenes of the shapes source, encoded once
-TOKENIZER_VOCAB = 512
-
-
-def demo_config(
-    steps: int,
-    seed: int,
-    source: str = "shapes",
-    tokenizer: str | None = None,
-    latent_cache: str | None = None,
-    overrides: list[str] | None = None,
-) -> Config:
-    """The small preset's width (256) with 3 layers and the U-Net patcher, on 32x32 images through a 4x
-    VAE (8x8x8 latents, 4x4 patches: 4 per image), image-first pairs 25% of the time, then
-    ``overrides`` (``section.key=value``). Why these: see the module docstring."""
-    from transfusion.tokenizer import load_tokenizer
-
-    cfg = Config(
-        model=preset("small", patcher="unet", n_layers=3, patch_size=4, unet_channels=32, rope_2d=True),
-        diffusion=DiffusionConfig(guidance_max_t=GUIDANCE_MAX_T if source == "shapes" else None),
-        vae=VAEConfig(image_size=32, downsample=4, latent_channels=8, base_channels=16),
-        data=DataConfig(
-            source=source, image_size=32, seed=seed, length=POOL if latent_cache else None, latent_cache=latent_cache,
-            caption_first_prob=0.75,
-        ),
-        train=TrainConfig(
-            steps=steps, batch_size=16, seq_len=128, lr=1e-3, min_lr=1e-4, warmup_steps=min(100, steps // 10 + 1),
-            log_every=10, eval_every=100, ckpt_every=250, keep_last=2, seed=seed, tokenizer=tokenizer,
-        ),
-    )  # fmt: skip
-    cfg = cfg.override(overrides or [])
-    cfg.model.vocab_size = load_tokenizer(cfg.train.tokenizer).vocab_size
-    return cfg
 
 
 def calibrate_train(cfg: Config, encode: Any, cache: Any = None) -> tuple[float, float]:

@@ -81,6 +81,10 @@ class Decoder:
     def settings(self, gen: GenerationConfig | None = None) -> GenerationConfig:
         """``gen`` with sampler, steps and cfg_scale filled in from the diffusion config where None."""
         gen, d = gen or GenerationConfig(), self.dcfg
+        if gen.guidance_max_t is not None and gen.guidance_max_t >= d.num_train_timesteps:
+            raise ValueError(
+                f"guidance_max_t {gen.guidance_max_t} is past the model's last timestep ({d.num_train_timesteps - 1})"
+            )
         return dataclasses.replace(
             gen,
             sampler=gen.sampler or default_sampler(d),

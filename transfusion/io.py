@@ -93,8 +93,19 @@ def copy_dir_atomic(src: str | Path, dst: str | Path) -> None:
 
 
 def output_directory(path: str | Path, flag: str = "--out") -> Path:
-    """``path`` as a directory to write into: an existing file there is an error naming ``flag``."""
+    """``path`` as a directory to write into, checked before any work starts: an existing file there,
+    or a place this process cannot write (tried with an empty temporary directory, removed at once),
+    is an error naming ``flag``. Nothing is created."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; give a directory")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-check-"))
+    except OSError as e:
+        raise ValueError(
+            f"{flag} {path} cannot be written ({e.strerror or e}); choose another place"
+        ) from None
     return path

@@ -4,7 +4,7 @@
 channels). The transformer never sees raw latents: ``to_diffusion`` shifts and scales them to roughly
 unit variance with ``scale``/``shift`` computed from data after training (``compute_latent_stats``)
 and stored in the VAE's config. ``DiffusersVAE`` wraps a diffusers ``AutoencoderKL`` from a local
-directory behind the same interface. ``load_vae`` reads either.
+directory behind the same interface. ``transfusion.autoencoders.load_vae`` reads either.
 
 Shape legend: N images, S image side, f downsampling factor, C latent channels, c feature channels.
 """
@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from transfusion.config import VAEConfig
-from transfusion.io import atomic_write_text, load_tensors, save_tensors
+from transfusion.io import atomic_write_text, save_tensors
 
 WEIGHTS, CONFIG = "vae.safetensors", "vae.json"
 
@@ -247,30 +247,3 @@ def save_vae(vae: nn.Module, directory: str | Path) -> Path:
     meta = {"config": dataclasses.asdict(vae.config), "hash": vae_hash(vae)}
     atomic_write_text(directory / CONFIG, json.dumps(meta, indent=2))
     return directory
-
-
-def make_autoencoder(cfg: VAEConfig) -> nn.Module:
-    """A fresh autoencoder of ``cfg.kind``: the KL-VAE ('kl') or the VQ tokenizer ('vq', ``vq.VQVAE``)."""
-    if cfg.kind == "vq":
-        from transfusion.vq import VQVAE
-
-        return VQVAE(cfg)
-    return KLVAE(cfg)
-
-
-def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> Any:
-    """Our autoencoder (vae.json + vae.safetensors: a KL-VAE, or a VQ tokenizer by its config's kind)
-    or a diffusers AutoencoderKL directory (config.json)."""
-    directory = Path(directory)
-    if (directory / CONFIG).is_file():
-        meta = json.loads((directory / CONFIG).read_text())
-        cfg = VAEConfig(**{**meta["config"], "path": str(directory)})
-        vae = make_autoencoder(cfg)
-        vae.load_state_dict(load_tensors(directory / WEIGHTS))
-        return vae.to(device).eval()
-    hf = directory / "config.json"
-    if hf.is_file() and json.loads(hf.read_text()).get("_class_name") == "AutoencoderKL":
-        return DiffusersVAE(directory).to(device).eval()
-    raise ValueError(
-        f"{directory} holds no VAE: expected {CONFIG} (transfusion train-vae) or a diffusers AutoencoderKL"
-    )

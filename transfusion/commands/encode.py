@@ -53,11 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transfusion.autoencoders import load_vae
     from transfusion.config import Config
     from transfusion.data.latents import build_latents
     from transfusion.data.sources import make_source
     from transfusion.training import image_encoder
-    from transfusion.vae import load_vae, vae_hash
+    from transfusion.vae import vae_hash
 
     out = out_dir(args.out)
     if not args.data:

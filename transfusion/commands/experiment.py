@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from transfusion.commands.options import new_out_dir, note, out_dir
+from transfusion.config import Config
 from transfusion.errors import UserError
 from transfusion.experiments import EXPERIMENTS, Settings, run_experiment
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     minutes = args.minutes if args.minutes is not None else exp.minutes
     if minutes <= 0 or args.seeds < 1 or args.prompts_per_kind < 1 or args.captions < 1:
         raise UserError("--minutes, --seeds, --prompts-per-kind and --captions must be positive")
+    Config().override(args.set)  # a wrong key or type is a one-line error before any work
     if args.resume:
         if not args.out or not Path(args.out).is_dir():
             raise UserError("--resume needs --out naming the directory of the experiment to continue")

@@ -73,9 +73,12 @@ def guidance_max_t(args: argparse.Namespace) -> int | None:
     if value == "all":
         return None
     try:
-        return int(value)
+        t = int(value)
     except ValueError:
-        raise UserError(f"--guidance-max-t {value!r}: give a timestep (0-999) or 'all'") from None
+        t = -1
+    if t < 0:
+        raise UserError(f"--guidance-max-t {value!r}: give a timestep (0-999) or 'all'")
+    return t
 
 
 def generation_config(args: argparse.Namespace, temperature: float = 1.0, **kw: Any) -> GenerationConfig:

@@ -82,6 +82,10 @@ class GenerationConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.cfg_scale is not None and self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
+        if self.guidance_max_t is not None and self.guidance_max_t < -1:
+            raise ValueError(
+                f"guidance_max_t must be a timestep >= 0 (None: every step; -1: the checkpoint's), got {self.guidance_max_t}"
+            )
 
 
 def sample_token(logits: Tensor, gen: GenerationConfig, generator: torch.Generator) -> int:

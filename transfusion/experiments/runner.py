@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +26,14 @@ import torch
 from transfusion.config import Config
 from transfusion.experiments.definitions import EXPERIMENT_MODEL, Arm, Experiment
 from transfusion.io import atomic_write_text
+from transfusion.recipe import POOL, TOKENIZER_VOCAB, VAE_LR, demo_config, note
 
-POOL = 20_000
-"""Distinct training scenes, encoded once into each autoencoder's latent cache."""
 FORTUNES = "/usr/share/games/fortunes"
 """Debian's ``fortunes`` package: the text corpus of the experiments that score text."""
 SHARED_SHARE = 0.08
 """Share of the budget for each shared autoencoder (the KL-VAE, the VQ tokenizer)."""
 TEXT_ONLY_RATIO = 0.3
 """Share of training samples that are text documents, when the experiment mixes a corpus in."""
-
-
-def note(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -75,8 +69,7 @@ def point_config(
     exp: Experiment, arm: Arm, seed: int, steps: int, shared: Path, settings: Settings
 ) -> Config:
     """The config of one point: the demo's data and recipe, the experiment's model, the arm's knob."""
-    from transfusion.demo import demo_config
-    from transfusion.vae import load_vae
+    from transfusion.autoencoders import load_vae
 
     text = [f"data.text_path={json.dumps(fortunes_path())}", f"data.text_only_ratio={TEXT_ONLY_RATIO}",
             "data.truncate=true"] if exp.text_corpus else []  # fmt: skip
@@ -106,14 +99,14 @@ def fortunes_path() -> str:
 # --- shared assets ---------------------------------------------------------------------------------------
 def prepare_shared(exp: Experiment, shared: Path, settings: Settings, vae_steps: int) -> None:
     """Tokenizer, the autoencoders the arms need, their latent caches (each skipped when present)."""
+    from transfusion.autoencoders import load_vae
     from transfusion.config import DataConfig, VAEConfig
     from transfusion.data.latents import build_latents
     from transfusion.data.sources import make_source, source_texts
-    from transfusion.demo import TOKENIZER_VOCAB, VAE_LR
     from transfusion.tokenizer import train_bpe
     from transfusion.training import image_encoder
     from transfusion.training.vae import load_images, train_vae
-    from transfusion.vae import load_vae, vae_hash
+    from transfusion.vae import vae_hash
 
     shared.mkdir(parents=True, exist_ok=True)
     data = DataConfig(source="shapes", image_size=32, length=POOL)

@@ -98,7 +98,8 @@ def check_consistency(cfg: Config) -> None:
 
 def load_or_make_vae(vae_arg: str | None, cfg: Config, out: Path, is_main: bool, resume: bool) -> Any:
     """The run's VAE: ``out/vae`` when resuming, a trained directory, or 'random' (tests only)."""
-    from transfusion.vae import KLVAE, load_vae, save_vae
+    from transfusion.autoencoders import load_vae
+    from transfusion.vae import KLVAE, save_vae
 
     if (out / "vae").is_dir() and (resume or vae_arg is None):
         return load_vae(out / "vae")

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from transfusion.autoencoders import make_autoencoder
 from transfusion.config import DataConfig, VAEConfig
 from transfusion.io import atomic_directory, atomic_write_text, load_tensors, output_directory, save_tensors
 from transfusion.training.step import warmup_cosine
-from transfusion.vae import compute_latent_stats, make_autoencoder, pil_to_tensor, psnr, save_vae
+from transfusion.vae import compute_latent_stats, pil_to_tensor, psnr, save_vae
 
 WARMUP_SHARE = 0.05
 """Share of the steps spent warming the learning rate up (at least one step)."""

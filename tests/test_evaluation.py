@@ -1,5 +1,6 @@
 """The shapes evaluation counts what it is shown: right images, wrong ones, and blank ones."""
 
+import pytest
 import torch
 
 from transfusion.data.shapes import KINDS
@@ -34,3 +35,86 @@ def test_composition_scores_right_wrong_and_blank_images(monkeypatch):
         assert scores[kind] == 1 / 3  # only the first of each kind's three is right
         assert scores[f"blank_rate_{kind}"] == 1 / 3
     assert scores["blank_rate"] == 1 / 3 and scores["overall"] == 1 / 3
+
+
+def test_well_formed_objects_rendered_blurred_noisy_and_blocky():
+    """Rendered scenes and a light blur (a good VAE's) are read with confidence; a smear, noise and
+    4x4-pixel blocks (code-like artefacts) are not."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    from transfusion.data.shapes import ShapesDataset
+    from transfusion.evaluation.scenes import well_formed
+
+    ds = ShapesDataset(32, seed=5)
+    images = [ds[i].image for i in range(60)]
+    rng = np.random.default_rng(0)
+
+    def share(f):
+        marks = [w for im in images for w in well_formed(f(im))]
+        return sum(marks) / len(marks)
+
+    def noisy(im):
+        return Image.fromarray(
+            (np.asarray(im, np.float32) + rng.normal(0, 40, (32, 32, 3))).clip(0, 255).astype(np.uint8)
+        )
+
+    assert share(lambda im: im) == 1.0
+    assert share(lambda im: im.filter(ImageFilter.GaussianBlur(0.6))) == 1.0
+    assert share(lambda im: im.filter(ImageFilter.GaussianBlur(1.2))) < 0.4
+    assert share(noisy) < 0.1
+    assert share(lambda im: im.resize((8, 8), Image.BILINEAR).resize((32, 32), Image.NEAREST)) < 0.1
+    assert well_formed(Image.new("RGB", (32, 32))) == []
+
+
+@pytest.mark.slow  # trains the FD classifier (1000 steps, about a minute on 2 cores)
+def test_image_metrics_move_the_right_way_down_a_ladder_of_degradations():
+    """FD, precision, recall and well-formedness on real scenes, then blurred, noisy, blocky (code-like),
+    with objects removed, and blank: each moves the way it should against the real-vs-real rung."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    from transfusion.data.shapes import Scene, ShapesDataset, render
+    from transfusion.evaluation.scenes import well_formed
+
+    clf, acc = shapes.train_scene_classifier(32)
+    assert acc > 0.9
+    n = 120
+    paired = [ShapesDataset(32, seed=21)[i] for i in range(n)]
+    reference = shapes.reference_scenes(32)
+    rng = np.random.default_rng(0)
+
+    def noisy(im):
+        return Image.fromarray(
+            (np.asarray(im, np.float32) + rng.normal(0, 40, (32, 32, 3))).clip(0, 255).astype(np.uint8)
+        )
+
+    def first_object_only(r):
+        scene = Scene.from_dict(r.meta["scene"])
+        return render(Scene(scene.objects[:1]), 32)
+
+    other = [ShapesDataset(32, seed=22)[i] for i in range(n)]
+    ladder = {
+        "real": [r.image for r in other],
+        "blur": [r.image.filter(ImageFilter.GaussianBlur(1.2)) for r in other],
+        "noise": [noisy(r.image) for r in other],
+        "blocky": [r.image.resize((8, 8), Image.BILINEAR).resize((32, 32), Image.NEAREST) for r in other],
+        "removed": [first_object_only(r) for r in other],
+        "blank": [render(Scene([]), 32) for _ in other],
+    }
+    got = {}
+    for rung, images in ladder.items():
+        got[rung] = shapes.image_scores(clf, [r.image for r in paired], images, reference)
+        marks = [w for im in images for w in well_formed(im)]
+        got[rung]["well_formed"] = sum(marks) / len(marks) if marks else 0.0
+    real = got.pop("real")
+    assert real["precision"] > 0.9 and real["recall"] > 0.8 and real["well_formed"] == 1.0
+    for rung, g in got.items():
+        assert g["fd"] > 2 * real["fd"], rung  # every degradation moves FD away
+        assert g["recall"] < real["recall"] - 0.3, rung  # and loses coverage of the real scenes
+    for rung in ("blur", "noise", "blocky", "blank"):  # off the real manifold, badly drawn
+        assert got[rung]["precision"] < real["precision"] - 0.4, rung
+        assert got[rung]["well_formed"] < 0.4, rung
+    # removing objects keeps every image realistic and well drawn: only recall and FD see it
+    assert got["removed"]["precision"] > 0.9 and got["removed"]["well_formed"] == 1.0
+    assert got["blank"]["precision"] == got["blank"]["recall"] == 0.0

@@ -7,6 +7,7 @@ import pytest
 
 from transfusion import cli
 from transfusion.experiments import EXPERIMENTS, Finding
+from transfusion.experiments.definitions import BESIDE_FD
 from transfusion.experiments.page import judge, parity_ratio, plot_svg, summarise
 from transfusion.experiments.runner import loop_speed
 
@@ -70,6 +71,47 @@ def test_summary_means_and_ranges_over_seeds():
     assert "<svg" in plot_svg("m", "FLOPs", [("a", [(1e9, 0.6, 0.5, 0.7), (2e9, 0.7, 0.6, 0.8)])], True)
 
 
+def test_the_page_reads_like_the_papers_figure(tmp_path):
+    """Verdict table first with numbers for people, the parity ratio as a table and a plot, each
+    sample under its prompt, the plan as a table."""
+    from PIL import Image
+
+    from transfusion.experiments.page import human, write_results
+
+    assert [human(x) for x in (1690.4, 169.4, 16.94, 1.694, 0.1694, 0.01694, 0)] == [
+        "1,690", "169", "16.9", "1.69", "0.169", "0.0169", "0"]  # fmt: skip
+    exp, out = EXPERIMENTS["vs-chameleon"], tmp_path / "e"
+    fd = {("transfusion", 1): (1450, 1490), ("transfusion", 2): (1200, 1260), ("chameleon", 1): (1690, 1750),
+          ("chameleon", 2): (1460, 1480)}  # fmt: skip
+    plan = {"points": [], "shared_seconds": 90.0, "speeds": {"transfusion": {"gflops": 41.5}}}
+    for (arm, budget), values in fd.items():
+        for seed, v in enumerate(values):
+            d = out / "points" / f"{arm}-b{budget}-s{seed}"
+            d.mkdir(parents=True)
+            metrics = {"fd_project_classifier": v, "geneval_overall": 0.1 * budget, "by_cfg": {}}
+            point = {"id": d.name, "arm": arm, "budget": float(budget), "seed": seed, "flops": budget * 1e13,
+                     "metrics": metrics}  # fmt: skip
+            (d / "point.json").write_text(json.dumps(point))
+            grid = Image.new("RGB", (128, 64), "black")
+            grid.paste(Image.new("RGB", (64, 64), "red"), (0, 0))
+            grid.save(d / "samples.png")
+            (d / "samples.json").write_text(json.dumps(["a red square", "two blue circles"]))
+            plan["points"].append({"id": d.name, "steps": 12345, "gflop": budget * 1e4,
+                                   "train_seconds_est": 600, "eval_seconds_est": 60})  # fmt: skip
+    results = write_results(exp, out, plan)
+    page = (out / "experiment.html").read_text()
+    assert page.index("<h2>Verdicts</h2><table>") < page.index("<h2>Plots</h2>")
+    # FD: Transfusion 1,470 [1,450-1,490] against 1,720 at x1; reproduced (ranges apart at both budgets)
+    assert "1,470 [1,450-1,490]<br>vs 1,720 [1,690-1,750]" in page and "1.69e+03" not in page
+    fd_verdict = next(v for v in results["verdicts"] if v["finding"]["metric"] == "fd_project_classifier")
+    assert fd_verdict["verdict"] == "reproduced" and "<b>reproduced</b>" in page
+    # parity: Transfusion's FD at x1 (1,470) is Chameleon's at x2: ratio 1e13 / 2e13
+    assert results["parity_flop_ratio"]["fd_project_classifier"]["1"]["ratio"] == pytest.approx(0.5, abs=0.02)
+    assert "<th>Chameleon-style TFLOP needed</th>" in page and '"ratio"' not in page
+    assert page.count("<figcaption>a red square</figcaption>") == 2  # one per arm, first seed
+    assert "image-rendering:pixelated" in page and "<td>12,345</td>" in page
+
+
 def test_loop_speed_counts_the_logged_steps_after_the_first_log():
     """The plan's speed is the training loop's own: GFLOP and seconds between the first and the last
     logged step (the first steps, with the allocator warming up, are left out)."""
@@ -86,7 +128,19 @@ def test_every_experiment_names_real_arms_and_metrics():
     for exp in EXPERIMENTS.values():
         names = {a.name for a in exp.arms}
         for f in exp.findings:
-            assert f.better in names and f.worse in names and f.metric in exp.metrics
+            beside = {m + f.metric.removeprefix(m) for m, _ in BESIDE_FD}  # read beside an FD finding
+            assert f.better in names and f.worse in names and (f.metric in exp.metrics or f.metric in beside)
+        fd = [f for f in exp.findings if f.metric.startswith("fd_")]
+        for f in fd:  # every FD finding has precision, recall and well-formedness beside it, same arms
+            suffix = f.metric.removeprefix("fd_project_classifier")
+            for m, up in BESIDE_FD:
+                assert any(g.metric == m + suffix and (g.better, g.worse, g.higher_is_better) == (f.better, f.worse, up)
+                           for g in exp.findings)  # fmt: skip
+    mot = EXPERIMENTS["mot"]
+    assert {a.name for a in mot.arms} == {"shared", "mot"} and len(mot.budgets) >= 2 and mot.text_corpus
+    assert {"fd_project_classifier", "geneval_overall", "caption_cider_d", "caption_accuracy",
+            "fortune_bits_per_byte"} <= {f.metric for f in mot.findings}  # fmt: skip
+    assert EXPERIMENTS["vs-chameleon"].interval_reading == 700
 
 
 def test_bad_options_are_one_line_errors(tmp_path, capsys):

@@ -21,7 +21,13 @@ from transfusion.data.shapes import (
     relation,
     render,
 )
-from transfusion.evaluation.scenes import detect_scene, judge_caption, judge_image, parse_caption
+from transfusion.evaluation.scenes import (
+    detect_scene,
+    judge_caption,
+    judge_caption_strict,
+    judge_image,
+    parse_caption,
+)
 
 
 def objects(scene):
@@ -206,6 +212,16 @@ def test_judge_caption():
     assert not judge_caption("a red circle above a blue square", scene)
     assert not judge_caption("two red circles and a blue square", scene)
     assert not judge_caption("a fine picture", scene)
+    # strict: the caption must carry what the reference states (its colours, its relation)
+    ref = parse_caption("a red circle to the left of a blue square")
+    assert judge_caption_strict("a red circle to the left of a blue square", scene, ref)
+    assert judge_caption_strict("a blue square to the right of a red circle", scene, ref)
+    assert judge_caption("a red circle and a blue square", scene)  # lenient: states no relation
+    assert not judge_caption_strict("a red circle and a blue square", scene, ref)
+    assert not judge_caption_strict("a circle to the left of a square", scene, ref)  # colours missing
+    assert not judge_caption_strict("a red circle to the right of a blue square", scene, ref)
+    plain = parse_caption("a circle and a square")  # a reference without colours asks for none
+    assert judge_caption_strict("a circle and a square", scene, plain)
 
 
 def test_kinds_cover_all_six_and_eval_prompts_are_held_out():

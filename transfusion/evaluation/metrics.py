@@ -5,6 +5,7 @@
   references, Gaussian length penalty sigma 6, clipped counts, x10).
 - ``perplexity`` / ``bits_per_byte`` from summed negative log-likelihood.
 - ``frechet_distance`` between Gaussian fits of two feature sets.
+- ``precision_recall``: improved precision and recall (Kynkaanniemi et al. 2019) of two feature sets.
 """
 
 from __future__ import annotations
@@ -99,3 +100,29 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     r = _sqrtm_psd(sx)
     cross = np.trace(_sqrtm_psd(r @ sy @ r))
     return float(((mx - my) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2 * cross)
+
+
+def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance from every row of ``x`` to its k-th nearest other row."""
+    d = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0.0))
+    return np.sort(d, axis=1)[:, min(k, len(x) - 1)]  # column 0 is the point itself
+
+
+def _covered(points: np.ndarray, manifold: np.ndarray, radii: np.ndarray) -> float:
+    """Share of ``points`` inside at least one ball (manifold row, its radius)."""
+    d = np.sqrt(np.maximum(((points[:, None, :] - manifold[None, :, :]) ** 2).sum(-1), 0.0))
+    return float((d <= radii[None, :]).any(1).mean())
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) for features real (N, d), fake (M, d).
+
+    Each set's manifold is the union of balls around its points reaching their k-th nearest
+    neighbour. Precision: the share of generated points inside the real manifold (are they
+    realistic?); recall: the share of real points inside the generated manifold (is the variety
+    covered?). FD folds both into one number; these tell a blank or collapsed generator (recall
+    falls) from a smeared one (precision falls)."""
+    if len(real) <= k or len(fake) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} images on each side")
+    real, fake = real.astype(np.float64), fake.astype(np.float64)
+    return _covered(fake, real, _kth_radius(real, k)), _covered(real, fake, _kth_radius(fake, k))

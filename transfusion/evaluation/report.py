@@ -21,7 +21,7 @@ table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 
 .grid { display: flex; flex-wrap: wrap; gap: 10px; }
 .cell { width: 120px; font-size: 12px; }
 .cell img { width: 112px; height: 112px; image-rendering: pixelated; border: 3px solid #ccc; }
-.ok img { border-color: #2a2; } .bad img { border-color: #c33; }
+.ok img { border-color: #2a2; } .bad img { border-color: #c33; } td.ok { color: #1a7f1a; } td.bad { color: #c33; }
 .muted { color: #777; font-size: 13px; } pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 12px; }
 .curves { display: flex; gap: 20px; flex-wrap: wrap; }
 .side { display: flex; gap: 40px; flex-wrap: wrap; }

@@ -2,6 +2,11 @@
 
 - ``judge_image(detect_scene(image), spec)``: does a generated image show what the prompt asked?
 - ``judge_caption(text, scene)``: does a generated caption describe the scene correctly?
+  ``judge_caption_strict(text, scene, reference)`` also wants every colour and the relation the
+  reference caption states.
+- ``well_formed(image)``: is each object the detector finds read with confidence (colour, solidity,
+  shape)? The share of well-formed objects separates clean shapes from smeared blobs, which FD in a
+  small classifier's features does not always do.
 
 The detector (``detect_scene``) models every pixel as a palette colour scaled by a coverage in [0, 1]
 over the black background, which is what blur (a VAE decoder's, or a resize's) makes of an object's
@@ -41,6 +46,12 @@ HALO_PER_32_PIXELS = 2  # how far blur may spread an object's edge, in pixels pe
 TRIANGLE_MAX_SKEW = -0.2  # vertical skewness: triangle (apex up) -0.57, circle and square 0
 SQUARE_MIN_DIAGONAL = 1.15  # diagonal over axial extent: square sqrt(2), circle 1
 SIZE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2
+# well-formedness: an object read with confidence (see ``well_formed``)
+WELL_FORMED_MAX_RESIDUAL = 20.0  # median distance (RGB) of its pixels from its scaled palette colour
+WELL_FORMED_MIN_COVERAGE = 0.85  # median coverage of its pixels: solid, not a smear
+WELL_FORMED_FILL = {"triangle": (0.42, 0.72), "circle": (0.66, 0.9), "square": (0.86, 1.01)}
+"""Share of its box an object's pixels fill: rendered triangles 0.50-0.56, circles 0.75-0.81,
+squares 1.0 at 32 px; a Gaussian blur of 0.8 px moves triangles to 0.68."""
 
 
 def parse_caption(text: str) -> dict[str, Any] | None:
@@ -147,6 +158,41 @@ def judge_caption(text: str, scene: Scene, require_colors: bool = False) -> bool
     return judge_image(scene, spec)
 
 
+def well_formed(image: Image.Image | np.ndarray) -> list[bool]:
+    """For every object ``detect_scene`` finds: whether it is read with confidence, i.e. its colour
+    sits on the palette (median residual), it is solid (median coverage), it fills its box as its
+    shape does, and its shape measures lie clear of the decision thresholds (a triangle's skewness
+    below -0.4; a circle or square symmetric, with a diagonal ratio under 1.15 or over 1.28).
+    Rendered scenes and a light blur (a good VAE's) score 1; smeared, noisy or blocky objects do not."""
+    out = []
+    for o, m in _detect(image):
+        lo, hi = WELL_FORMED_FILL[o.shape]
+        if o.shape == "triangle":
+            shape = m["skew"] < 2 * TRIANGLE_MAX_SKEW
+        else:
+            ratio_ok = m["diagonal"] >= 1.28 if o.shape == "square" else m["diagonal"] <= 1.15
+            shape = abs(m["skew"]) < 0.15 and ratio_ok
+        out.append(
+            m["residual"] <= WELL_FORMED_MAX_RESIDUAL
+            and m["coverage"] >= WELL_FORMED_MIN_COVERAGE
+            and lo <= m["fill"] <= hi
+            and shape
+        )
+    return out
+
+
+def judge_caption_strict(text: str, scene: Scene, reference: dict[str, Any]) -> bool:
+    """``judge_caption`` and more: the caption carries the reference's information, i.e. states
+    every colour the reference states and, when the reference states a relation, states one (which
+    must hold). "a cyan triangle and a purple square" for a scene whose reference says which is
+    above passes ``judge_caption`` (every relation it states holds: none) but not this."""
+    ref = _as_spec(reference)
+    colors = all(o.get("color") for o in ref["objects"])
+    if not judge_caption(text, scene, require_colors=colors):
+        return False
+    return not ref.get("relation") or parse_caption(text)["relation"] is not None  # type: ignore[index]
+
+
 # --- detection -----------------------------------------------------------------------------------------
 def _components(mask: np.ndarray) -> list[np.ndarray]:
     """4-connected components of a boolean (H, W) mask, as arrays of (y, x) pixel coordinates."""
@@ -182,6 +228,21 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def _shape_measures(pixels: np.ndarray, mass: np.ndarray) -> dict[str, float]:
+    """The two numbers ``_shape_of`` reads: the vertical mass profile's skewness and the diagonal
+    over the axial extent."""
+    ys = np.arange(mass.shape[0], dtype=np.float64)[:, None]
+    total = max(float(mass.sum()), 1e-6)
+    mean = float((mass * ys).sum()) / total
+    var = max(float((mass * (ys - mean) ** 2).sum()) / total, 1e-6)
+    skew = float((mass * (ys - mean) ** 3).sum()) / total / var**1.5
+    y, x = pixels[:, 0], pixels[:, 1]
+    axial = max(np.ptp(x), np.ptp(y)) + 1
+    # a pixel spans 2 in x + y (and in x - y); a diagonal unit is sqrt(2) of those
+    diagonal = (np.ptp(x + y) + np.ptp(x - y) + 2 * 2) / 2 / np.sqrt(2)
+    return {"skew": skew, "diagonal": float(diagonal / axial)}
+
+
 def _shape_of(pixels: np.ndarray, mass: np.ndarray) -> str:
     """Classify an object from its pixels (an (N, 2) array of (y, x)) and its soft mass (coverage,
     an (H, W) map that is zero away from the object).
@@ -191,18 +252,10 @@ def _shape_of(pixels: np.ndarray, mass: np.ndarray) -> str:
     variance. A square reaches sqrt(2) times further along the diagonals than along the axes, a
     circle as far; pixel extents blur barely moves, as edges stay where coverage crosses one half.
     """
-    ys = np.arange(mass.shape[0], dtype=np.float64)[:, None]
-    total = max(float(mass.sum()), 1e-6)
-    mean = float((mass * ys).sum()) / total
-    var = max(float((mass * (ys - mean) ** 2).sum()) / total, 1e-6)
-    skew = float((mass * (ys - mean) ** 3).sum()) / total / var**1.5
-    if skew < TRIANGLE_MAX_SKEW:
+    m = _shape_measures(pixels, mass)
+    if m["skew"] < TRIANGLE_MAX_SKEW:
         return "triangle"
-    y, x = pixels[:, 0], pixels[:, 1]
-    axial = max(np.ptp(x), np.ptp(y)) + 1
-    # a pixel spans 2 in x + y (and in x - y); a diagonal unit is sqrt(2) of those
-    diagonal = (np.ptp(x + y) + np.ptp(x - y) + 2 * 2) / 2 / np.sqrt(2)
-    return "square" if diagonal / axial >= SQUARE_MIN_DIAGONAL else "circle"
+    return "square" if m["diagonal"] >= SQUARE_MIN_DIAGONAL else "circle"
 
 
 def detect_scene(
@@ -218,6 +271,15 @@ def detect_scene(
     ``min_area_fraction`` of the image are objects. Shape comes from the region's soft coverage and
     extents (see ``_shape_of``), size from its box's extent; the centre is the box's.
     """
+    return Scene([o for o, _ in _detect(image, max_color_distance, min_area_fraction)])
+
+
+def _detect(
+    image: Image.Image | np.ndarray,
+    max_color_distance: float = MAX_COLOR_DISTANCE,
+    min_area_fraction: float = MIN_AREA_FRACTION,
+) -> list[tuple[SceneObject, dict[str, float]]]:
+    """``detect_scene``'s objects, each with the measures its reading rests on (for ``well_formed``)."""
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {arr.shape}")
@@ -255,5 +317,13 @@ def detect_scene(
         extent = max(x1 - x0, y1 - y0) / max(H, W) / 2
         size = "small" if extent < SIZE_THRESHOLD else "large"
         cy, cx = (y0 + y1 + 1) / 2 / H, (x0 + x1 + 1) / 2 / W
-        objects.append(SceneObject(_shape_of(pix, mass), names[k], size, float(cx), float(cy)))
-    return Scene(objects)
+        obj = SceneObject(_shape_of(pix, mass), names[k], size, float(cx), float(cy))
+        inner = pix[:, 0], pix[:, 1]
+        measures = {
+            "residual": float(np.median(best_res[inner])),
+            "coverage": float(np.median(coverage[..., k][inner])),
+            "fill": len(pix) / float((y1 - y0 + 1) * (x1 - x0 + 1)),
+            **_shape_measures(pix, mass),
+        }
+        objects.append((obj, measures))
+    return objects

@@ -7,6 +7,7 @@ the runner sizes to ``--minutes``, so arms compare at equal compute, as the pape
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 EXPERIMENT_MODEL = [
@@ -88,11 +89,34 @@ class Experiment:
     """Mix Debian's fortunes in as text-only samples and score held-out fortunes (bits per byte)."""
     base: tuple[str, ...] = field(default_factory=tuple)
     """Overrides every arm shares (on top of ``EXPERIMENT_MODEL``)."""
+    interval_reading: int | None = None
+    """When set, the images of every diffusion arm are drawn a second time with guidance only at
+    t <= this (the demo's guidance interval) and read as ``<metric>_interval``; VQ-code arms have no
+    timesteps, so their second reading is their first."""
     about: str = ""
 
 
+BESIDE_FD = (("precision_project_classifier", True), ("recall_project_classifier", True),
+             ("geneval_well_formed", True))  # fmt: skip
+"""Read beside FD in every experiment, each with its own verdict: precision and recall in the same
+features (on the real manifold? covering it?) and the share of well-formed objects."""
+
+
+def beside_fd(exp: Experiment) -> Experiment:
+    """``exp`` with a finding on each of ``BESIDE_FD`` next to every finding on FD (same arms)."""
+    out: list[Finding] = []
+    for f in exp.findings:
+        out.append(f)
+        if f.metric.startswith("fd_project_classifier"):
+            suffix = f.metric.removeprefix("fd_project_classifier")
+            out += [
+                Finding(m + suffix, f.better, f.worse, up, f"beside FD; {f.paper}") for m, up in BESIDE_FD
+            ]
+    return dataclasses.replace(exp, findings=tuple(out))
+
+
 EXPERIMENTS: dict[str, Experiment] = {
-    e.name: e
+    e.name: beside_fd(e)
     for e in [
         Experiment(
             name="vs-chameleon",
@@ -105,9 +129,12 @@ EXPERIMENTS: dict[str, Experiment] = {
             minutes=45.0,
             eval_cfg=5.0,
             text_corpus=True,
+            interval_reading=700,
             metrics=(
                 "geneval_overall",
                 "fd_project_classifier",
+                "geneval_overall_interval",
+                "fd_project_classifier_interval",
                 "caption_accuracy",
                 "caption_cider_d",
                 "fortune_bits_per_byte",
@@ -126,6 +153,20 @@ EXPERIMENTS: dict[str, Experiment] = {
                     "chameleon",
                     True,
                     "Figure 7: Transfusion's image generation ahead at every budget",
+                ),
+                Finding(
+                    "fd_project_classifier_interval",
+                    "transfusion",
+                    "chameleon",
+                    False,
+                    "as FD above, Transfusion's images guided only at t <= 700 (the demo's interval)",
+                ),
+                Finding(
+                    "geneval_overall_interval",
+                    "transfusion",
+                    "chameleon",
+                    True,
+                    "as composition above, Transfusion's images guided only at t <= 700",
                 ),
                 Finding(
                     "caption_cider_d",
@@ -266,6 +307,53 @@ EXPERIMENTS: dict[str, Experiment] = {
             metrics=("caption_cider_d", "caption_accuracy", "geneval_overall"),
             about="Image-first (captioning) pairs see mostly recognisable images when their noise is "
             "limited; 40% of pairs are image-first here so that captioning gets enough of them.",
+        ),
+        Experiment(
+            name="mot",
+            title="Modality-specific weights (Mixture-of-Transformers) against one shared trunk at equal training FLOPs",
+            arms=(
+                Arm("shared", (*UNET, "model.modality_weights=shared"), "shared weights"),
+                Arm("mot", (*UNET, "model.modality_weights=mot"), "MoT: a text and an image copy"),
+            ),
+            budgets=(1.0, 2.0),
+            minutes=45.0,
+            text_corpus=True,
+            metrics=(
+                "fd_project_classifier",
+                "geneval_overall",
+                "caption_cider_d",
+                "caption_accuracy",
+                "fortune_bits_per_byte",
+            ),  # fmt: skip
+            findings=(
+                Finding(
+                    "fd_project_classifier",
+                    "mot",
+                    "shared",
+                    False,
+                    "MoT (arXiv 2411.04996), Transfusion setting: 760M MoT beats a 1.4B dense model on "
+                    "image generation; at 7B dense image quality at about a third of the FLOPs",
+                ),
+                Finding("geneval_overall", "mot", "shared", True, "MoT: image generation improves"),
+                Finding(
+                    "caption_cider_d",
+                    "mot",
+                    "shared",
+                    True,
+                    "LMFusion (arXiv 2412.15188): image understanding +20% with modality-specific weights",
+                ),
+                Finding("caption_accuracy", "mot", "shared", True, "LMFusion: image understanding improves"),
+                Finding(
+                    "fortune_bits_per_byte",
+                    "mot",
+                    "shared",
+                    False,
+                    "MoT: text quality matches or beats the dense model's at equal FLOPs",
+                ),
+            ),  # fmt: skip
+            about="Every block holds a text and an image copy of its norms, attention projections and "
+            "feed-forward layer; each position goes through its modality's copy and attention runs "
+            "over the whole sequence. Same FLOPs per position, twice the trunk's parameters.",
         ),
         Experiment(
             name="guidance",

@@ -87,13 +87,33 @@ def judge(f: Finding, summary: dict[str, Any]) -> dict[str, Any]:
     return {"finding": f.__dict__, "verdict": verdict, "budgets": states}
 
 
+def human(x: float) -> str:
+    """A number for people: 1,690 not 1.69e+03; 12.3; 0.563; 0.0123."""
+    if not isinstance(x, (int, float)) or not math.isfinite(x):
+        return str(x)
+    a = abs(x)
+    if a >= 1000:
+        return f"{x:,.0f}"
+    if a >= 100:
+        return f"{x:.0f}"
+    if a >= 10:
+        return f"{x:.1f}"
+    if a >= 1:
+        return f"{x:.2f}"
+    return "0" if a == 0 else f"{x:.3g}"
+
+
+def spread_text(s: dict[str, float]) -> str:
+    """'mean [min-max]' over seeds."""
+    return f"{human(s['mean'])} [{human(s['min'])}-{human(s['max'])}]"
+
+
 def verdict_text(exp: Experiment, j: dict[str, Any]) -> str:
     f = j["finding"]
     arms = {a.name: a.title() for a in exp.arms}
     parts = [
-        f"{arms[f['better']]} {s['better']['mean']:.3g} [{s['better']['min']:.3g}-{s['better']['max']:.3g}] against "
-        f"{arms[f['worse']]} {s['worse']['mean']:.3g} [{s['worse']['min']:.3g}-{s['worse']['max']:.3g}] at budget "
-        f"x{s['budget']} ({s['state']})"
+        f"{arms[f['better']]} {spread_text(s['better'])} against {arms[f['worse']]} {spread_text(s['worse'])} "
+        f"at budget x{s['budget']} ({s['state']})"
         for s in j["budgets"]
     ]  # fmt: skip
     direction = "higher" if f["higher_is_better"] else "lower"
@@ -191,7 +211,8 @@ def plot_png(title: str, xlabel: str, data: list, log_x: bool) -> bytes | None:
         ax.set_xscale("log")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
-    ax.legend(fontsize=7)
+    if any(pts for _, pts in data):
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.tight_layout()
@@ -268,6 +289,83 @@ def _figure(exp: Experiment, out: Path, summary: dict[str, Any], metric: str) ->
     return f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' alt='{html.escape(metric)}'>"
 
 
+def verdict_table(exp: Experiment, results: dict[str, Any]) -> str:
+    """One row per finding: what is claimed, the paper's number, ours at each budget, the verdict."""
+    if not results["verdicts"]:
+        return "<p>This experiment reports numbers; it makes no claim to test.</p>"
+    arms = {a.name: a.title() for a in exp.arms}
+    budgets = sorted({s["budget"] for v in results["verdicts"] for s in v["budgets"]}, key=float)
+    head = ("<tr><th>finding</th><th>paper</th>" + "".join(f"<th>ours at x{b}</th>" for b in budgets)
+            + "<th>verdict</th></tr>")  # fmt: skip
+    rows = []
+    for v in results["verdicts"]:
+        f = v["finding"]
+        at = {s["budget"]: s for s in v["budgets"]}
+        cells = "".join(
+            f"<td>{spread_text(at[b]['better'])}<br>vs {spread_text(at[b]['worse'])}<br>"
+            f"<span class='muted'>{at[b]['state']}</span></td>"
+            if b in at else "<td></td>"
+            for b in budgets
+        )  # fmt: skip
+        claim = (f"{html.escape(arms[f['better']])} {'above' if f['higher_is_better'] else 'below'} "
+                 f"{html.escape(arms[f['worse']])} on <b>{html.escape(f['metric'])}</b>")  # fmt: skip
+        css = {"reproduced": "ok", "not reproduced": "bad"}.get(v["verdict"], "muted")
+        rows.append(f"<tr><td>{claim}</td><td>{html.escape(f['paper'])}</td>{cells}"
+                    f"<td class='{css}'><b>{html.escape(v['verdict'])}</b></td></tr>")  # fmt: skip
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def parity_section(out: Path, summary: dict[str, Any], parity: dict[str, Any]) -> str:
+    """Figure 8 of the paper as a table and a plot: at each of Transfusion's budgets, the FLOPs the
+    Chameleon-style model needs to match it, and their ratio."""
+    parts = ["<h2>Parity FLOP ratio (paper Figure 8)</h2><p class='muted'>Transfusion's training FLOPs "
+             "over the FLOPs the Chameleon-style model needs for the same score (log-linear between its "
+             "budgets); below 1, Transfusion gets there with less.</p>"]  # fmt: skip
+    for metric, by_budget in parity.items():
+        rows, pts = [], []
+        for b, r in sorted(by_budget.items(), key=lambda kv: float(kv[0])):
+            ours = summary.get("transfusion", {}).get(b, {}).get("flops", {}).get("mean", float("nan"))
+            if "ratio" in r:
+                need, ratio = human(r["flops_needed"] / 1e12), human(r["ratio"])
+                pts.append((ours, r["ratio"], r["ratio"], r["ratio"]))
+            elif "ratio_at_most" in r:
+                need, ratio = "more than its largest budget", f"at most {human(r['ratio_at_most'])}"
+            else:
+                need, ratio = "less than its smallest budget", f"at least {human(r['ratio_at_least'])}"
+            rows.append(f"<tr><td>x{b}</td><td>{human(ours / 1e12)}</td><td>{need}</td><td>{ratio}</td></tr>")
+        head = "<tr><th>budget</th><th>Transfusion TFLOP</th><th>Chameleon-style TFLOP needed</th><th>ratio</th></tr>"
+        parts.append(f"<h3>{html.escape(metric)}</h3><table>{head}{''.join(rows)}</table>")
+        if pts:
+            data = [("FLOP ratio", sorted(pts))]
+            png = plot_png(f"parity FLOP ratio, {metric}", "Transfusion training FLOPs", data, True)
+            if png is None:
+                parts.append(
+                    plot_svg(f"parity FLOP ratio, {metric}", "Transfusion training FLOPs", data, True)
+                )
+            else:
+                (out / "plots").mkdir(exist_ok=True)
+                (out / "plots" / f"parity_{metric}.png").write_bytes(png)
+                parts.append(
+                    f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' alt='parity'>"
+                )
+    return "".join(parts)
+
+
+def plan_html(plan: dict[str, Any]) -> str:
+    """The plan as a table: every point's steps, FLOPs and estimated minutes."""
+    head = "<tr><th>point</th><th>steps</th><th>TFLOP</th><th>train (min)</th><th>eval (min)</th></tr>"
+    rows = "".join(
+        f"<tr><td>{html.escape(r['id'])}</td><td>{r['steps']:,}</td><td>{human(r['gflop'] / 1e3)}</td>"
+        f"<td>{human(r['train_seconds_est'] / 60)}</td><td>{human(r['eval_seconds_est'] / 60)}</td></tr>"
+        for r in plan["points"]
+    )
+    speeds = "; ".join(
+        f"{html.escape(k)} {human(v['gflops'])} GFLOP/s" for k, v in plan.get("speeds", {}).items()
+    )
+    return (f"<table>{head}{rows}</table><p class='muted'>shared assets {human(plan['shared_seconds'] / 60)} min; "
+            f"measured training speed: {speeds}</p>")  # fmt: skip
+
+
 def _table(exp: Experiment, summary: dict[str, Any], metric: str) -> str:
     rows = []
     for arm in exp.arms:
@@ -276,7 +374,7 @@ def _table(exp: Experiment, summary: dict[str, Any], metric: str) -> str:
                 continue
             s = cell[metric]
             rows.append(f"<tr><td>{html.escape(arm.title())}</td><td>x{b}</td><td>{cell['flops']['mean'] / 1e12:.1f}</td>"
-                        f"<td>{s['mean']:.4g}</td><td>{s['min']:.4g} - {s['max']:.4g}</td><td>{s['n']}</td></tr>")  # fmt: skip
+                        f"<td>{human(s['mean'])}</td><td>{human(s['min'])} - {human(s['max'])}</td><td>{s['n']}</td></tr>")  # fmt: skip
     head = "<tr><th>arm</th><th>budget</th><th>TFLOP</th><th>mean</th><th>range</th><th>seeds</th></tr>"
     return f"<h3>{html.escape(metric)}</h3><table>{head}{''.join(rows)}</table>"
 
@@ -290,22 +388,36 @@ def _grids(exp: Experiment, out: Path, pts: list[dict[str, Any]]) -> str:
         mine = [p for p in pts if p["arm"] == arm.name and p["budget"] == top]
         if not mine:
             continue
-        png = out / "points" / min(mine, key=lambda p: p["seed"])["id"] / "samples.png"
-        if png.is_file():
-            uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
-            cells.append(
-                f"<p><b>{html.escape(arm.title())}</b><br><img src='{uri}' style='image-rendering:pixelated'></p>"
-            )
-    return f"<h2>Samples at the largest budget (x{top:g}, first seed)</h2>" + "".join(cells)
+        d = out / "points" / min(mine, key=lambda p: p["seed"])["id"]
+        if (d / "samples.png").is_file():
+            cells.append(f"<h3>{html.escape(arm.title())}</h3>" + sample_figures(d))
+    return (f"<h2>Samples at the largest budget (x{top:g}, first seed)</h2><p class='muted'>Each image "
+            "enlarged 4x without smoothing, under its prompt.</p>" + "".join(cells))  # fmt: skip
+
+
+def sample_figures(d: Path, cell: int = 64, scale: int = 2) -> str:
+    """A point's sample grid cut back into its images, each under its prompt (samples.json)."""
+    from PIL import Image
+
+    grid = Image.open(d / "samples.png")
+    prompts = json.loads((d / "samples.json").read_text()) if (d / "samples.json").is_file() else []
+    figures = []
+    for i in range(grid.width // cell):
+        buf = io.BytesIO()
+        grid.crop((i * cell, 0, (i + 1) * cell, cell)).save(buf, format="PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        text = html.escape(prompts[i]) if i < len(prompts) else ""
+        figures.append(f"<figure style='display:inline-block;width:{cell * scale}px;margin:4px;vertical-align:top'>"
+                       f"<img src='{uri}' width='{cell * scale}' height='{cell * scale}' "
+                       f"style='image-rendering:pixelated' alt='{text}'><figcaption>{text}</figcaption></figure>")  # fmt: skip
+    return "".join(figures)
 
 
 def page(exp: Experiment, out: Path, results: dict[str, Any]) -> str:
     summary = results["summary"]
-    verdicts = "".join(f"<li>{html.escape(v['text'])}</li>" for v in results["verdicts"])
     extra = ""
     if "parity_flop_ratio" in results:
-        extra += "<h2>Parity FLOP ratio (paper Figure 8)</h2><pre>" + html.escape(
-            json.dumps(results["parity_flop_ratio"], indent=2)) + "</pre>"  # fmt: skip
+        extra += parity_section(out, summary, results["parity_flop_ratio"])
     if "guidance" in results:
         extra += (
             "<h2>Guidance sweep</h2><ul>"
@@ -317,10 +429,12 @@ def page(exp: Experiment, out: Path, results: dict[str, Any]) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(exp.title)}</title><style>{CSS}</style></head>
 <body><h1>{html.escape(exp.title)}</h1><p class="muted">{html.escape(exp.about)}</p>
-<h2>Verdicts</h2><ul>{verdicts or "<li>This experiment reports numbers; it makes no claim to test.</li>"}</ul>{extra}
+<h2>Verdicts</h2>{verdict_table(exp, results)}
+<p class="muted">A finding holds at a budget when the better arm's range over seeds lies wholly on the
+right side of the other's; reproduced when it holds at the largest budget and is reversed at none.</p>{extra}
 <h2>Plots</h2><p class="muted">Mean over seeds, bars from the lowest to the highest seed.</p><div class="curves">{figures}</div>
 <h2>Tables</h2>{tables}
 {_grids(exp, out, results["points"])}
-<h2>Plan</h2><pre>{html.escape(json.dumps(results["plan"], indent=2))}</pre>
+<h2>Plan</h2>{plan_html(results["plan"])}
 </body></html>
 """

@@ -4,7 +4,8 @@ An experiment directory holds::
 
     plan.json             the points, their steps and FLOPs, the machine's measured speeds
     shared/               tokenizer, KL-VAE and/or VQ tokenizer, latent caches (one per seed), the FD classifier
-    points/ARM-bB-sS/     the run (model/), its metrics (point.json) and sample grid (samples.png)
+    points/ARM-bB-sS/     the run (model/), its metrics (point.json), sample grid (samples.png)
+                          and the grid's prompts (samples.json)
     results.json          every point, means and spreads over seeds, the verdicts
     experiment.html       plots, tables, sample grids side by side, verdicts; plots/*.png
 
@@ -182,7 +183,8 @@ def eval_seconds(exp: Experiment, arm: Arm, settings: Settings) -> float:
     """What one point's evaluation costs here, roughly (measured on 2 CPU cores at the experiment's
     size): per image 0.12 s with 250 denoising steps and guidance (0.05 s for 64 codes), per caption
     0.05 s, 15 s of fixed costs; every extra guidance weight samples the images again."""
-    images = 6 * settings.prompts_per_kind * len(exp.cfg_scales)
+    readings = len(exp.cfg_scales) + (exp.interval_reading is not None and not arm.discrete)
+    images = 6 * settings.prompts_per_kind * readings
     per_image = 0.05 if arm.discrete else 0.12 * (settings.sample_steps or 250) / 250
     return images * per_image + settings.captions * 0.05 + 15
 
@@ -267,9 +269,9 @@ def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> d
     metrics, details = evaluate(loaded.model, loaded.tokenizer, vae, loaded.config, d, settings.prompts_per_kind,
                                 settings.captions, settings.sample_steps, None, main, 0, None,
                                 fd_cache=d.parent.parent / "shared")  # fmt: skip
-    save_grid(
-        [im for _, im in details["pairs"]][:: max(1, settings.prompts_per_kind)][:12], d / "samples.png"
-    )
+    shown = details["pairs"][:: max(1, settings.prompts_per_kind)][:12]  # one prompt of each kind first
+    save_grid([im for _, im in shown], d / "samples.png")
+    atomic_write_text(d / "samples.json", json.dumps([p.text for p, _ in shown]))
     if exp.text_corpus:
         from transfusion.config import DataConfig
         from transfusion.data.sources import TextFiles
@@ -287,7 +289,31 @@ def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> d
         extra = {f"geneval_{k}": v for k, v in comp.items()}
         extra.update(frechet(pairs, vae.config.image_size, None, d.parent.parent / "shared"))
         by_cfg[f"{scale:g}"] = extra
+    if exp.interval_reading is not None:
+        metrics.update(interval_reading(exp.interval_reading, dec, vae, main, d, settings, metrics))
     return {**metrics, "by_cfg": by_cfg}
+
+
+INTERVAL_METRICS = ("geneval_overall", "geneval_blank_rate", "geneval_well_formed", "fd_project_classifier",
+                    "precision_project_classifier", "recall_project_classifier")  # fmt: skip
+
+
+def interval_reading(
+    max_t: int, dec: Any, vae: Any, scale: float, d: Path, settings: Settings, first: dict[str, Any]
+) -> dict[str, Any]:
+    """Composition and FD of images drawn again with guidance only at t <= ``max_t`` (the demo's
+    guidance interval), as ``<metric>_interval``. A model of VQ codes has no timesteps: its reading
+    is the first one."""
+    from transfusion.evaluation.shapes import composition, frechet
+    from transfusion.generate import GenerationConfig
+
+    if dec.model.cfg.image_tokens == "discrete":
+        return {f"{m}_interval": first[m] for m in INTERVAL_METRICS if m in first}
+    gen = dec.settings(GenerationConfig(steps=settings.sample_steps, cfg_scale=scale, guidance_max_t=max_t))
+    comp, _, pairs = composition(dec, vae, settings.prompts_per_kind, gen, vae.config.image_size, 100)
+    read = {f"geneval_{k}": v for k, v in comp.items()}
+    read.update(frechet(pairs, vae.config.image_size, None, d.parent.parent / "shared"))
+    return {f"{m}_interval": read[m] for m in INTERVAL_METRICS if m in read}
 
 
 def save_grid(images: list, path: Path, cell: int = 64) -> None:

@@ -8,7 +8,8 @@
 #   3. `transfusion plan` for the same 0.16B configurations, to set beside the measured peaks;
 #   4. how long a checkpoint stops training, synchronous against train.async_checkpoint (0.16B);
 #   5. the loader's images/s on this machine's cores (JPEG WebDataset with 0-8 workers, latent shards);
-#   6. the side-by-side with transfusion-pytorch (needs PyPI; skipped where there is no network).
+#   6. the side-by-side with transfusion-pytorch (needs PyPI; skipped where there is no network);
+#   7. modality-specific weights (small against small-mot) and `transfusion serve` under 16 clients.
 # Usage: benchmarks/gpu.sh [OUT]   (default bench-gpu/); needs the package installed (make venv).
 # Each step has its own time limit and a failed step does not stop the others; the summary at the
 # end says which ran.
@@ -39,6 +40,8 @@ for ac in none full; do
   step "plan-0.16B-$ac" 60 $py -m transfusion plan --preset 0.16B --seq-len 2048 --micro-batch 8 --gpu-memory 141 \
       --activation-checkpointing $ac --json --out "$out/plan-0.16B-$ac.json"
 done
+step mot 180 "${bench[@]}" --configs small small-mot --no-sampling --out "$out/mot"
+step serve-load 300 $py benchmarks/serve_load.py --device cuda --out "$out/serve"
 step save-time 240 $py benchmarks/save_time.py --preset 0.16B --device cuda --out "$out"
 step data-rate 300 $py benchmarks/data_rate.py --workers 0 1 2 4 8 --out "$out"
 step compare 300 $py benchmarks/compare_transfusion_pytorch.py --device cuda --width 1024 --heads 16 --text 64 \

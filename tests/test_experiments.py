@@ -30,6 +30,7 @@ def test_verdicts_follow_the_seed_ranges():
     assert judge(f, reverse)["verdict"] == "not reproduced"
     overlap = {"a": {"1": cell(1, fd=(1, 3.5))}, "b": {"1": cell(1, fd=(3, 4))}}
     assert judge(f, overlap)["verdict"] == "inconclusive at this budget"
+    assert judge(f, {"a": {"1": cell(1)}, "b": {"1": cell(1)}})["verdict"] == "not measured"
     # holds at the largest budget but reversed at a smaller one: not a clean reproduction
     mixed = {
         "a": {"1": cell(1, fd=(5, 6)), "2": cell(2, fd=(1, 2))},

@@ -91,6 +91,15 @@ def text_batch(ids: list[list[int]], tokenizer, cfg):
     return pack(samples, len(ids[0]), Specials.of(tokenizer), cfg.patches_per_image, one_per_row=True)
 
 
+def mixed_batch(tok, cfg, gen: torch.Generator):
+    """Two samples in one packed row: text, image, text; a noise-limited image then text."""
+    samples = [
+        Sample([Text(tok.encode("w1 w2 w3")), Image(latent(cfg, gen)), Text(tok.encode("w4 w5"))]),
+        Sample([Image(latent(cfg, gen), noise_limited=True), Text(tok.encode("w6 w7 w8 w9"))]),
+    ]
+    return pack(samples, 24, Specials.of(tok), cfg.patches_per_image)
+
+
 def max_logit_diff(ours, hf_model, ids, columns: int | None = None) -> float:
     model, cfg, tokenizer = ours
     with torch.no_grad():
@@ -207,11 +216,7 @@ def test_freeze_text_trains_only_the_chosen_parts(llama):
     freeze.attach(opt)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
-    samples = [
-        Sample([Text(tok.encode("w1 w2 w3")), Image(latent(cfg, gen)), Text(tok.encode("w4 w5"))]),
-        Sample([Image(latent(cfg, gen), noise_limited=True), Text(tok.encode("w6 w7 w8 w9"))]),
-    ]
-    batch = pack(samples, 24, Specials.of(tok), cfg.patches_per_image)
+    batch = mixed_batch(tok, cfg, gen)
     dcfg = DiffusionConfig()
     schedule = diffusion.make_schedule(dcfg)
     for _ in range(3):
@@ -346,11 +351,7 @@ def test_lmfusion_mot_keeps_the_llms_text_logits_exactly_while_the_image_copies_
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     freeze.attach(opt)
     gen = torch.Generator().manual_seed(0)
-    samples = [
-        Sample([Text(tok.encode("w1 w2 w3")), Image(latent(cfg, gen)), Text(tok.encode("w4 w5"))]),
-        Sample([Image(latent(cfg, gen), noise_limited=True), Text(tok.encode("w6 w7 w8 w9"))]),
-    ]
-    batch = pack(samples, 24, Specials.of(tok), cfg.patches_per_image)
+    batch = mixed_batch(tok, cfg, gen)
     dcfg = DiffusionConfig()
     for _ in range(3):
         loss = losses.training_loss(model, batch, diffusion.make_schedule(dcfg), dcfg, generator=gen).total

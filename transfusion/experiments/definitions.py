@@ -109,9 +109,8 @@ def beside_fd(exp: Experiment) -> Experiment:
         out.append(f)
         if f.metric.startswith("fd_project_classifier"):
             suffix = f.metric.removeprefix("fd_project_classifier")
-            out += [
-                Finding(m + suffix, f.better, f.worse, up, f"beside FD; {f.paper}") for m, up in BESIDE_FD
-            ]
+            paper = "not in the paper (it reports FID only); read beside the FD finding above"
+            out += [Finding(m + suffix, f.better, f.worse, up, paper) for m, up in BESIDE_FD]
     return dataclasses.replace(exp, findings=tuple(out))
 
 

@@ -6,7 +6,8 @@ A verdict compares two arms on one metric at every budget: the paper's direction
 when the better arm's range over seeds lies entirely on the right side of the other's, is *reversed*
 when it lies entirely on the wrong side, and is *unresolved* when the ranges overlap. The finding is
 **reproduced** when it holds at the largest budget and is reversed at none, **not reproduced** when it
-is reversed at the largest budget, and **inconclusive at this budget** otherwise.
+is reversed at the largest budget, **inconclusive at this budget** otherwise, and **not measured**
+when no budget has the metric for both arms.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def judge(f: Finding, summary: dict[str, Any]) -> dict[str, Any]:
         state = "holds" if holds else "reversed" if reverse else "unresolved"
         states.append({"budget": b, "state": state, "better": good, "worse": bad})
     if not states:
-        verdict = "inconclusive at this budget"
+        verdict = "not measured"  # no budget where both arms report the metric
     elif states[-1]["state"] == "holds" and all(s["state"] != "reversed" for s in states):
         verdict = "reproduced"
     elif states[-1]["state"] == "reversed":
@@ -302,7 +303,7 @@ def verdict_table(exp: Experiment, results: dict[str, Any]) -> str:
         f = v["finding"]
         at = {s["budget"]: s for s in v["budgets"]}
         cells = "".join(
-            f"<td>{spread_text(at[b]['better'])}<br>vs {spread_text(at[b]['worse'])}<br>"
+            f"<td style='white-space:nowrap'>{spread_text(at[b]['better'])}<br>vs {spread_text(at[b]['worse'])}<br>"
             f"<span class='muted'>{at[b]['state']}</span></td>"
             if b in at else "<td></td>"
             for b in budgets

@@ -234,6 +234,7 @@ def plot_svg(title: str, xlabel: str, data: list, log_x: bool, width: int = 520,
     pad = 48
     sx = lambda x: pad + (fx(x) - x0) / (x1 - x0) * (width - 2 * pad)  # noqa: E731
     sy = lambda y: height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)  # noqa: E731
+    xlabel_at = lambda v: human(10**v if log_x else v)  # noqa: E731  the axis ends, in data units
     body = []
     for k, ((name, s), color) in enumerate(zip(data, COLORS * 4)):
         if not s:
@@ -252,6 +253,8 @@ def plot_svg(title: str, xlabel: str, data: list, log_x: bool, width: int = 520,
             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>'
             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>'
             f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle" font-size="11">{html.escape(xlabel)}</text>'
+            f'<text x="{pad}" y="{height - pad + 14}" font-size="11" text-anchor="middle">{xlabel_at(x0)}</text>'
+            f'<text x="{width - pad}" y="{height - pad + 14}" font-size="11" text-anchor="middle">{xlabel_at(x1)}</text>'
             f'<text x="{pad - 4}" y="{sy(y1) + 4:.1f}" font-size="11" text-anchor="end">{y1:.3g}</text>'
             f'<text x="{pad - 4}" y="{sy(y0) + 4:.1f}" font-size="11" text-anchor="end">{y0:.3g}</text>'
             + "".join(body) + "</svg>")  # fmt: skip

@@ -2,7 +2,7 @@
 minimum, median and maximum (a target is met when the worst run meets it).
 
 Usage: ``python benchmarks/demo_spread.py [--runs 3] [--minutes 15] [--dataset shapes] [--out spread]
-[--set key=value ...]``. Writes OUT/seed-K/ (each a whole demo run with its report), OUT/spread.json
+[--set key=value ...] [--only SEED]``. Writes OUT/seed-K/ (each a whole demo run with its report), OUT/spread.json
 and OUT/spread.md (a table to paste into the README); runs already finished in OUT are kept, so a
 stopped spread continues.
 """
@@ -60,12 +60,16 @@ def main() -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="as `demo --set` (repeatable)"
     )
+    p.add_argument(
+        "--only", type=int, default=None, metavar="SEED",
+        help="run just this seed and stop (to run seeds side by side; a last call without it makes the tables)",
+    )  # fmt: skip
     args = p.parse_args()
     if args.runs < 1 or args.minutes <= 0:
         p.error("--runs must be at least 1 and --minutes positive")
     out = Path(args.out)
     runs = []
-    for seed in range(args.runs):
+    for seed in range(args.runs) if args.only is None else [args.only]:
         d = out / f"seed-{seed}"
         if not (d / "metrics.json").is_file():
             result = run_demo(d, args.minutes, seed, source=args.dataset, overrides=args.set)
@@ -73,6 +77,8 @@ def main() -> None:
         metrics = json.loads((d / "metrics.json").read_text())
         timings = json.loads((d / "timings.json").read_text()) if (d / "timings.json").is_file() else {}
         runs.append({**metrics, "minutes": timings.get("total", float("nan")) / 60})
+    if args.only is not None:
+        return
     s = spread(runs)
     (out / "spread.json").write_text(
         json.dumps({"runs": runs, "spread": s, "settings": vars(args)}, indent=2)

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     )
     m = result["metrics"]
     if args.dataset == "fashion_mnist":
-        print(f"\nreport: {result['report']}\nclass-conditional generation accuracy {m['fashion_generation_accuracy']:.2f}, "
+        print(f"\nreport: {result['report']}\nclass-conditional generation accuracy {m['fashion_generation_accuracy']:.2f} "
+              f"(its judge on real test images: {m['fashion_classifier_test_accuracy']:.2f}), "
               f"caption accuracy {m['fashion_caption_accuracy']:.2f}, {result['timings']['total'] / 60:.1f} min")  # fmt: skip
         return 0
     print(

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,44 +23,84 @@ from transfusion.vae import decode_latents, encode_images, pil_to_tensor
 
 class FashionClassifier(nn.Module):
     """A small CNN over 10 Fashion-MNIST classes, trained on the real training set; it judges whether
-    generated images show the class their prompt named."""
+    generated images show the class their prompt named. It is retrained at every evaluation, so it
+    is built for accuracy per CPU-second: a stride-2 stem and narrow convolutions (16, 32, 64
+    channels) with BatchNorm, then a 128-wide hidden layer; it works in channels-last layout (faster
+    convolutions and pooling on CPU). Images of any side >= 8 are pooled to a 4x4 grid at the end
+    (at 32 pixels that pooling is a plain 2x2 max-pool)."""
 
     def __init__(self) -> None:
         super().__init__()
+
+        def block(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+            conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+            return [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
         self.net = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+            *block(3, 16, stride=2), *block(16, 32), nn.MaxPool2d(2), *block(32, 64), nn.AdaptiveMaxPool2d(4),
+            nn.Flatten(), nn.Linear(64 * 16, 128), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Linear(128, 10),
         )  # fmt: skip
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
+def _real_images(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a Fashion-MNIST split as (N, 3, S, S) uint8 (a quarter of the memory of floats;
+    :func:`_unit` converts a batch) and their labels."""
+    x = torch.from_numpy(np.stack([np.asarray(ds[i].image) for i in range(len(ds))]))
+    return x.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
+
+
+def _unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels to floats in [-1, 1], as ``pil_to_tensor`` gives generated images."""
+    return pixels.float() / 127.5 - 1.0
 
 
 def train_fashion_classifier(
-    data_cfg: Any, steps: int = 600, seed: int = 0
+    data_cfg: Any, steps: int = 2200, seed: int = 0
 ) -> tuple[FashionClassifier, float]:
-    """Trained on the real training split; returns it and its accuracy on the real test split."""
+    """Trained on the whole real training split (55,000 images); returns it (in eval mode) and its
+    accuracy on the whole real test split (10,000 images, about 2 s). Deterministic for a seed.
+
+    The recipe, measured on one CPU thread at 32 pixels: 2200 steps of 64 images (about 2.6 epochs)
+    with AdamW (weight decay 5e-4 on weights) under a one-cycle learning rate peaking at 3e-3 reach
+    0.915 and 0.916 on the 10,000 test images (0.925 and 0.926 on the first 1000) for seeds 0 and 1,
+    in about 100 s with reading the images; the 600-step Adam recipe on 12,000 images it replaced
+    reached 0.77. In that budget the model underfits rather than overfits: augmentation (flips,
+    2-pixel shifts) lowered accuracy by up to 0.012 and wider networks, taking fewer steps, did
+    worse, so the recipe has no augmentation and a narrow network seeing more images."""
     from transfusion.data.sources import FashionMNIST
 
     torch.manual_seed(seed)
-    train, test = FashionMNIST(data_cfg, "train"), FashionMNIST(data_cfg, "test")
-    idx = torch.randperm(len(train))[:12000].tolist()
-    x = pil_to_tensor([train[i].image for i in idx])
-    y = torch.tensor([int(train.labels[i]) for i in idx])
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _real_images(FashionMNIST(data_cfg, "train"))
     clf = FashionClassifier()
-    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    weights = [p for p in clf.parameters() if p.ndim > 1]
+    others = [p for p in clf.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": weights, "weight_decay": 5e-4}, {"params": others, "weight_decay": 0.0}]
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps, pct_start=0.25)
+    batch, order, pos = 64, torch.randperm(len(x), generator=gen), 0
+    clf.train()
     for _ in range(steps):
-        j = torch.randint(0, len(x), (128,))
-        loss = F.cross_entropy(clf(x[j]), y[j])
-        opt.zero_grad()
+        if pos + batch > len(x):
+            order, pos = torch.randperm(len(x), generator=gen), 0
+        j = order[pos : pos + batch]
+        pos += batch
+        loss = F.cross_entropy(clf(_unit(x[j])), y[j])
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    tx = pil_to_tensor([test[i].image for i in range(1000)])
-    ty = torch.tensor([int(test.labels[i]) for i in range(1000)])
+        sched.step()
+    del x, y
+    tx, ty = _real_images(FashionMNIST(data_cfg, "test"))
+    clf.eval()
     with torch.no_grad():
-        acc = (clf.eval()(tx).argmax(1) == ty).float().mean().item()
-    return clf, acc
+        pred = torch.cat([clf(_unit(tx[i : i + 1000])).argmax(1) for i in range(0, len(tx), 1000)])
+    return clf, (pred == ty).float().mean().item()
 
 
 def class_named(text: str) -> int | None:
@@ -74,7 +115,7 @@ def class_named(text: str) -> int | None:
 def evaluate_fashion(
     model: Any, tokenizer: Any, vae: Any, config: Any, out_dir: str | Path, per_class: int = 5,
     n_captions: int = 50, steps: int | None = None, sampler: str | None = None, cfg_scale: float | None = None,
-    seed: int = 0, classifier_steps: int = 600, guidance_max_t: int | None = -1,
+    seed: int = 0, classifier_steps: int = 2200, guidance_max_t: int | None = -1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Class-conditional generation accuracy (a classifier trained on real images judges each image)
     and caption accuracy (the caption names the right class) on held-out test images. Images are

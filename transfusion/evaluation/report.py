@@ -84,7 +84,8 @@ def headline(metrics: dict[str, Any]) -> str:
     """Per-kind scores (composition, or Fashion-MNIST classes) and blank images, as a small table."""
     kinds = [k.removeprefix("geneval_") for k in metrics if k.startswith("geneval_") and "blank" not in k]
     if not kinds:
-        keys = [k for k in ("fashion_generation_accuracy", "fashion_caption_accuracy") if k in metrics]
+        keys = [k for k in ("fashion_generation_accuracy", "fashion_classifier_test_accuracy",
+                            "fashion_caption_accuracy") if k in metrics]  # fmt: skip
         return (
             "<table>" + "".join(f"<tr><td>{k}</td><td>{metrics[k]:.2f}</td></tr>" for k in keys) + "</table>"
         )

@@ -107,6 +107,52 @@ def features(extractor: nn.Module, images: torch.Tensor, chunk: int = 64) -> np.
     return np.concatenate(out)
 
 
+def degradation_ladder(n: int = 120, image_size: int = 32) -> tuple[list, dict[str, list]]:
+    """``n`` real scenes to compare against, and ``n`` other real scenes as they are and degraded:
+    (paired real images, {rung: images}) with rungs real, blur (Gaussian 1.2 px), noise (sigma 40 of
+    255), blocky (4x4-pixel blocks, like VQ codes), removed (the first object only) and blank."""
+    from PIL import Image, ImageFilter
+
+    from transfusion.data.shapes import render
+
+    paired = [ShapesDataset(image_size, seed=21)[i].image for i in range(n)]
+    other = [ShapesDataset(image_size, seed=22)[i] for i in range(n)]
+    rng = np.random.default_rng(0)
+    side, block = image_size, image_size // 4
+
+    def noisy(im: Image.Image) -> Image.Image:
+        pixels = np.asarray(im, np.float32) + rng.normal(0, 40, (side, side, 3))
+        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+    def first_object_only(r: Any) -> Image.Image:
+        return render(Scene(Scene.from_dict(r.meta["scene"]).objects[:1]), side)
+
+    ladder = {
+        "real": [r.image for r in other],
+        "blur": [r.image.filter(ImageFilter.GaussianBlur(1.2 * side / 32)) for r in other],
+        "noise": [noisy(r.image) for r in other],
+        "blocky": [
+            r.image.resize((block, block), Image.BILINEAR).resize((side, side), Image.NEAREST) for r in other
+        ],
+        "removed": [first_object_only(r) for r in other],
+        "blank": [render(Scene([]), side) for _ in other],
+    }
+    return paired, ladder
+
+
+def ladder_scores(extractor: nn.Module, n: int = 120, image_size: int = 32) -> dict[str, dict[str, float]]:
+    """FD, precision, recall (against ``reference_scenes``) and well-formedness at every rung of
+    ``degradation_ladder``."""
+    paired, ladder = degradation_ladder(n, image_size)
+    reference = reference_scenes(image_size)
+    out = {}
+    for rung, images in ladder.items():
+        out[rung] = image_scores(extractor, paired, images, reference)
+        marks = [w for im in images for w in well_formed(im)]
+        out[rung]["well_formed"] = sum(marks) / len(marks) if marks else 0.0
+    return out
+
+
 # --- the evaluations -----------------------------------------------------------------------------------
 def composition(
     decoder: Decoder, vae: Any, n_per_kind: int, gen: GenerationConfig, image_size: int, seed: int
@@ -172,7 +218,8 @@ def captioning(
 REFERENCE_SCENES = 1000
 """Rendered scenes that stand for the real manifold in precision and recall: with only the prompts'
 60 real images, every real point's k-nearest-neighbour ball is so wide that blank frames fall inside
-it (precision 1.0 for all-blank images, measured); with 1000, blank scores 0 and blur 0.33."""
+it (precision 1.0 for all-blank images, measured with 120); with 1000, blank scores 0 and blur 0.19
+(``benchmarks/metric_ladder.py``)."""
 
 
 def reference_scenes(image_size: int, n: int = REFERENCE_SCENES) -> list:

@@ -164,21 +164,28 @@ def well_formed(image: Image.Image | np.ndarray) -> list[bool]:
     shape does, and its shape measures lie clear of the decision thresholds (a triangle's skewness
     below -0.4; a circle or square symmetric, with a diagonal ratio under 1.15 or over 1.28).
     Rendered scenes and a light blur (a good VAE's) score 1; smeared, noisy or blocky objects do not."""
-    out = []
-    for o, m in _detect(image):
-        lo, hi = WELL_FORMED_FILL[o.shape]
-        if o.shape == "triangle":
-            shape = m["skew"] < 2 * TRIANGLE_MAX_SKEW
-        else:
-            ratio_ok = m["diagonal"] >= 1.28 if o.shape == "square" else m["diagonal"] <= 1.15
-            shape = abs(m["skew"]) < 0.15 and ratio_ok
-        out.append(
-            m["residual"] <= WELL_FORMED_MAX_RESIDUAL
-            and m["coverage"] >= WELL_FORMED_MIN_COVERAGE
-            and lo <= m["fill"] <= hi
-            and shape
-        )
-    return out
+    return read_scene(image)[1]
+
+
+def read_scene(image: Image.Image | np.ndarray) -> tuple[Scene, list[bool]]:
+    """``detect_scene`` and ``well_formed`` from one detection."""
+    found = _detect(image)
+    return Scene([o for o, _ in found]), [_is_well_formed(o, m) for o, m in found]
+
+
+def _is_well_formed(o: SceneObject, m: dict[str, float]) -> bool:
+    lo, hi = WELL_FORMED_FILL[o.shape]
+    if o.shape == "triangle":
+        shape = m["skew"] < 2 * TRIANGLE_MAX_SKEW
+    else:
+        ratio_ok = m["diagonal"] >= 1.28 if o.shape == "square" else m["diagonal"] <= 1.15
+        shape = abs(m["skew"]) < 0.15 and ratio_ok
+    return (
+        m["residual"] <= WELL_FORMED_MAX_RESIDUAL
+        and m["coverage"] >= WELL_FORMED_MIN_COVERAGE
+        and lo <= m["fill"] <= hi
+        and shape
+    )
 
 
 def judge_caption_strict(text: str, scene: Scene, reference: dict[str, Any]) -> bool:

@@ -36,10 +36,10 @@ from transfusion.data.shapes import COLORS, KINDS, SHAPES, Scene, ShapesDataset,
 from transfusion.evaluation import metrics as M
 from transfusion.evaluation.common import prepare
 from transfusion.evaluation.scenes import (
-    detect_scene,
     judge_caption,
     judge_caption_strict,
     judge_image,
+    read_scene,
     well_formed,
 )
 from transfusion.evaluation.text import text_scores
@@ -166,10 +166,9 @@ def composition(
     images = decode_latents(vae, latents)
     rows = []
     for p, im in zip(prompts, images):
-        found = detect_scene(im)
+        found, form = read_scene(im)
         rows.append({"prompt": p.text, "kind": p.meta["kind"], "correct": judge_image(found, p.meta["spec"]),
-                     "blank": not found.objects, "found": len(found.objects),
-                     "well_formed": sum(well_formed(im))})  # fmt: skip
+                     "blank": not found.objects, "found": len(found.objects), "well_formed": sum(form)})  # fmt: skip
     scores = M.composition_scores([(r["kind"], r["correct"]) for r in rows])
     scores.update(blank_rates(rows))
     scores["well_formed"] = well_formed_share(rows)

@@ -185,3 +185,44 @@ def test_a_tiny_experiment_writes_results_and_its_page_then_resumes(tmp_path):
         cli.main(["experiment", "noise-limit", "--resume", "--out", str(out)]) == 0
     )  # nothing trained again
     assert (out / "points" / "limit-500-b1-s0" / "point.json").stat().st_mtime == stamp
+
+
+def test_the_interval_reading_draws_again_with_guidance_only_below_max_t(monkeypatch, tmp_path):
+    """Diffusion arms: images drawn again with guidance_max_t set, read as <metric>_interval; VQ-code
+    arms have no timesteps, so their first reading is copied."""
+    from types import SimpleNamespace
+
+    from transfusion.evaluation import shapes
+    from transfusion.experiments import runner
+
+    seen = []
+
+    def composition(dec, vae, n, gen, size, seed):
+        seen.append((gen.guidance_max_t, gen.cfg_scale, seed))
+        return {"overall": 0.5, "blank_rate": 0.1, "well_formed": 0.9}, [], ["pairs"]
+
+    monkeypatch.setattr(shapes, "composition", composition)
+    monkeypatch.setattr(
+        shapes,
+        "frechet",
+        lambda pairs, *a: {"fd_project_classifier": 7.0, "precision_project_classifier": 0.2},
+    )
+    settings = runner.Settings(1, 1, [1.0], 2, 4, [], 5)
+
+    class Dec:
+        def __init__(self, kind):
+            self.model = SimpleNamespace(cfg=SimpleNamespace(image_tokens=kind))
+
+        def settings(self, gen):
+            return gen
+
+    vae = SimpleNamespace(config=SimpleNamespace(image_size=32))
+    d = tmp_path / "points" / "p"
+    got = runner.interval_reading(700, Dec("continuous"), vae, 5.0, d, settings, {})
+    assert seen == [(700, 5.0, 100)]  # the main evaluation's prompts, its guidance weight
+    assert got == {"geneval_overall_interval": 0.5, "geneval_blank_rate_interval": 0.1,
+                   "geneval_well_formed_interval": 0.9, "fd_project_classifier_interval": 7.0,
+                   "precision_project_classifier_interval": 0.2}  # fmt: skip
+    first = {"geneval_overall": 0.3, "fd_project_classifier": 9.0, "caption_accuracy": 1.0}
+    got = runner.interval_reading(700, Dec("discrete"), vae, 5.0, d, settings, first)
+    assert got == {"geneval_overall_interval": 0.3, "fd_project_classifier_interval": 9.0} and len(seen) == 1

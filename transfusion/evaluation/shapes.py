@@ -148,8 +148,10 @@ def ladder_scores(extractor: nn.Module, n: int = 120, image_size: int = 32) -> d
     out = {}
     for rung, images in ladder.items():
         out[rung] = image_scores(extractor, paired, images, reference)
-        marks = [w for im in images for w in well_formed(im)]
-        out[rung]["well_formed"] = sum(marks) / len(marks) if marks else 0.0
+        marks = [well_formed(im) for im in images]
+        out[rung]["well_formed"] = well_formed_share(
+            [{"found": len(m), "well_formed": sum(m)} for m in marks]
+        )
     return out
 
 

@@ -284,13 +284,17 @@ def write_results(exp: Experiment, out: Path, plan: dict[str, Any]) -> dict[str,
 def _figure(exp: Experiment, out: Path, summary: dict[str, Any], metric: str) -> str:
     sweep = len(exp.cfg_scales) > 1
     xlabel, log_x = ("guidance weight", False) if sweep else ("training FLOPs", True)
-    data = series(exp, summary, metric)
-    png = plot_png(metric, xlabel, data, log_x)
+    return _plot(out, metric, metric, xlabel, series(exp, summary, metric), log_x)
+
+
+def _plot(out: Path, name: str, title: str, xlabel: str, data: list, log_x: bool) -> str:
+    """A plot for the page: PNG (also written to plots/NAME.png) with matplotlib, inline SVG without."""
+    png = plot_png(title, xlabel, data, log_x)
     if png is None:
-        return plot_svg(metric, xlabel, data, log_x)
+        return plot_svg(title, xlabel, data, log_x)
     (out / "plots").mkdir(exist_ok=True)
-    (out / "plots" / f"{metric}.png").write_bytes(png)
-    return f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' alt='{html.escape(metric)}'>"
+    (out / "plots" / f"{name}.png").write_bytes(png)
+    return f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' alt='{html.escape(title)}'>"
 
 
 def verdict_table(exp: Experiment, results: dict[str, Any]) -> str:
@@ -341,17 +345,8 @@ def parity_section(out: Path, summary: dict[str, Any], parity: dict[str, Any]) -
         parts.append(f"<h3>{html.escape(metric)}</h3><table>{head}{''.join(rows)}</table>")
         if pts:
             data = [("FLOP ratio", sorted(pts))]
-            png = plot_png(f"parity FLOP ratio, {metric}", "Transfusion training FLOPs", data, True)
-            if png is None:
-                parts.append(
-                    plot_svg(f"parity FLOP ratio, {metric}", "Transfusion training FLOPs", data, True)
-                )
-            else:
-                (out / "plots").mkdir(exist_ok=True)
-                (out / "plots" / f"parity_{metric}.png").write_bytes(png)
-                parts.append(
-                    f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' alt='parity'>"
-                )
+            title = f"parity FLOP ratio, {metric}"
+            parts.append(_plot(out, f"parity_{metric}", title, "Transfusion training FLOPs", data, True))
     return "".join(parts)
 
 

@@ -260,7 +260,7 @@ def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> d
     and FD at every other weight); held-out fortunes' bits per byte when text is mixed in; a grid of
     the first generated images."""
     from transfusion.checkpoint import load_for_inference
-    from transfusion.evaluation.shapes import composition, evaluate, frechet
+    from transfusion.evaluation.shapes import evaluate
     from transfusion.evaluation.text import text_scores
     from transfusion.generate import Decoder, GenerationConfig
 
@@ -285,10 +285,7 @@ def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> d
         if f"{scale:g}" in by_cfg:
             continue
         gen = dec.settings(GenerationConfig(steps=settings.sample_steps, cfg_scale=scale))
-        comp, _, pairs = composition(dec, vae, settings.prompts_per_kind, gen, vae.config.image_size, 100)
-        extra = {f"geneval_{k}": v for k, v in comp.items()}
-        extra.update(frechet(pairs, vae.config.image_size, None, d.parent.parent / "shared"))
-        by_cfg[f"{scale:g}"] = extra
+        by_cfg[f"{scale:g}"] = image_reading(dec, vae, gen, d, settings)
     if exp.interval_reading is not None:
         metrics.update(interval_reading(exp.interval_reading, dec, vae, main, d, settings, metrics))
     return {**metrics, "by_cfg": by_cfg}
@@ -304,16 +301,24 @@ def interval_reading(
     """Composition and FD of images drawn again with guidance only at t <= ``max_t`` (the demo's
     guidance interval), as ``<metric>_interval``. A model of VQ codes has no timesteps: its reading
     is the first one."""
-    from transfusion.evaluation.shapes import composition, frechet
     from transfusion.generate import GenerationConfig
 
     if dec.model.cfg.image_tokens == "discrete":
         return {f"{m}_interval": first[m] for m in INTERVAL_METRICS if m in first}
     gen = dec.settings(GenerationConfig(steps=settings.sample_steps, cfg_scale=scale, guidance_max_t=max_t))
+    read = image_reading(dec, vae, gen, d, settings)
+    return {f"{m}_interval": read[m] for m in INTERVAL_METRICS if m in read}
+
+
+def image_reading(dec: Any, vae: Any, gen: Any, d: Path, settings: Settings) -> dict[str, Any]:
+    """Composition (``geneval_*``) and FD with precision and recall of the images ``gen`` draws for the
+    evaluation's prompts (the same prompts as the main evaluation: seed 100)."""
+    from transfusion.evaluation.shapes import composition, frechet
+
     comp, _, pairs = composition(dec, vae, settings.prompts_per_kind, gen, vae.config.image_size, 100)
     read = {f"geneval_{k}": v for k, v in comp.items()}
     read.update(frechet(pairs, vae.config.image_size, None, d.parent.parent / "shared"))
-    return {f"{m}_interval": read[m] for m in INTERVAL_METRICS if m in read}
+    return read
 
 
 def save_grid(images: list, path: Path, cell: int = 64) -> None:

@@ -1,24 +1,15 @@
 """benchmarks/demo_spread.py: finished runs are read back, not rerun, and the table is their spread."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "demo_spread.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("demo_spread", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def test_spread_of_finished_runs(tmp_path, monkeypatch, capsys):
-    spread = load()
+    spread = load_benchmark("demo_spread")
     scores = {0: (0.9, 0.0), 1: (0.5, 0.25), 2: (0.7, 0.5)}
     for seed, (overall, blank) in scores.items():
         d = tmp_path / f"seed-{seed}"

@@ -1,10 +1,8 @@
 """`transfusion plan`: parameter counts against Llama-2-7B and the model itself, the activation formula
 against the bytes autograd really saves, the whole plan against a measured peak, and bad input."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,15 +21,9 @@ from transfusion.training.plan import (
     shard_numel,
 )
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "plan_check.py"
+from helpers import load_benchmark
+
 LLAMA2_7B = 6_738_415_616  # 32,000 tokens, 32 layers of width 4096, SwiGLU 11,008, untied head
-
-
-def load_check():
-    spec = importlib.util.spec_from_file_location("plan_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def plan_config(name: str = "7B", **train) -> Config:
@@ -125,7 +117,7 @@ def test_block_formula_is_what_autograd_saves(mode, dtype, kv_heads):
 
 @pytest.mark.parametrize("checkpointing", ["none", "full"])
 def test_plan_is_within_20_percent_of_a_measured_training_step(checkpointing):
-    check = load_check()
+    check = load_benchmark("plan_check")
     cfg = check.build_config("tiny", seq_len=256, rows=4, checkpointing=checkpointing, dtype="fp32")
     measured = check.measure_peak(cfg)["Total"]
     predicted = memory_plan(cfg, gpus=1)["bytes"]["total"]

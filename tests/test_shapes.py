@@ -254,3 +254,29 @@ def test_scene_helpers_round_trip():
     assert s.counts(with_color=False) == {(None, "circle"): 2, (None, "triangle"): 1}
     assert s.relation(0, 1) == "above" and s.relation(1, 0) == "below"
     assert s.relation(1, 2) == "to the left of" and s.relation(2, 1) == "to the right of"
+
+
+def test_descriptive_captions_restate_two_object_scenes_and_leave_the_rest_alone():
+    plain, rich, every = (
+        ShapesDataset(seed=3),
+        ShapesDataset(seed=3, descriptive=0.5),
+        ShapesDataset(seed=3, descriptive=1.0),
+    )
+    changed = 0
+    for i in range(600):
+        a, b, c = plain[i], rich[i], every[i]
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.meta["scene"] == b.meta["scene"]
+        if a.meta["kind"] not in ("two_objects", "color_attr"):
+            assert (a.text, a.meta) == (b.text, b.meta) == (c.text, c.meta)  # other kinds: the same stream
+            continue
+        assert c.meta["kind"] == "position"  # descriptive=1: every two-object scene states everything
+        scene = Scene.from_dict(c.meta["scene"])
+        assert judge_caption_strict(c.text, scene, c.meta["spec"]) and judge_image(detect_scene(c.image), c)
+        spec = c.meta["spec"]
+        assert all(o["color"] for o in spec["objects"]) and spec["relation"] == relation(*scene.objects)
+        changed += b.meta["kind"] == "position"
+        assert b.meta["kind"] in (a.meta["kind"], "position")
+    share = changed / sum(plain[i].meta["kind"] in ("two_objects", "color_attr") for i in range(600))
+    assert 0.35 < share < 0.65
+    with pytest.raises(ValueError):
+        ShapesDataset(descriptive=1.5)

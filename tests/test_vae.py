@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transfusion import cli
-from transfusion.autoencoders import load_vae
+from transfusion.autoencoders import load_vae, make_autoencoder
 from transfusion.config import DataConfig, VAEConfig
 from transfusion.data.shapes import ShapesDataset
 from transfusion.training.vae import load_images, train_vae
@@ -143,6 +143,35 @@ def test_train_vae_resume_equals_straight(tmp_path):
     assert a["psnr_val"] == b["psnr_val"]
     with pytest.raises(ValueError, match="resume"):
         train_vae(cfg, train, val, tmp_path / "c", resume=True, **kw)
+
+
+def test_grad_clip_caps_the_norm_it_records(tmp_path):
+    """The history records the gradient's norm before the cap; a cap above every norm changes nothing,
+    a cap below them changes the weights."""
+    ds = ShapesDataset(16, seed=0)
+    train = pil_to_tensor([ds[i].image for i in range(32)])
+    kw = {"steps": 3, "batch_size": 8, "progress": False, "lr": 3e-3}
+
+    def run(name, clip):
+        return train_vae(VAEConfig(image_size=16, base_channels=8), train, train[:4], tmp_path / name,
+                         grad_clip=clip, **kw)["vae"].state_dict()  # fmt: skip
+
+    free, loose, tight = run("free", None), run("loose", 1e9), run("tight", 1e-4)
+    assert all(torch.equal(free[k], loose[k]) for k in free)
+    assert not all(torch.equal(free[k], tight[k]) for k in free)
+    torch.manual_seed(0)
+    vae = make_autoencoder(VAEConfig(image_size=16, base_channels=8))
+    gen = torch.Generator().manual_seed(0)
+    vae.loss(train[torch.randint(0, len(train), (8,), generator=gen)], gen)[
+        0
+    ].backward()  # train_vae's step 0
+    first = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in vae.parameters() if p.grad is not None])
+    )
+    history = json.loads((tmp_path / "free" / "metrics.json").read_text())
+    assert history["first_grad_norm"] == pytest.approx(first.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="grad_clip must be > 0"):
+        run("negative", -1.0)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 20])

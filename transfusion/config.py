@@ -292,6 +292,12 @@ class DataConfig:
     """Probability that the text before an image is dropped, so CFG has an unconditional branch."""
     max_objects: int = 3
     """Objects per scene at most, for the built-in shapes source (1 to 3)."""
+    descriptive_captions: float = 0.0
+    """Shapes source: the share of two-object scenes whose caption states everything the scene holds,
+    every object's colour and their relation ("a red circle to the left of a blue square"), whatever
+    the caption kind the scene drew (two-object and colour-attribution captions leave the relation or
+    the colours out). Recaptioning with descriptive captions, as DALL-E 3 (Betker et al. 2023). 0: the
+    GenEval kinds in equal shares."""
     length: int | None = None
     """Distinct scenes the shapes source cycles through (None: a million); a finite pool is what
     ``latent_cache`` encodes once. Pairing, conditioning dropout and noise still differ every pass."""
@@ -324,7 +330,13 @@ class DataConfig:
             raise ValueError(
                 f"data.num_workers must be >= 0 and data.prefetch >= 1, got {self.num_workers}, {self.prefetch}"
             )
-        for name in ("caption_first_prob", "text_only_ratio", "image_only_ratio", "cond_dropout"):
+        for name in (
+            "caption_first_prob",
+            "text_only_ratio",
+            "image_only_ratio",
+            "cond_dropout",
+            "descriptive_captions",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {value}")

@@ -45,6 +45,10 @@ def add_autoencoder_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument(
         "--lr", type=float, default=2e-3, help="peak learning rate: warm-up, then cosine decay (default 2e-3)"
     )
+    p.add_argument(
+        "--grad-clip", type=float, default=1.0,
+        help="cap on the gradient's global norm, 0 for none (default 1.0: only spikes reach it)",
+    )  # fmt: skip
     p.add_argument("--train-images", type=int, default=4096, help="training images to draw from the source")
     p.add_argument("--val-images", type=int, default=256, help="held-out images for the PSNR")
     p.add_argument("--seed", type=int, default=0)
@@ -86,6 +90,7 @@ def run_autoencoder(args: argparse.Namespace, kind: str) -> int:
     result = train_vae(
         cfg, train, val, out, args.steps, args.batch_size, args.lr, args.seed,
         ckpt_every=args.ckpt_every, resume=args.resume, progress=not args.no_progress,
+        grad_clip=args.grad_clip or None,
     )  # fmt: skip
     if kind == "kl":
         what = f"latent scale {result['scale']:.4f}"

@@ -200,10 +200,16 @@ class ShapesDataset:
     """Map-style: item i is the same for a given (seed, i), whatever the order or process.
 
     ``ds[i]`` is a ``Record`` with the rendered image, its caption and ``meta = {"scene": ..., "spec":
-    ..., "kind": ...}``."""
+    ..., "kind": ...}``. ``descriptive``: the share of two-object scenes captioned with everything they
+    hold, colours and relation (the position template), whatever caption kind they drew."""
 
     def __init__(
-        self, image_size: int = 32, seed: int = 0, max_objects: int = MAX_OBJECTS, length: int | None = None
+        self,
+        image_size: int = 32,
+        seed: int = 0,
+        max_objects: int = MAX_OBJECTS,
+        length: int | None = None,
+        descriptive: float = 0.0,
     ):
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"shape scenes need image_size >= {MIN_IMAGE_SIZE}, got {image_size}")
@@ -211,7 +217,14 @@ class ShapesDataset:
             raise ValueError(f"max_objects must be 1, 2 or 3, got {max_objects}")
         if length is not None and length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
-        self.image_size, self.seed, self.max_objects = image_size, seed, max_objects
+        if not 0.0 <= descriptive <= 1.0:
+            raise ValueError(f"descriptive must be within [0, 1], got {descriptive}")
+        self.image_size, self.seed, self.max_objects, self.descriptive = (
+            image_size,
+            seed,
+            max_objects,
+            descriptive,
+        )
         self.length = DEFAULT_LENGTH if length is None else length
 
     def __len__(self) -> int:
@@ -222,6 +235,13 @@ class ShapesDataset:
             raise IndexError(i)
         rng = random.Random(f"shapes-{self.seed}-{i}")
         scene, spec, text = random_item(rng, self.max_objects)
+        if (
+            self.descriptive
+            and spec["kind"] in ("two_objects", "color_attr")
+            and rng.random() < self.descriptive
+        ):
+            spec = _spec_for(scene, "position")  # the same scene, its caption stating colours and relation
+            text = caption_for(spec, rng)
         return Record(
             render(scene, self.image_size),
             text,
@@ -229,7 +249,8 @@ class ShapesDataset:
         )
 
     def describe(self) -> str:
-        return f"shapes(size={self.image_size}, seed={self.seed}, max_objects={self.max_objects})"
+        more = f", descriptive={self.descriptive}" if self.descriptive else ""
+        return f"shapes(size={self.image_size}, seed={self.seed}, max_objects={self.max_objects}{more})"
 
 
 def eval_prompts(n_per_kind: int, seed: int = 12345, image_size: int = 32) -> list[Record]:

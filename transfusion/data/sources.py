@@ -143,7 +143,7 @@ class ShapesSource:
         from transfusion.data.shapes import ShapesDataset
 
         seed = cfg.seed if split == "train" else cfg.seed + 1_000_003  # held-out scenes never overlap
-        self.ds = ShapesDataset(cfg.image_size, seed, cfg.max_objects, cfg.length)
+        self.ds = ShapesDataset(cfg.image_size, seed, cfg.max_objects, cfg.length, cfg.descriptive_captions)
         self.skipped: Counter[str] = Counter()
 
     def __len__(self) -> int:

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 EXPERIMENT_MODEL = [
+    "diffusion.objective=ddpm",  # the paper's epsilon objective (the demo trains a flow model)
     "model.dim=128",
     "model.n_layers=3",
     "model.n_heads=4",

@@ -27,7 +27,7 @@ import torch
 from transfusion.config import Config
 from transfusion.experiments.definitions import EXPERIMENT_MODEL, Arm, Experiment
 from transfusion.io import atomic_write_text
-from transfusion.recipe import POOL, TOKENIZER_VOCAB, VAE_LR, demo_config, note
+from transfusion.recipe import POOL, TOKENIZER_VOCAB, VAE_GRAD_CLIP, VAE_LR, demo_config, note
 
 FORTUNES = "/usr/share/games/fortunes"
 """Debian's ``fortunes`` package: the text corpus of the experiments that score text."""
@@ -124,7 +124,15 @@ def prepare_shared(exp: Experiment, shared: Path, settings: Settings, vae_steps:
         if not (directory / "vae.json").is_file():
             cfg = VAEConfig(kind=kind, image_size=32, downsample=4, latent_channels=8, base_channels=16)
             note(f"shared: {'VQ tokenizer' if kind == 'vq' else 'KL-VAE'}, {vae_steps} steps")
-            result = train_vae(cfg, images["train"], images["val"], directory, steps=vae_steps, lr=VAE_LR)
+            result = train_vae(
+                cfg,
+                images["train"],
+                images["val"],
+                directory,
+                steps=vae_steps,
+                lr=VAE_LR,
+                grad_clip=VAE_GRAD_CLIP,
+            )
             note(f"        held-out PSNR {result['psnr_val']:.1f} dB")
         vae = load_vae(directory)
         for seed in range(settings.seeds):

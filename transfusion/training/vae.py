@@ -54,15 +54,19 @@ def train_vae(
     ckpt_every: int = 200,
     resume: bool = False,
     stop_after: int | None = None,
+    grad_clip: float | None = None,
 ) -> dict[str, Any]:
     """Train, compute (scale, shift) from the training images, save, and report held-out PSNR.
 
     The learning rate warms up over 5% of the steps, then decays (cosine) to 5% of ``lr``. Every
     ``ckpt_every`` steps the training state (weights, optimizer, sampling generator, loss history) is
     written atomically to ``out_dir/train_state``; ``resume`` continues from it and gives the same
-    result as an uninterrupted run. ``stop_after`` ends early, as an interruption would."""
+    result as an uninterrupted run. ``stop_after`` ends early, as an interruption would. ``grad_clip``
+    caps the gradient's global norm (None: no cap); the history records the norm before the cap."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip must be > 0 (or None for no cap), got {grad_clip}")
     out = output_directory(out_dir)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -80,11 +84,12 @@ def train_vae(
         loss, mse, kl = vae.loss(train_images[idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), grad_clip if grad_clip else float("inf"))
         opt.step()
         if step % 10 == 0 or step == steps - 1:
             p = 10 * torch.log10(4.0 / mse.detach().clamp(min=1e-12)).item()
             bar.set_postfix(mse=f"{mse.item():.4f}", aux=f"{kl.item():.3f}", psnr=f"{p:.1f}")
-            history.append({"step": step, "mse": mse.item(), "aux": kl.item()})
+            history.append({"step": step, "mse": mse.item(), "aux": kl.item(), "grad_norm": norm.item()})
         done = step + 1
         if done % ckpt_every == 0 or (stop_after is not None and done >= stop_after):
             _save_state(out / "train_state", vae, opt, gen, done, history)
@@ -119,6 +124,8 @@ def _finish(
         **extra,
         "first_mse": history[0]["mse"] if history else None,
         "last_mse": history[-1]["mse"] if history else None,
+        "first_grad_norm": history[0].get("grad_norm") if history else None,
+        "max_grad_norm": max((h.get("grad_norm", 0.0) for h in history), default=None),
     }
     save_vae(vae, out)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))

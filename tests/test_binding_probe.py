@@ -1,0 +1,61 @@
+"""benchmarks/binding_probe.py: the wrong captions are the right ones, and its per-scene denoising errors
+are the training loss's (their mean is ``training_loss``'s image loss on the same noise)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from transfusion import diffusion
+from transfusion.config import Config, DiffusionConfig, tiny
+from transfusion.losses import training_loss
+from transfusion.model import Transfusion
+from transfusion.sequence import Image, Sample, Specials, Text, pack, sample_length
+
+from helpers import TOK, latent, load_benchmark
+
+
+def test_variants_flip_the_relation_and_swap_the_colours():
+    probe = load_benchmark("binding_probe")
+    spec = {
+        "kind": "position",
+        "objects": [{"shape": "circle", "color": "red", "size": None, "count": 1},
+                    {"shape": "square", "color": "blue", "size": None, "count": 1}],
+        "relation": "above",
+    }  # fmt: skip
+    assert probe.variants(spec) == {
+        "true": "a red circle above a blue square",
+        "flipped": "a red circle below a blue square",
+        "swapped": "a blue circle above a red square",
+    }
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_errors_average_to_the_training_loss(objective):
+    probe = load_benchmark("binding_probe")
+    torch.manual_seed(0)
+    model_cfg = tiny()
+    model = Transfusion(model_cfg).eval()
+    with torch.no_grad():
+        for p in model.patcher.parameters():  # the output layer starts at zero: make predictions non-trivial
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, 0.05)
+    cfg = Config(model=model_cfg, diffusion=DiffusionConfig(objective=objective))
+    loaded = SimpleNamespace(model=model, config=cfg, tokenizer=TOK)
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.stack([latent(model_cfg, gen) for _ in range(3)])
+    captions = ["a red circle above a blue square", "a green triangle", "two purple squares"]
+    errors = probe.errors(loaded, latents, captions, t=600, seed=40)
+    assert errors.shape == (3,) and (errors > 0).all()
+    samples = [Sample([Text(TOK.encode(c)), Image(z, t=600, seed=40 + i)], eos=False)
+               for i, (z, c) in enumerate(zip(latents, captions))]  # fmt: skip
+    n = model_cfg.patches_per_image
+    batch = pack(samples, max(sample_length(s, n) for s in samples), Specials.of(TOK), n, one_per_row=True)
+    with torch.no_grad():
+        reference = training_loss(
+            model, batch, diffusion.NoiseSchedule.from_config(cfg.diffusion), cfg.diffusion
+        )
+    assert errors.mean().item() == pytest.approx(reference.image.item(), rel=1e-5)
+    # a different caption changes the error of that scene only
+    other = probe.errors(loaded, latents, ["a red circle below a blue square", *captions[1:]], t=600, seed=40)
+    assert other[0] != errors[0] and torch.allclose(other[1:], errors[1:])

@@ -26,7 +26,7 @@ import torch
 from transfusion import diffusion
 from transfusion.checkpoint import load_for_inference
 from transfusion.data.shapes import _spec_for, caption_for, random_item, render
-from transfusion.losses import draw_noise
+from transfusion.losses import noised, per_image_mse
 from transfusion.sequence import Image, Sample, Specials, Text, pack, sample_length
 from transfusion.vae import encode_images
 
@@ -53,11 +53,8 @@ def errors(loaded, latents: torch.Tensor, captions: list[str], t: int, seed: int
     ]
     n = cfg.model.patches_per_image
     batch = pack(samples, max(sample_length(s, n) for s in samples), Specials.of(tok), n, one_per_row=True)
-    gen = torch.Generator().manual_seed(seed)
-    ts, noise = draw_noise(batch, cfg.diffusion, gen)
-    x_t, target = diffusion.training_target(cfg.diffusion.objective, batch.latents, noise, ts, schedule)
-    out = loaded.model(batch.replace(latents=x_t, timesteps=ts))
-    return (out.image_pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    batch, target = noised(batch, schedule, cfg.diffusion)  # every image seeded: no generator needed
+    return per_image_mse(loaded.model(batch).image_pred, target)
 
 
 def main() -> None:

@@ -49,12 +49,16 @@ def text_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return nll / n.clamp(min=1)
 
 
+def per_image_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error of each image over (C, H, W): (N,)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
 def image_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error per image (over C, H, W), then averaged over images; 0 without images."""
     if pred.shape[0] == 0:
         return pred.sum() * 0.0
-    per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (N,)
-    return per_image.mean()
+    return per_image_mse(pred, target).mean()
 
 
 def combine(text: Tensor, image: Tensor, loss_weight: float) -> Tensor:
@@ -82,6 +86,21 @@ def draw_noise(
     return torch.where(fixed >= 0, fixed, t), noise
 
 
+def noised(
+    batch: MixedBatch,
+    schedule: diffusion.NoiseSchedule,
+    cfg: DiffusionConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[MixedBatch, Tensor]:
+    """The batch with every image noised at its timestep (``draw_noise``), and the regression target
+    the model's image output is trained towards (noise or velocity, per ``cfg.objective``)."""
+    device = batch.latents.device
+    t, noise = draw_noise(batch, cfg, generator)
+    t, noise = t.to(device), noise.to(device=device, dtype=batch.latents.dtype)
+    x_t, target = diffusion.training_target(cfg.objective, batch.latents, noise, t, schedule)
+    return batch.replace(latents=x_t, timesteps=t), target
+
+
 def training_loss(
     model: nn.Module,
     batch: MixedBatch,
@@ -96,11 +115,7 @@ def training_loss(
     """
     N = batch.num_images
     if N:
-        device = batch.latents.device
-        t, noise = draw_noise(batch, cfg, generator)
-        t, noise = t.to(device), noise.to(device=device, dtype=batch.latents.dtype)
-        x_t, target = diffusion.training_target(cfg.objective, batch.latents, noise, t, schedule)
-        batch = batch.replace(latents=x_t, timesteps=t)
+        batch, target = noised(batch, schedule, cfg, generator)
     out = model(batch)
     lt = text_loss(out.logits, batch.text_targets)
     count = (batch.text_targets != IGNORE).sum()

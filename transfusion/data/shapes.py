@@ -219,12 +219,8 @@ class ShapesDataset:
             raise ValueError(f"length must be >= 0, got {length}")
         if not 0.0 <= descriptive <= 1.0:
             raise ValueError(f"descriptive must be within [0, 1], got {descriptive}")
-        self.image_size, self.seed, self.max_objects, self.descriptive = (
-            image_size,
-            seed,
-            max_objects,
-            descriptive,
-        )
+        self.image_size, self.seed, self.max_objects = image_size, seed, max_objects
+        self.descriptive = descriptive
         self.length = DEFAULT_LENGTH if length is None else length
 
     def __len__(self) -> int:

@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -51,9 +53,7 @@ def torchrun(tmp_path: Path, cfg: Config) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "transfusion", "train", "--config", str(cfg_file), "--out", str(out), "--vae", "random",
            "--no-progress"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ranks(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, out)
     return out
 
 
@@ -67,10 +67,70 @@ def launch(procs: int, cfg_file: Path, out: Path, *flags: str) -> subprocess.Com
         str(out),
         *flags,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    return ranks(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}, out)
+
+
+SIGNAL_DEATH = re.compile(
+    r"exitcode\s*:\s*-(?:6|11)\b"
+)  # SIGABRT / SIGSEGV, as torchrun reports a rank's end
+
+
+def ranks(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (torchrun, or one process, writing into ``out``) and require success.
+
+    Every rank runs with Python's fault handler on, so a rank killed inside native code prints where
+    its threads were, and a failure shows the ranks' own output without torchrun's summary. A run in
+    which a rank died of a signal is run once more, from ``out`` as it was before, its output going to
+    the warnings summary: in CI a 4-rank gloo resume once ended with "terminate called without an
+    active exception" in one rank, which 20 reruns here under load did not repeat. A Python error, a
+    wrong result or a second native death still fails."""
+    env = {**env, "PYTHONFAULTHANDLER": "1"}
+    before = out.with_name(out.name + ".before")
+    if out.exists():
+        shutil.copytree(out, before)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if r.returncode != 0 and SIGNAL_DEATH.search(r.stderr):
+        warnings.warn(
+            f"a rank died of a signal; running once more. Its output:\n{ranks_output(r.stderr)}", stacklevel=2
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        if before.exists():
+            shutil.copytree(before, out)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    shutil.rmtree(before, ignore_errors=True)
+    assert r.returncode == 0, ranks_output(r.stderr)
     return r
+
+
+def ranks_output(stderr: str) -> str:
+    """The ranks' own lines of a failed run: torchrun's closing traceback and per-rank table (which
+    say only that a rank failed) cut off, then the last 6,000 characters."""
+    cut = stderr.rfind("Traceback (most recent call last):")
+    if cut > 0 and "ChildFailedError" in stderr[cut:]:
+        stderr = stderr[:cut]
+    return stderr[-6000:]
+
+
+def test_a_rank_that_died_of_a_signal_is_run_once_more_from_the_same_start(tmp_path):
+    """The retry above: a signal death (as torchrun reports it) reruns once, from ``out`` as it was;
+    a plain failure does not rerun and fails with the ranks' own lines."""
+    out, tries = tmp_path / "out", tmp_path / "tries"
+    out.mkdir()
+    (out / "kept").write_text("start")
+    script = (
+        "import pathlib, sys; out, tries = map(pathlib.Path, sys.argv[1:3]); "
+        "n = int(tries.read_text()) + 1 if tries.exists() else 1; tries.write_text(str(n)); "
+        "assert (out / 'kept').read_text() == 'start' and not (out / 'half').exists(); "
+        "(out / 'half').write_text('x'); "
+        "sys.exit(0) if n > 1 else (print('rank 3 (pid: 1) exitcode  : -6 (SIGABRT)', file=sys.stderr), sys.exit(1))"
+    )
+    with pytest.warns(UserWarning, match="died of a signal"):
+        ranks([sys.executable, "-c", script, str(out), str(tries)], dict(os.environ), out)
+    assert tries.read_text() == "2" and not out.with_name("out.before").exists()
+    tries.unlink()
+    fail = "import sys; print('ValueError: bad', file=sys.stderr); sys.exit(1)"
+    with pytest.raises(AssertionError, match="ValueError: bad"):
+        ranks([sys.executable, "-c", fail], dict(os.environ), out)
 
 
 def losses(out: Path) -> list[tuple[int, float, float]]:

@@ -176,6 +176,34 @@ def test_sample_timesteps_range_limit_uniformity_determinism():
     assert D.sample_timesteps(0, T).shape == (0,)
 
 
+def test_timestep_shift_follows_its_distribution_and_one_is_the_uniform_draw():
+    """P(t / T >= x) under shift k is 1 - F(x) with F the inverse of u -> k u / (1 + (k - 1) u):
+    F(x) = x / (k - (k - 1) x). Shift 1 draws bit for bit what the unshifted draw does; the noise
+    limit still bounds the rows it limits."""
+    n, k = 200_000, 3.0
+    limited = torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.3
+    plain = D.sample_timesteps(n, DiffusionConfig(), torch.Generator().manual_seed(1), limited=limited)
+    one = D.sample_timesteps(
+        n, DiffusionConfig(timestep_shift=1.0), torch.Generator().manual_seed(1), limited=limited
+    )
+    assert torch.equal(one, plain)
+    cfg = DiffusionConfig(timestep_shift=k)
+    t = D.sample_timesteps(n, cfg, torch.Generator().manual_seed(1), limited=limited)
+    assert t[limited].max() <= 500 and t.min() >= 0 and t.max() <= 999
+    free = t[~limited].double()
+    for x in (0.1, 0.3, 0.5, 0.7, 0.9):
+        want = 1 - x / (k - (k - 1) * x)  # P(t >= x T), t integer: t >= x T <=> u' >= x
+        assert abs((free >= x * T).double().mean().item() - want) < 0.006, x
+    assert (free >= 0.7 * T).double().mean() > 0.55  # the config's docstring: 56% at t >= 700
+    # the same shift through the keyword, with T as an int
+    assert torch.equal(D.sample_timesteps(50, T, torch.Generator().manual_seed(2), shift=k),
+                       D.sample_timesteps(50, cfg, torch.Generator().manual_seed(2)))  # fmt: skip
+    with pytest.raises(ValueError, match="timestep_shift must be > 0"):
+        DiffusionConfig(timestep_shift=0.0)
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        D.sample_timesteps(4, T, shift=-1.0)
+
+
 def test_sample_timesteps_errors():
     with pytest.raises(ValueError, match="max_t"):
         D.sample_timesteps(4, T, max_t=T)

@@ -180,6 +180,11 @@ class DiffusionConfig:
     """'ddpm' (epsilon prediction, the paper's) or 'flow' (rectified flow, velocity prediction)."""
     noise_limit: int = 500
     """Largest timestep for images placed before their caption (PAPER.md: t <= 500)."""
+    timestep_shift: float = 1.0
+    """Training timesteps are drawn as ``shift u / (1 + (shift - 1) u)`` of the range for u uniform
+    (the timestep shift of Esser et al. 2024, SD3): 1 is the paper's uniform draw, above 1 puts more of
+    training at the noisiest steps (3: t >= 700 for 56% of the images instead of 30%). Sampling is
+    unchanged."""
     loss_weight: float = 5.0
     """lambda in LM + lambda * diffusion (PAPER.md: 5)."""
     sampler: str = "ddpm"
@@ -210,6 +215,8 @@ class DiffusionConfig:
             )
         if self.loss_weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
+        if not self.timestep_shift > 0:
+            raise ValueError(f"timestep_shift must be > 0 (1: uniform timesteps), got {self.timestep_shift}")
         if self.guidance_max_t is not None and not 0 <= self.guidance_max_t < self.num_train_timesteps:
             raise ValueError(
                 f"guidance_max_t must be in 0..{self.num_train_timesteps - 1} (or null: guide every step), "

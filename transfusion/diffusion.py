@@ -232,8 +232,11 @@ def sample_timesteps(
     *,
     limited: Tensor | None = None,
     noise_limit: int | None = None,
+    shift: float | None = None,
 ) -> Tensor:
     """n timesteps, each uniform over the integers 0..max_t (inclusive); a LongTensor (n,) on the CPU.
+    With ``shift`` (default: the config's ``timestep_shift`` when a ``DiffusionConfig`` is passed, else
+    1) the uniform draw u becomes ``shift u / (1 + (shift - 1) u)`` first: above 1, more large t.
 
     ``timesteps`` gives T (an int, a schedule or a config). ``max_t`` (an int or a per-sample (n,)
     tensor) defaults to T - 1. The paper's noise limit: rows where the boolean (n,) ``limited`` is True
@@ -243,6 +246,7 @@ def sample_timesteps(
     if isinstance(timesteps, DiffusionConfig):
         T = timesteps.num_train_timesteps
         noise_limit = timesteps.noise_limit if noise_limit is None else noise_limit
+        shift = timesteps.timestep_shift if shift is None else shift
     elif isinstance(timesteps, NoiseSchedule):
         T = timesteps.num_timesteps
     else:
@@ -264,6 +268,10 @@ def sample_timesteps(
             raise ValueError(f"noise_limit must be >= 0, got {noise_limit}")
         hi = torch.where(limited, hi.clamp(max=min(noise_limit, T - 1)), hi)
     u = torch.rand(n, generator=generator, dtype=torch.float64)
+    if shift is not None and shift != 1:
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        u = shift * u / (1 + (shift - 1) * u)
     return torch.minimum((u * (hi + 1).double()).long(), hi)
 
 

@@ -70,9 +70,8 @@ def launch(procs: int, cfg_file: Path, out: Path, *flags: str) -> subprocess.Com
     return ranks(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}, out)
 
 
-SIGNAL_DEATH = re.compile(
-    r"exitcode\s*:\s*-(?:6|11)\b"
-)  # SIGABRT / SIGSEGV, as torchrun reports a rank's end
+# a rank ended by SIGABRT or SIGSEGV, as torchrun's per-rank table reports it
+SIGNAL_DEATH = re.compile(r"exitcode\s*:\s*-(?:6|11)\b")
 
 
 def ranks(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.CompletedProcess:

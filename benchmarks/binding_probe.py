@@ -9,6 +9,12 @@ denoises better with the true caption than with the flipped one; a model that bi
 does better with the true caption than with the swapped one. Reported per t: how often the true caption
 wins (0.5 is chance) and the mean error gap (wrong minus true; > 0 favours the truth).
 
+A second table asks whether the model knows *where* each patch is, which a relation needs: a linear
+probe (ridge regression, fitted on half the scenes, scored on the other half) reads each patch's row
+and column from the hidden states at the patch positions, after the patcher and after every block.
+RoPE alone gives attention relative positions only, so 0.5 there would mean that no absolute place
+reaches the values a caption token reads; 1.0 means the place is in the vectors.
+
     python benchmarks/binding_probe.py RUN_OR_CHECKPOINT [--scenes 60] [--timesteps 100,300,500,700,850]
 
 Prints a table and writes ``binding_probe.json`` next to the checkpoint (or to ``--out``).
@@ -30,6 +36,9 @@ from transfusion.losses import noised, per_image_mse
 from transfusion.sequence import Image, Sample, Specials, Text, pack, sample_length
 from transfusion.vae import encode_images
 
+WHERE_SCENES = 300
+"""Scenes of the position readout (a probe over the width's 256 features wants more rows than the
+relation table's 60 scenes give: 150 scenes x 4 patches to fit it)."""
 OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
             "below": "above"}  # fmt: skip
 
@@ -42,19 +51,76 @@ def variants(spec: dict) -> dict[str, str]:
     return {"true": caption_for(spec), "flipped": caption_for(flipped), "swapped": caption_for(swapped)}
 
 
-@torch.no_grad()
-def errors(loaded, latents: torch.Tensor, captions: list[str], t: int, seed: int) -> torch.Tensor:
-    """Per-scene denoising MSE (the training objective's target) at timestep t, noise seeded per scene."""
+def noised_batch(loaded, latents: torch.Tensor, captions: list[str], t: int, seed: int):
+    """One row per scene, caption then its latent noised at timestep t (noise seeded per scene), and the
+    training objective's target."""
     cfg, tok = loaded.config, loaded.tokenizer
-    schedule = diffusion.NoiseSchedule.from_config(cfg.diffusion)
     samples = [
         Sample([Text(tok.encode(c)), Image(z, t=t, seed=seed + i)], eos=False)
         for i, (z, c) in enumerate(zip(latents, captions))
     ]
     n = cfg.model.patches_per_image
     batch = pack(samples, max(sample_length(s, n) for s in samples), Specials.of(tok), n, one_per_row=True)
-    batch, target = noised(batch, schedule, cfg.diffusion)  # every image seeded: no generator needed
+    schedule = diffusion.NoiseSchedule.from_config(cfg.diffusion)
+    return noised(batch, schedule, cfg.diffusion)  # every image seeded: no generator needed
+
+
+@torch.no_grad()
+def errors(loaded, latents: torch.Tensor, captions: list[str], t: int, seed: int) -> torch.Tensor:
+    """Per-scene denoising MSE (the training objective's target) at timestep t."""
+    batch, target = noised_batch(loaded, latents, captions, t, seed)
     return per_image_mse(loaded.model(batch).image_pred, target)
+
+
+def linear_readout(features: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-2) -> float:
+    """Accuracy of a ridge-regression probe for a binary label, fitted on the first half of the rows
+    and scored on the second (rows are grouped by scene, so no scene is in both halves)."""
+    X = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
+    y = labels.double() * 2 - 1
+    half = len(X) // 2
+    A = X[:half].T @ X[:half] + ridge * torch.eye(X.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(A, X[:half].T @ y[:half])
+    return ((X[half:] @ w > 0) == (y[half:] > 0)).double().mean().item()
+
+
+@torch.no_grad()
+def hidden_at_patches(
+    loaded, latents: torch.Tensor, caption: str, t: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Hidden states (N * n, D) at the patch positions of N scenes noised at t after one caption: after
+    the patcher ("patches") and after every block ("block K"), patches in raster order per scene."""
+    model = loaded.model
+    batch, _ = noised_batch(loaded, latents, [caption] * len(latents), t, seed)
+    out: dict[str, torch.Tensor] = {}
+    x, _ = model.embed(batch.ids, batch.patch_mask, batch.latents, batch.timesteps)
+    out["patches"] = x[batch.patch_mask]
+    hooks = [
+        block.register_forward_hook(
+            lambda m, i, o, k=k: out.__setitem__(f"block {k}", o[0][batch.patch_mask])
+        )
+        for k, block in enumerate(model.layers)
+    ]
+    try:
+        model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def where_rows(loaded, latents: torch.Tensor, timesteps: list[int], seed: int) -> list[dict]:
+    """Per t and layer: how well a linear probe reads each patch's row and column."""
+    side = loaded.config.model.patches_per_side
+    k = torch.arange(side * side).repeat(len(latents))
+    rows = []
+    for t in timesteps:
+        for layer, h in hidden_at_patches(loaded, latents, "a red circle", t, seed).items():
+            row = (k // side) >= side // 2  # top half against bottom half (0 / 1 on a 2 x 2 grid)
+            col = (k % side) >= side // 2
+            rows.append(
+                {"t": t, "layer": layer, "row": linear_readout(h, row), "column": linear_readout(h, col)}
+            )
+    return rows
 
 
 def main() -> None:
@@ -95,9 +161,25 @@ def main() -> None:
     for r in rows:
         print(f"| {r['t']} | {r['mse_true']:.4f} | {r['true_beats_flipped']:.2f} | {r['gap_flipped_relative']:+.2%} "
               f"| {r['true_beats_swapped']:.2f} | {r['gap_swapped_relative']:+.2%} |")  # fmt: skip
+    where_rng = random.Random(args.seed + 1)
+    scenes = [random_item(where_rng)[0] for _ in range(WHERE_SCENES)]  # any kind: 1-3 objects, empty cells
+    where_latents = encode_images(vae, [render(s, loaded.config.vae.image_size) for s in scenes])
+    where = where_rows(loaded, where_latents, [int(x) for x in args.timesteps.split(",")], args.seed)
+    layers = list(dict.fromkeys(r["layer"] for r in where))
+    print("\nwhere each patch is: a linear probe's accuracy reading its row / column (0.5 = not there)")
+    print("| t | " + " | ".join(layers) + " |")
+    print("| --- |" + " --- |" * len(layers))
+    for t in dict.fromkeys(r["t"] for r in where):
+        mine = {r["layer"]: r for r in where if r["t"] == t}
+        print(
+            f"| {t} | " + " | ".join(f"{mine[k]['row']:.2f} / {mine[k]['column']:.2f}" for k in layers) + " |"
+        )
     out = Path(args.out) if args.out else loaded.path / "binding_probe.json"
     out.write_text(
-        json.dumps({"checkpoint": str(args.checkpoint), "scenes": args.scenes, "rows": rows}, indent=2)
+        json.dumps(
+            {"checkpoint": str(args.checkpoint), "scenes": args.scenes, "rows": rows, "where": where},
+            indent=2,
+        )
     )
     print(f"wrote {out}")
 

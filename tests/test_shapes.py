@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import ImageFilter
 
+from transfusion.config import Config, DataConfig
 from transfusion.data.base import Record
 from transfusion.data.shapes import (
     COLORS,
@@ -280,3 +281,40 @@ def test_descriptive_captions_restate_two_object_scenes_and_leave_the_rest_alone
     assert 0.35 < share < 0.65
     with pytest.raises(ValueError):
         ShapesDataset(descriptive=1.5)
+
+
+def test_position_share_draws_that_share_of_position_scenes_and_none_is_the_plain_stream():
+    plain, unset, half = (
+        ShapesDataset(seed=4),
+        ShapesDataset(seed=4, position_share=None),
+        ShapesDataset(seed=4, position_share=0.5),
+    )
+    kinds = Counter(half[i].meta["kind"] for i in range(1200))
+    assert 0.45 < kinds["position"] / 1200 < 0.55
+    assert all(0.06 < kinds[k] / 1200 < 0.14 for k in KINDS if k != "position")  # the rest in equal shares
+    for i in range(200):
+        a, b = plain[i], unset[i]
+        assert (a.text, a.meta) == (b.text, b.meta) and np.array_equal(
+            np.asarray(a.image), np.asarray(b.image)
+        )
+    for i in range(200):  # a position item states both colours and a relation that holds in its image
+        c = half[i]
+        if c.meta["kind"] == "position":
+            scene = Scene.from_dict(c.meta["scene"])
+            assert c.meta["spec"]["relation"] == relation(*scene.objects)
+            assert judge_caption_strict(c.text, scene, c.meta["spec"]) and judge_image(
+                detect_scene(c.image), c
+            )
+    assert ShapesDataset(seed=4, position_share=1.0)[7].meta["kind"] == "position"
+    assert {ShapesDataset(seed=4, position_share=0.0)[i].meta["kind"] for i in range(300)} == set(KINDS) - {
+        "position"
+    }
+    assert (
+        "position_share=0.5" in half.describe() and "position_share" not in plain.describe()
+    )  # latent caches differ
+    for bad in ({"position_share": 1.5}, {"position_share": -0.1}, {"position_share": 0.3, "max_objects": 1}):
+        with pytest.raises(ValueError, match="position_share"):
+            ShapesDataset(**bad)
+    with pytest.raises(ValueError, match="position_share"):
+        DataConfig(position_share=2.0)
+    assert Config().override(["data.position_share=0.5"]).data.position_share == 0.5

@@ -305,6 +305,10 @@ class DataConfig:
     the caption kind the scene drew (two-object and colour-attribution captions leave the relation or
     the colours out). Recaptioning with descriptive captions, as DALL-E 3 (Betker et al. 2023). 0: the
     GenEval kinds in equal shares."""
+    position_share: float | None = None
+    """Shapes source: the share of scenes drawn as position scenes (two objects, captioned with both
+    colours and their relation), the other five kinds sharing the rest equally. None: all six kinds in
+    equal shares (1/6 each)."""
     length: int | None = None
     """Distinct scenes the shapes source cycles through (None: a million); a finite pool is what
     ``latent_cache`` encodes once. Pairing, conditioning dropout and noise still differ every pass."""
@@ -355,6 +359,10 @@ class DataConfig:
             raise ValueError(f"length must be >= 1 (or null for the default), got {self.length}")
         if not 1 <= self.max_objects <= 3:
             raise ValueError(f"max_objects must be 1, 2 or 3, got {self.max_objects}")
+        if self.position_share is not None and not 0.0 <= self.position_share <= 1.0:
+            raise ValueError(
+                f"position_share must be within [0, 1] (or null: equal shares), got {self.position_share}"
+            )
 
 
 @dataclass

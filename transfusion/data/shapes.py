@@ -201,7 +201,10 @@ class ShapesDataset:
 
     ``ds[i]`` is a ``Record`` with the rendered image, its caption and ``meta = {"scene": ..., "spec":
     ..., "kind": ...}``. ``descriptive``: the share of two-object scenes captioned with everything they
-    hold, colours and relation (the position template), whatever caption kind they drew."""
+    hold, colours and relation (the position template), whatever caption kind they drew.
+    ``position_share``: the share of items drawn as position scenes (two objects captioned with their
+    colours and relation), the other kinds sharing the rest equally; None: every kind 1/6, the stream
+    of the plain dataset item for item."""
 
     def __init__(
         self,
@@ -210,6 +213,7 @@ class ShapesDataset:
         max_objects: int = MAX_OBJECTS,
         length: int | None = None,
         descriptive: float = 0.0,
+        position_share: float | None = None,
     ):
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"shape scenes need image_size >= {MIN_IMAGE_SIZE}, got {image_size}")
@@ -219,8 +223,14 @@ class ShapesDataset:
             raise ValueError(f"length must be >= 0, got {length}")
         if not 0.0 <= descriptive <= 1.0:
             raise ValueError(f"descriptive must be within [0, 1], got {descriptive}")
+        if position_share is not None and not 0.0 <= position_share <= 1.0:
+            raise ValueError(f"position_share must be within [0, 1], got {position_share}")
+        if position_share and max_objects < 2:
+            raise ValueError(
+                f"position scenes hold two objects: position_share needs max_objects >= 2, got {max_objects}"
+            )
         self.image_size, self.seed, self.max_objects = image_size, seed, max_objects
-        self.descriptive = descriptive
+        self.descriptive, self.position_share = descriptive, position_share
         self.length = DEFAULT_LENGTH if length is None else length
 
     def __len__(self) -> int:
@@ -230,7 +240,15 @@ class ShapesDataset:
         if not 0 <= i < self.length:
             raise IndexError(i)
         rng = random.Random(f"shapes-{self.seed}-{i}")
-        scene, spec, text = random_item(rng, self.max_objects)
+        kind = None
+        if self.position_share is not None:
+            others = [
+                k
+                for k in KINDS
+                if k != "position" and (self.max_objects >= 2 or k in ("single_object", "colors"))
+            ]
+            kind = "position" if rng.random() < self.position_share else rng.choice(others)
+        scene, spec, text = random_item(rng, self.max_objects, kind)
         if (
             self.descriptive
             and spec["kind"] in ("two_objects", "color_attr")
@@ -246,6 +264,7 @@ class ShapesDataset:
 
     def describe(self) -> str:
         more = f", descriptive={self.descriptive}" if self.descriptive else ""
+        more += f", position_share={self.position_share}" if self.position_share is not None else ""
         return f"shapes(size={self.image_size}, seed={self.seed}, max_objects={self.max_objects}{more})"
 
 

@@ -143,7 +143,9 @@ class ShapesSource:
         from transfusion.data.shapes import ShapesDataset
 
         seed = cfg.seed if split == "train" else cfg.seed + 1_000_003  # held-out scenes never overlap
-        self.ds = ShapesDataset(cfg.image_size, seed, cfg.max_objects, cfg.length, cfg.descriptive_captions)
+        self.ds = ShapesDataset(
+            cfg.image_size, seed, cfg.max_objects, cfg.length, cfg.descriptive_captions, cfg.position_share
+        )
         self.skipped: Counter[str] = Counter()
 
     def __len__(self) -> int:

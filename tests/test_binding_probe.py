@@ -15,6 +15,22 @@ from transfusion.sequence import Image, Sample, Specials, Text, pack, sample_len
 from helpers import TOK, latent, load_benchmark
 
 
+def untrained(objective: str, seed: int):
+    """A tiny untrained model as the probe loads one (its image output layer made non-zero, so that its
+    predictions depend on the input), and three latents."""
+    torch.manual_seed(0)
+    model_cfg = tiny()
+    model = Transfusion(model_cfg).eval()
+    with torch.no_grad():
+        for p in model.patcher.parameters():  # the output layer starts at zero
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, 0.05)
+    cfg = Config(model=model_cfg, diffusion=DiffusionConfig(objective=objective))
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.stack([latent(model_cfg, gen) for _ in range(3)])
+    return SimpleNamespace(model=model, config=cfg, tokenizer=TOK), latents
+
+
 def test_variants_flip_the_relation_and_swap_the_colours():
     probe = load_benchmark("binding_probe")
     spec = {
@@ -33,17 +49,8 @@ def test_variants_flip_the_relation_and_swap_the_colours():
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 def test_errors_average_to_the_training_loss(objective):
     probe = load_benchmark("binding_probe")
-    torch.manual_seed(0)
-    model_cfg = tiny()
-    model = Transfusion(model_cfg).eval()
-    with torch.no_grad():
-        for p in model.patcher.parameters():  # the output layer starts at zero: make predictions non-trivial
-            if p.dim() > 1 and not p.any():
-                p.normal_(0.0, 0.05)
-    cfg = Config(model=model_cfg, diffusion=DiffusionConfig(objective=objective))
-    loaded = SimpleNamespace(model=model, config=cfg, tokenizer=TOK)
-    gen = torch.Generator().manual_seed(1)
-    latents = torch.stack([latent(model_cfg, gen) for _ in range(3)])
+    loaded, latents = untrained(objective, seed=1)
+    model, cfg, model_cfg = loaded.model, loaded.config, loaded.config.model
     captions = ["a red circle above a blue square", "a green triangle", "two purple squares"]
     errors = probe.errors(loaded, latents, captions, t=600, seed=40)
     assert errors.shape == (3,) and (errors > 0).all()
@@ -75,17 +82,8 @@ def test_hidden_states_at_patches_are_the_models_own():
     """The patcher's vectors are ``embed``'s at the patch positions of the same noised batch, and the last
     block's, normed and decoded by the patcher, are the model's image prediction (a second path)."""
     probe = load_benchmark("binding_probe")
-    torch.manual_seed(0)
-    model_cfg = tiny()
-    model = Transfusion(model_cfg).eval()
-    with torch.no_grad():
-        for p in model.patcher.parameters():  # the output layer starts at zero: make predictions non-trivial
-            if p.dim() > 1 and not p.any():
-                p.normal_(0.0, 0.05)
-    cfg = Config(model=model_cfg, diffusion=DiffusionConfig(objective="flow"))
-    loaded = SimpleNamespace(model=model, config=cfg, tokenizer=TOK)
-    gen = torch.Generator().manual_seed(2)
-    latents = torch.stack([latent(model_cfg, gen) for _ in range(3)])
+    loaded, latents = untrained("flow", seed=2)
+    model, model_cfg = loaded.model, loaded.config.model
     out = probe.hidden_at_patches(loaded, latents, "a red circle", t=500, seed=9)
     assert list(out) == ["patches", *(f"block {k}" for k in range(model_cfg.n_layers))]
     n = model_cfg.patches_per_image

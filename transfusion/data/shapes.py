@@ -130,12 +130,16 @@ def _cells(rng: random.Random, n: int) -> list[tuple[float, float]]:
     return [(cx + jx, cy + jy) for (cx, cy), (jx, jy) in zip(cells, jitter)]
 
 
+def kinds_for(max_objects: int) -> list[str]:
+    """The prompt kinds a scene of at most ``max_objects`` objects can be drawn as."""
+    return [k for k in KINDS if max_objects >= 2 or k in ("single_object", "colors")]
+
+
 def random_item(
     rng: random.Random, max_objects: int = MAX_OBJECTS, kind: str | None = None
 ) -> tuple[Scene, dict[str, Any], str]:
     """A scene, its prompt spec and its caption, all from ``rng``."""
-    kinds = [k for k in KINDS if max_objects >= 2 or k in ("single_object", "colors")]
-    kind = kind or rng.choice(kinds)
+    kind = kind or rng.choice(kinds_for(max_objects))
     size = rng.choice(list(SIZES))
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     if kind in ("single_object", "colors"):
@@ -242,11 +246,7 @@ class ShapesDataset:
         rng = random.Random(f"shapes-{self.seed}-{i}")
         kind = None
         if self.position_share is not None:
-            others = [
-                k
-                for k in KINDS
-                if k != "position" and (self.max_objects >= 2 or k in ("single_object", "colors"))
-            ]
+            others = [k for k in kinds_for(self.max_objects) if k != "position"]
             kind = "position" if rng.random() < self.position_share else rng.choice(others)
         scene, spec, text = random_item(rng, self.max_objects, kind)
         if (

@@ -92,9 +92,10 @@ def hidden_at_patches(
     model = loaded.model
     batch, _ = noised_batch(loaded, latents, [caption] * len(latents), t, seed)
     out: dict[str, torch.Tensor] = {}
-    x, _ = model.embed(batch.ids, batch.patch_mask, batch.latents, batch.timesteps)
-    out["patches"] = x[batch.patch_mask]
-    hooks = [
+    first = model.layers[0].register_forward_pre_hook(  # the first block's input: the embedded sequence
+        lambda m, args: out.__setitem__("patches", args[0][batch.patch_mask])
+    )
+    hooks = [first] + [
         block.register_forward_hook(
             lambda m, i, o, k=k: out.__setitem__(f"block {k}", o[0][batch.patch_mask])
         )
@@ -112,11 +113,11 @@ def where_rows(loaded, latents: torch.Tensor, timesteps: list[int], seed: int) -
     """Per t and layer: how well a linear probe reads each patch's row and column."""
     side = loaded.config.model.patches_per_side
     k = torch.arange(side * side).repeat(len(latents))
+    row = (k // side) >= side // 2  # top half against bottom half (0 / 1 on a 2 x 2 grid)
+    col = (k % side) >= side // 2
     rows = []
     for t in timesteps:
         for layer, h in hidden_at_patches(loaded, latents, "a red circle", t, seed).items():
-            row = (k // side) >= side // 2  # top half against bottom half (0 / 1 on a 2 x 2 grid)
-            col = (k % side) >= side // 2
             rows.append(
                 {"t": t, "layer": layer, "row": linear_readout(h, row), "column": linear_readout(h, col)}
             )

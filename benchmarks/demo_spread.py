@@ -17,8 +17,9 @@ from pathlib import Path
 HEADLINE = (
     "train_steps", "vae_psnr_val", "geneval_blank_rate", "geneval_blank_rate_single_object",
     "geneval_single_object", "geneval_two_objects", "geneval_counting", "geneval_colors", "geneval_position",
-    "geneval_color_attr", "geneval_overall",
-    "caption_accuracy", "caption_accuracy_strict", "caption_cider_d", "fd_project_classifier",
+    "geneval_color_attr", "geneval_overall", "geneval_position_objects", "geneval_position_axis",
+    "geneval_position_order", "caption_accuracy", "caption_accuracy_strict", "caption_relation_order",
+    "caption_cider_d", "fd_project_classifier",
     "precision_project_classifier", "recall_project_classifier", "geneval_well_formed",
     "fashion_generation_accuracy", "fashion_caption_accuracy", "fashion_classifier_test_accuracy", "minutes",
 )  # fmt: skip

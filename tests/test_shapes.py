@@ -27,7 +27,9 @@ from transfusion.evaluation.scenes import (
     judge_caption,
     judge_caption_strict,
     judge_image,
+    order_share,
     parse_caption,
+    relation_outcome,
 )
 
 
@@ -225,6 +227,60 @@ def test_judge_caption():
     assert judge_caption_strict("a circle and a square", scene, plain)
 
 
+def test_relation_outcome_splits_position_failures_and_right_is_what_the_judge_accepts():
+    left = SceneObject("circle", "red", "large", 0.25, 0.25)
+    right = SceneObject("square", "blue", "small", 0.75, 0.25)
+    below = SceneObject("square", "blue", "small", 0.25, 0.75)
+    ask = parse_caption("a red circle to the left of a blue square")
+    assert relation_outcome(Scene([left, right]), ask) == "right"
+    assert relation_outcome(Scene([right, left]), ask) == "right"  # the order of detection does not matter
+    assert (
+        relation_outcome(Scene([left, right]), parse_caption("a blue square to the left of a red circle"))
+        == "flipped"
+    )
+    assert (
+        relation_outcome(Scene([left, right]), parse_caption("a red circle to the right of a blue square"))
+        == "flipped"
+    )
+    assert relation_outcome(Scene([left, below]), ask) == "other axis"
+    assert relation_outcome(Scene([left]), ask) == "objects wrong"
+    assert relation_outcome(Scene([left, right, below]), ask) == "objects wrong"
+    assert (
+        relation_outcome(Scene([left, SceneObject("square", "green", "small", 0.75, 0.25)]), ask)
+        == "objects wrong"
+    )
+    assert (
+        relation_outcome(Scene([left, right]), parse_caption("two red circles above a blue square"))
+        == "objects wrong"
+    )
+    assert relation_outcome(Scene([left, right]), parse_caption("a red circle and a blue square")) is None
+    # on every held-out position prompt's own scene, and on it with the two objects swapped or moved to the
+    # other axis: "right" exactly when the judge accepts the image, and the other outcomes as built
+    rng = random.Random(0)
+    for p in [p for p in eval_prompts(40) if p.meta["kind"] == "position"]:
+        a, b = Scene.from_dict(p.meta["scene"]).objects
+        swapped = Scene([SceneObject(**{**vars(a), "cx": b.cx, "cy": b.cy}), SceneObject(**{**vars(b), "cx": a.cx, "cy": a.cy})])  # fmt: skip
+        turned = Scene(
+            [a, SceneObject(**{**vars(b), "cx": a.cx + (b.cy - a.cy), "cy": a.cy + (b.cx - a.cx)})]
+        )
+        for scene, want in ((Scene([a, b]), "right"), (swapped, "flipped"), (turned, "other axis")):
+            assert relation_outcome(scene, p) == want
+            assert judge_image(scene, p) == (want == "right")
+        drop = Scene([rng.choice([a, b])])
+        assert relation_outcome(drop, p) == "objects wrong" and not judge_image(drop, p)
+    assert order_share(["right", "flipped", "right", "other axis", "objects wrong", None]) == 2 / 3
+    assert order_share(["other axis", None]) is None
+    from transfusion.evaluation.shapes import relation_scores
+
+    got = relation_scores(["right", "flipped", "right", "other axis", "objects wrong", None, None])
+    assert got == {"position_order": 2 / 3, "position_axis": 3 / 4, "position_objects": 4 / 5}
+    assert relation_scores([None]) == {
+        "position_order": None,
+        "position_axis": None,
+        "position_objects": None,
+    }
+
+
 def test_kinds_cover_all_six_and_eval_prompts_are_held_out():
     ds = ShapesDataset(seed=0)
     kinds = Counter(ds[i].meta["kind"] for i in range(600))
@@ -318,3 +374,37 @@ def test_position_share_draws_that_share_of_position_scenes_and_none_is_the_plai
     with pytest.raises(ValueError, match="position_share"):
         DataConfig(position_share=2.0)
     assert Config().override(["data.position_share=0.5"]).data.position_share == 0.5
+
+
+def test_canonical_relations_name_the_upper_or_left_object_first_of_the_same_image():
+    plain, half, every = (
+        ShapesDataset(seed=5, position_share=1.0, canonical_relations=c) for c in (0.0, 0.5, 1.0)
+    )
+    flipped = 0
+    for i in range(400):
+        a, b, c = plain[i], half[i], every[i]
+        assert a.meta["scene"] == b.meta["scene"] == c.meta["scene"]  # the image never changes
+        assert np.array_equal(np.asarray(a.image), np.asarray(c.image))
+        scene = Scene.from_dict(c.meta["scene"])
+        assert c.meta["spec"]["relation"] in ("above", "to the left of")
+        assert judge_image(detect_scene(c.image), c) and judge_caption_strict(c.text, scene, a.meta["spec"])
+        assert parse_caption(c.text)["relation"] == c.meta["spec"]["relation"]
+        if a.meta["spec"]["relation"] in ("above", "to the left of"):
+            assert b.meta["spec"] == a.meta["spec"]  # already in reading order: the same statement
+        else:
+            flipped += b.meta["spec"]["relation"] != a.meta["spec"]["relation"]
+    assert (
+        0.35
+        < flipped / sum(plain[i].meta["spec"]["relation"] in ("below", "to the right of") for i in range(400))
+        < 0.65
+    )
+    other = ShapesDataset(seed=5, canonical_relations=1.0)  # captions without a relation are untouched
+    assert all(
+        other[i].text == ShapesDataset(seed=5)[i].text
+        for i in range(200)
+        if not other[i].meta["spec"]["relation"]
+    )
+    with pytest.raises(ValueError):
+        ShapesDataset(canonical_relations=1.5)
+    with pytest.raises(ValueError, match="canonical_relations"):
+        DataConfig(canonical_relations=-0.1)

@@ -309,6 +309,10 @@ class DataConfig:
     """Shapes source: the share of scenes drawn as position scenes (two objects, captioned with both
     colours and their relation), the other five kinds sharing the rest equally. None: all six kinds in
     equal shares (1/6 each)."""
+    canonical_relations: float = 0.0
+    """Shapes source: the share of captions stating a relation that name the upper or left object
+    first ("a blue square above a red circle" rather than the equivalent "a red circle below a blue
+    square"; the image is the same). 0: either wording, equally often."""
     length: int | None = None
     """Distinct scenes the shapes source cycles through (None: a million); a finite pool is what
     ``latent_cache`` encodes once. Pairing, conditioning dropout and noise still differ every pass."""
@@ -347,6 +351,7 @@ class DataConfig:
             "image_only_ratio",
             "cond_dropout",
             "descriptive_captions",
+            "canonical_relations",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

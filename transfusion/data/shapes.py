@@ -199,6 +199,15 @@ def caption_for(spec: dict[str, Any], rng: random.Random | None = None) -> str:
     return _phrase(objs[0], rng) + joiner + _phrase(objs[1], rng)
 
 
+def canonical(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same two-object relation stated with the upper or left object first ("a red circle below
+    a blue square" -> "a blue square above a red circle"): the words name the objects in reading order."""
+    flip = {"below": "above", "to the right of": "to the left of"}
+    if spec["relation"] not in flip:
+        return spec
+    return {**spec, "objects": spec["objects"][::-1], "relation": flip[spec["relation"]]}
+
+
 # --- the dataset -----------------------------------------------------------------------------------------
 class ShapesDataset:
     """Map-style: item i is the same for a given (seed, i), whatever the order or process.
@@ -218,6 +227,7 @@ class ShapesDataset:
         length: int | None = None,
         descriptive: float = 0.0,
         position_share: float | None = None,
+        canonical_relations: float = 0.0,
     ):
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"shape scenes need image_size >= {MIN_IMAGE_SIZE}, got {image_size}")
@@ -229,12 +239,15 @@ class ShapesDataset:
             raise ValueError(f"descriptive must be within [0, 1], got {descriptive}")
         if position_share is not None and not 0.0 <= position_share <= 1.0:
             raise ValueError(f"position_share must be within [0, 1], got {position_share}")
+        if not 0.0 <= canonical_relations <= 1.0:
+            raise ValueError(f"canonical_relations must be within [0, 1], got {canonical_relations}")
         if position_share and max_objects < 2:
             raise ValueError(
                 f"position scenes hold two objects: position_share needs max_objects >= 2, got {max_objects}"
             )
         self.image_size, self.seed, self.max_objects = image_size, seed, max_objects
         self.descriptive, self.position_share = descriptive, position_share
+        self.canonical_relations = canonical_relations
         self.length = DEFAULT_LENGTH if length is None else length
 
     def __len__(self) -> int:
@@ -256,6 +269,9 @@ class ShapesDataset:
         ):
             spec = _spec_for(scene, "position")  # the same scene, its caption stating colours and relation
             text = caption_for(spec, rng)
+        if self.canonical_relations and spec["relation"] and rng.random() < self.canonical_relations:
+            spec = canonical(spec)
+            text = caption_for(spec, rng)
         return Record(
             render(scene, self.image_size),
             text,
@@ -265,6 +281,7 @@ class ShapesDataset:
     def describe(self) -> str:
         more = f", descriptive={self.descriptive}" if self.descriptive else ""
         more += f", position_share={self.position_share}" if self.position_share is not None else ""
+        more += f", canonical_relations={self.canonical_relations}" if self.canonical_relations else ""
         return f"shapes(size={self.image_size}, seed={self.seed}, max_objects={self.max_objects}{more})"
 
 

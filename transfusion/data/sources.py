@@ -144,7 +144,13 @@ class ShapesSource:
 
         seed = cfg.seed if split == "train" else cfg.seed + 1_000_003  # held-out scenes never overlap
         self.ds = ShapesDataset(
-            cfg.image_size, seed, cfg.max_objects, cfg.length, cfg.descriptive_captions, cfg.position_share
+            cfg.image_size,
+            seed,
+            cfg.max_objects,
+            cfg.length,
+            cfg.descriptive_captions,
+            cfg.position_share,
+            cfg.canonical_relations,
         )
         self.skipped: Counter[str] = Counter()
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from PIL import Image
 
+from transfusion.data.shapes import KINDS
+
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.5em; max-width: 1100px; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
@@ -80,9 +82,15 @@ def _cells(items: list[tuple[Image.Image, str, bool | None]]) -> str:
     return "<div class='grid'>" + "".join(out) + "</div>"
 
 
+EXTRA = ("geneval_well_formed", "geneval_position_objects", "geneval_position_axis", "geneval_position_order",
+         "caption_accuracy", "caption_accuracy_strict", "caption_relation_order", "caption_cider_d",
+         "vae_psnr_val")  # fmt: skip
+"""Scores shown under the per-kind table (those a run has)."""
+
+
 def headline(metrics: dict[str, Any]) -> str:
     """Per-kind scores (composition, or Fashion-MNIST classes) and blank images, as a small table."""
-    kinds = [k.removeprefix("geneval_") for k in metrics if k.startswith("geneval_") and "blank" not in k]
+    kinds = [k for k in (*KINDS, "overall") if f"geneval_{k}" in metrics]
     if not kinds:
         keys = [k for k in ("fashion_generation_accuracy", "fashion_classifier_test_accuracy",
                             "fashion_caption_accuracy") if k in metrics]  # fmt: skip
@@ -95,8 +103,9 @@ def headline(metrics: dict[str, Any]) -> str:
         f"<td>{metrics.get(f'geneval_blank_rate_{k}', metrics['geneval_blank_rate'] if k == 'overall' else 0):.0%}</td>"
         for k in kinds
     )
-    extra = "".join(f"<tr><td>{k.replace('_', ' ')}</td><td colspan='{len(kinds)}'>{metrics[k]:.3g}</td></tr>"
-                    for k in ("caption_accuracy", "caption_cider_d", "vae_psnr_val") if k in metrics)  # fmt: skip
+    extra = "".join(f"<tr><td>{k.removeprefix('geneval_').replace('_', ' ')}</td>"
+                    f"<td colspan='{len(kinds)}'>{metrics[k]:.3g}</td></tr>"
+                    for k in EXTRA if isinstance(metrics.get(k), (int, float)))  # fmt: skip
     return (f"<table><tr><th></th>{head}</tr><tr><td>correct</td>{score}</tr>"
             f"<tr><td>blank images</td>{blank}</tr>{extra}</table>")  # fmt: skip
 

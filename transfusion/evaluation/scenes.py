@@ -2,6 +2,8 @@
 
 - ``judge_image(detect_scene(image), spec)``: does a generated image show what the prompt asked?
 - ``judge_caption(text, scene)``: does a generated caption describe the scene correctly?
+- ``relation_outcome(scene, spec)``: for a relation, right, flipped, on the other axis, or objects
+  wrong (``order_share`` of those: right over right and flipped, 0.5 when word order is ignored).
   ``judge_caption_strict(text, scene, reference)`` also wants every colour and the relation the
   reference caption states.
 - ``well_formed(image)``: is each object the detector finds read with confidence (colour, solidity,
@@ -146,6 +148,37 @@ def judge_image(detected: Scene, prompt: Record | dict[str, Any]) -> bool:
         if len(groups) == 2 and all(relation(a, b) == spec["relation"] for a in groups[0] for b in groups[1]):
             return True
     return False
+
+
+RELATION_OUTCOMES = ("right", "flipped", "other axis", "objects wrong")
+_AXIS = {"to the left of": "x", "to the right of": "x", "above": "y", "below": "y"}
+
+
+def relation_outcome(scene: Scene, prompt: Record | dict[str, Any]) -> str | None:
+    """How a scene stands to a prompt that states a relation between two objects: "right" (exactly
+    the prompt's two objects, the relation holding; what ``judge_image`` accepts), "flipped" (both on
+    the relation's axis, the wrong way round), "other axis", or "objects wrong" (not exactly the
+    prompt's two objects). None for a prompt without a relation. Position scores split this way
+    tell a model that ignores which object was named first (right and flipped equal) from one that
+    misses the axis or the objects."""
+    spec = _as_spec(prompt)
+    want = spec.get("relation")
+    if not want:
+        return None
+    first, second = spec["objects"]
+    if len(scene.objects) == 2 and first.get("count", 1) == second.get("count", 1) == 1:
+        for a, b in itertools.permutations(scene.objects):
+            if _matches(a, first) and _matches(b, second):
+                got = relation(a, b)
+                return "right" if got == want else "flipped" if _AXIS[got] == _AXIS[want] else "other axis"
+    return "objects wrong"
+
+
+def order_share(outcomes: list[str | None]) -> float | None:
+    """Of the outcomes with both objects on the relation's axis, the share the right way round (0.5:
+    which object was named first is ignored); None when there are none."""
+    on_axis = [o for o in outcomes if o in ("right", "flipped")]
+    return sum(o == "right" for o in on_axis) / len(on_axis) if on_axis else None
 
 
 def judge_caption(text: str, scene: Scene, require_colors: bool = False) -> bool:

@@ -2,10 +2,14 @@
 
 - **Composition (GenEval-style)**: images generated for held-out prompts of six kinds (single object,
   two objects, counting, colours, position, colour attribution), judged by the deterministic scene
-  detector of ``data/shapes.py``; per kind and overall (mean over kinds).
+  detector of ``data/shapes.py``; per kind and overall (mean over kinds). Position prompts are also
+  split by what went wrong (``relation_scores``): the objects, the axis, or which object was named
+  first (``position_order``: 0.5 when the order of the words is ignored).
 - **Captioning**: held-out images captioned greedily; attribute accuracy (objects, counts, stated
   colours and relations all right, judged against the scene), a strict accuracy (and every colour
-  and the relation the reference states are stated) and CIDEr-D against template references.
+  and the relation the reference states are stated), CIDEr-D against template references, and of
+  the captions that state a relation between the scene's two objects, the share the right way round
+  (``caption_relation_order``).
 - **Text**: bits per byte and per-token perplexity on held-out captions.
 - **FD**: Fréchet distance between generated and real images in the feature space of a small CNN the
   project trains on the scenes ("FD (project classifier features)"), or, when ``--fid-inception`` names a
@@ -39,7 +43,10 @@ from transfusion.evaluation.scenes import (
     judge_caption,
     judge_caption_strict,
     judge_image,
+    order_share,
+    parse_caption,
     read_scene,
+    relation_outcome,
     well_formed,
 )
 from transfusion.evaluation.text import text_scores
@@ -170,11 +177,28 @@ def composition(
     for p, im in zip(prompts, images):
         found, form = read_scene(im)
         rows.append({"prompt": p.text, "kind": p.meta["kind"], "correct": judge_image(found, p.meta["spec"]),
-                     "blank": not found.objects, "found": len(found.objects), "well_formed": sum(form)})  # fmt: skip
+                     "blank": not found.objects, "found": len(found.objects), "well_formed": sum(form),
+                     "relation": relation_outcome(found, p.meta["spec"])})  # fmt: skip
     scores = M.composition_scores([(r["kind"], r["correct"]) for r in rows])
     scores.update(blank_rates(rows))
     scores["well_formed"] = well_formed_share(rows)
+    scores.update(relation_scores([r["relation"] for r in rows]))
     return scores, rows, list(zip(prompts, images))
+
+
+def relation_scores(outcomes: list[str | None]) -> dict[str, float | None]:
+    """What position prompts got wrong (``relation_outcome`` of each; None for other prompts):
+    ``position_order``, of the images with both named objects on the relation's axis, the share with
+    the first-named object on the stated side (0.5: the order of the words is ignored; None without
+    such images); ``position_axis``, of the images with both objects, the share on the relation's
+    axis; ``position_objects``, the share of position images holding exactly the two named objects."""
+    rel = [o for o in outcomes if o is not None]
+    both = [o for o in rel if o != "objects wrong"]
+    return {
+        "position_order": order_share(rel),
+        "position_axis": sum(o != "other axis" for o in both) / len(both) if both else None,
+        "position_objects": len(both) / len(rel) if rel else None,
+    }
 
 
 def well_formed_share(rows: list[dict]) -> float:
@@ -206,12 +230,15 @@ def captioning(
         scene = Scene.from_dict(r.meta["scene"])
         rng = random.Random(f"refs-{seed}-{i}")
         refs.append(sorted({r.text} | {caption_for(r.meta["spec"], rng) for _ in range(4)}))
+        said = parse_caption(text)
         rows.append({"caption": text, "truth": r.text, "correct": judge_caption(text, scene),
-                     "strict": judge_caption_strict(text, scene, r.meta["spec"]), "image": r.image})  # fmt: skip
+                     "strict": judge_caption_strict(text, scene, r.meta["spec"]), "image": r.image,
+                     "relation": relation_outcome(scene, said) if said and len(said["objects"]) == 2 else None})  # fmt: skip
     scores = {
         "caption_accuracy": M.accuracy([row["correct"] for row in rows]),
         "caption_accuracy_strict": M.accuracy([row["strict"] for row in rows]),
         "caption_cider_d": M.cider_d([row["caption"] for row in rows], refs),
+        "caption_relation_order": order_share([row["relation"] for row in rows]),
     }
     return scores, rows
 

@@ -15,9 +15,21 @@ and column from the hidden states at the patch positions, after the patcher and 
 RoPE alone gives attention relative positions only, so 0.5 there would mean that no absolute place
 reaches the values a caption token reads; 1.0 means the place is in the vectors.
 
-    python benchmarks/binding_probe.py RUN_OR_CHECKPOINT [--scenes 60] [--timesteps 100,300,500,700,850]
+A third table asks where the model puts the object named first before anything is drawn: a blank
+latent noised at t (999 and 900 by default), captions with each of the four relations, and the share of
+the first-named colour in the top half (left half for left / right) of the clean image the prediction
+points to: near 1 for "above", near 0 for "below" when the relation word is read; the same for all four
+when only the order of the words is.
 
-Prints a table and writes ``binding_probe.json`` next to the checkpoint (or to ``--out``).
+A fourth table asks the captioner the same question from the other side: each scene's clean image
+first, then its caption up to the relation word ("a red circle", "a red circle to the"), teacher-forced.
+Does it prefer the right relation word to the opposite one, and does the caption's last token look at
+the patch of the object it has just named, or at both objects alike?
+
+    python benchmarks/binding_probe.py RUN_OR_CHECKPOINT [--scenes 60] [--timesteps 100,300,500,700,850]
+        [--placement-timesteps 999,900]
+
+Prints the tables and writes ``binding_probe.json`` next to the checkpoint (or to ``--out``).
 """
 
 from __future__ import annotations
@@ -27,14 +39,17 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from transfusion import diffusion
 from transfusion.checkpoint import load_for_inference
-from transfusion.data.shapes import _spec_for, caption_for, random_item, render
+from transfusion.data.shapes import COLORS, _spec_for, caption_for, random_item, render
+from transfusion.evaluation.scenes import MAX_COLOR_DISTANCE
+from transfusion.layers import apply_rope, routed
 from transfusion.losses import noised, per_image_mse
 from transfusion.sequence import Image, Sample, Specials, Text, pack, sample_length
-from transfusion.vae import encode_images
+from transfusion.vae import decode_latents, encode_images
 
 WHERE_SCENES = 300
 """Scenes of the position readout (a probe over the width's 256 features wants more rows than the
@@ -124,11 +139,133 @@ def where_rows(loaded, latents: torch.Tensor, timesteps: list[int], seed: int) -
     return rows
 
 
+def attention_weights(attn, args: tuple) -> torch.Tensor:
+    """The (B, H, L, L) attention weights of an ``Attention`` module called with ``args`` (x, cos, sin,
+    a dense mask, ...): what SDPA weighs the values with."""
+    x, cos, sin, mask = args[:4]
+    route = args[5] if len(args) > 5 else None
+    B, L, _ = x.shape
+    q = routed(attn.wq, x, route).view(B, L, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = routed(attn.wk, x, route).view(B, L, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / attn.head_dim**0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def cell_of(o, side: int) -> int:
+    """The raster index of the patch that holds an object's centre."""
+    return min(int(o.cy * side), side - 1) * side + min(int(o.cx * side), side - 1)
+
+
+@torch.no_grad()
+def captioner_rows(loaded, latents: torch.Tensor, scenes: list, specs: list[dict]) -> dict:
+    """The captioner, teacher-forced: each clean image first, then its caption up to the relation word
+    ("a red circle", or "a red circle to the" for left / right). Which relation word does it prefer
+    (against the opposite one), and where does the caption's last token look among the patches: the
+    named object's, the other object's, the empty ones (mean attention per layer and head)?"""
+    cfg, tok, model = loaded.config, loaded.tokenizer, loaded.model
+    n, side = cfg.model.patches_per_image, cfg.model.patches_per_side
+    opposite = {"above": "below", "below": "above", "left": "right", "right": "left"}
+    samples, choices = [], []
+    for z, spec in zip(latents, specs):
+        rel = spec["relation"]
+        horizontal = rel.startswith("to the")
+        prefix = caption_for({**spec, "objects": spec["objects"][:1], "relation": None})  # "a red circle"
+        prefix += " to the" if horizontal else ""
+        word = rel.split()[2] if horizontal else rel
+        a, b = tok.encode(" " + word), tok.encode(" " + opposite[word])
+        common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)  # a byte tokenizer shares the space
+        samples.append(Sample([Image(z, t=0), Text(tok.encode(prefix) + a[:common])], eos=False))
+        choices.append((word, a[common], b[common]))
+    batch = pack(samples, max(sample_length(s, n) for s in samples), Specials.of(tok), n, one_per_row=True)
+    weights: list[torch.Tensor] = []
+    hooks = [b.attn.register_forward_hook(lambda m, args, out: weights.append(attention_weights(m, args)))
+             for b in model.layers]  # fmt: skip
+    try:
+        logits = model(batch).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    last = [int(r.nonzero().max()) for r in batch.ids != Specials.of(tok).pad]  # each row's last token
+    right: dict[str, list[bool]] = {"above / below": [], "left / right": []}
+    picked: dict[str, int] = {w: 0 for w in opposite}
+    for i, (word, a, b) in enumerate(choices):
+        lp = logits[i, last[i]]
+        ok = bool(lp[a] > lp[b])
+        right["above / below" if word in ("above", "below") else "left / right"].append(ok)
+        picked[word if ok else opposite[word]] += 1
+    looks = []
+    for layer, wts in enumerate(weights):
+        for head in range(wts.shape[1]):
+            shares = []
+            for i, scene in enumerate(scenes):
+                at = wts[i, head, last[i], batch.patch_mask[i]]  # on the n patches, raster order
+                a, b = cell_of(scene.objects[0], side), cell_of(scene.objects[1], side)
+                shares.append((at[a].item(), at[b].item(), (at.sum() - at[a] - at[b]).item()))
+            named, other, empty = (sum(x) / len(shares) for x in zip(*shares))
+            looks.append({"layer": layer, "head": head, "named": named, "other": other, "empty": empty})
+    return {"relation_word_right": {k: [sum(v), len(v)] for k, v in right.items()}, "picked": picked,
+            "attention": looks}  # fmt: skip
+
+
+PLACEMENT_PAIRS = (("red", "circle", "blue", "square"), ("green", "triangle", "purple", "circle"),
+                   ("yellow", "square", "cyan", "triangle"), ("blue", "triangle", "red", "square"))  # fmt: skip
+
+
+def first_half_share(images: list, color: str, axis: str) -> float:
+    """Of the pixels (over all ``images``) within ``MAX_COLOR_DISTANCE`` of a palette colour, the share
+    in the top half (``axis`` "y") or the left half ("x")."""
+    mass = np.mean([np.linalg.norm(np.asarray(im, np.float32) - COLORS[color], axis=-1) < MAX_COLOR_DISTANCE
+                    for im in images], axis=0)  # fmt: skip
+    half = mass.shape[0] // 2
+    first = mass[:half].sum() if axis == "y" else mass[:, :half].sum()
+    return float(first / mass.sum()) if mass.sum() else 0.5
+
+
+@torch.no_grad()
+def placement_rows(loaded, vae, timesteps: list[int], seed: int, per_prompt: int = 32) -> list[dict]:
+    """Where the model puts the object named first before anything is drawn: for each relation, prompts
+    ("a red circle above a blue square", ...), a blank latent noised at t (``per_prompt`` noises each),
+    the clean image the prediction points to, decoded, and the share of the first-named colour's pixels
+    in the top half (left half for left / right). Reading the relation: near 1 for "above" and "to the
+    left of", near 0 for "below" and "to the right of"; the same for all four: the words' order is read
+    without the relation word; 0.5 for all four: neither."""
+    cfg, model = loaded.config, loaded.model
+    schedule = diffusion.NoiseSchedule.from_config(cfg.diffusion)
+    blank = torch.zeros(cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
+    rows = []
+    for t in timesteps:
+        row: dict = {"t": t}
+        for rel in ("above", "below", "to the left of", "to the right of"):
+            shares = []
+            for c1, s1, c2, s2 in PLACEMENT_PAIRS:
+                caption = f"a {c1} {s1} {rel} a {c2} {s2}"
+                batch, _ = noised_batch(
+                    loaded, blank.expand(per_prompt, -1, -1, -1), [caption] * per_prompt, t, seed
+                )
+                out = model(batch).image_pred
+                if cfg.diffusion.objective == "flow":
+                    x0 = batch.latents - (t + 1) / schedule.num_timesteps * out
+                else:
+                    ab = schedule.alpha_bar(t)
+                    x0 = (batch.latents - (1 - ab) ** 0.5 * out) / ab**0.5
+                shares.append(
+                    first_half_share(decode_latents(vae, x0), c1, "y" if rel in ("above", "below") else "x")
+                )
+            row[rel] = sum(shares) / len(shares)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint")
     ap.add_argument("--scenes", type=int, default=60, help="held-out two-object scenes (default 60)")
     ap.add_argument("--timesteps", default="100,300,500,700,850", help="comma-separated t (0..T-1)")
+    ap.add_argument(
+        "--placement-timesteps", default="999,900", help="t of the placement table (default 999,900)"
+    )
     ap.add_argument(
         "--seed", type=int, default=777, help="scenes and noise (default 777: not a training seed)"
     )
@@ -138,9 +275,9 @@ def main() -> None:
     if vae is None:
         raise SystemExit(f"{args.checkpoint} names no VAE; the probe needs one to encode the scenes")
     rng = random.Random(args.seed)
-    scenes = [random_item(rng, kind="position")[0] for _ in range(args.scenes)]
-    specs = [_spec_for(s, "position") for s in scenes]
-    latents = encode_images(vae, [render(s, loaded.config.vae.image_size) for s in scenes])
+    scenes_rel = [random_item(rng, kind="position")[0] for _ in range(args.scenes)]
+    specs = [_spec_for(s, "position") for s in scenes_rel]
+    latents = encode_images(vae, [render(s, loaded.config.vae.image_size) for s in scenes_rel])
     captions = [variants(s) for s in specs]
     rows = []
     for t in [int(x) for x in args.timesteps.split(",")]:
@@ -175,13 +312,33 @@ def main() -> None:
         print(
             f"| {t} | " + " | ".join(f"{mine[k]['row']:.2f} / {mine[k]['column']:.2f}" for k in layers) + " |"
         )
+    placed = placement_rows(loaded, vae, [int(x) for x in args.placement_timesteps.split(",")], args.seed)
+    print("\nwhere the object named first goes before anything is drawn: the share of its colour in the top "
+          "half of the predicted clean image (left half for left / right; 0.5: not read)")  # fmt: skip
+    print("| t | above | below | to the left of | to the right of |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in placed:
+        print(
+            f"| {r['t']} | {r['above']:.2f} | {r['below']:.2f} | {r['to the left of']:.2f} | {r['to the right of']:.2f} |"
+        )
+    reads = captioner_rows(loaded, latents, scenes_rel, specs)
+    print("\nthe captioner, teacher-forced (each image, then its caption up to the relation word): the "
+          "relation word it prefers to the opposite one is right in")  # fmt: skip
+    print(", ".join(f"{k}: {a} of {b}" for k, (a, b) in reads["relation_word_right"].items()),
+          "(it picked " + ", ".join(f"'{w}' {n} times" for w, n in reads["picked"].items()) + ")")  # fmt: skip
+    print("where its last token looks among the patches (mean attention):")
+    print("| layer | head | the named object's patch | the other object's patch | empty patches |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in reads["attention"]:
+        print(f"| {r['layer']} | {r['head']} | {r['named']:.2f} | {r['other']:.2f} | {r['empty']:.2f} |")
     out = Path(args.out) if args.out else loaded.path / "binding_probe.json"
     out.write_text(
         json.dumps(
-            {"checkpoint": str(args.checkpoint), "scenes": args.scenes, "rows": rows, "where": where},
+            {"checkpoint": str(args.checkpoint), "scenes": args.scenes, "rows": rows, "where": where,
+             "placement": placed, "captioner": reads},
             indent=2,
         )
-    )
+    )  # fmt: skip
     print(f"wrote {out}")
 
 

@@ -95,3 +95,83 @@ def test_hidden_states_at_patches_are_the_models_own():
         assert torch.allclose(model.patcher.decode(last, ctx), model(batch).image_pred, atol=1e-6)
     rows = probe.where_rows(loaded, latents, [500], seed=9)
     assert {r["layer"] for r in rows} == set(out) and all(0.0 <= r["row"] <= 1.0 for r in rows)
+
+
+def test_attention_weights_are_the_ones_the_model_uses_and_the_captioner_table_adds_up():
+    """Weights recomputed from an attention module's inputs, applied to its values, give its output (a
+    second path); the captioner's table covers every scene and every layer and head."""
+    probe = load_benchmark("binding_probe")
+    loaded, latents = untrained("flow", seed=3)
+    model = loaded.model
+    batch, _ = probe.noised_batch(loaded, latents, ["a red circle above a blue square"] * 3, t=300, seed=4)
+    seen = []
+
+    def check(m, args, out):
+        w = probe.attention_weights(m, args)
+        x = args[0]
+        B, L, _ = x.shape
+        v = m.wv(x).view(B, L, m.n_kv_heads, m.head_dim).transpose(1, 2)
+        v = v.repeat_interleave(m.n_heads // m.n_kv_heads, dim=1)
+        y = m.wo((w @ v).transpose(1, 2).reshape(B, L, -1))
+        seen.append(torch.allclose(y, out[0], atol=1e-5) and torch.allclose(w.sum(-1), torch.ones(())))
+
+    hooks = [b.attn.register_forward_hook(check) for b in model.layers]
+    with torch.no_grad():
+        model(batch)
+    for h in hooks:
+        h.remove()
+    assert seen == [True] * len(model.layers)
+    from transfusion.data.shapes import Scene, SceneObject, _spec_for
+
+    scenes = [
+        Scene([SceneObject("circle", "red", "small", 0.25, 0.25), SceneObject("square", "blue", "small", 0.25, 0.75)]),
+        Scene([SceneObject("circle", "red", "small", 0.75, 0.25), SceneObject("square", "blue", "small", 0.25, 0.25)]),
+        Scene([SceneObject("triangle", "cyan", "large", 0.25, 0.75), SceneObject("circle", "red", "small", 0.75, 0.75)]),
+    ]  # fmt: skip
+    assert [probe.cell_of(s.objects[0], 2) for s in scenes] == [0, 1, 2]
+    reads = probe.captioner_rows(loaded, latents, scenes, [_spec_for(s, "position") for s in scenes])
+    assert sum(n for _, n in reads["relation_word_right"].values()) == 3
+    assert reads["relation_word_right"]["above / below"][1] == 1
+    assert sum(reads["picked"].values()) == 3 and reads["picked"]["above"] + reads["picked"]["below"] == 1
+    layers, heads = model.cfg.n_layers, model.cfg.n_heads
+    assert len(reads["attention"]) == layers * heads
+    for r in reads["attention"]:
+        assert (
+            min(r["named"], r["other"], r["empty"]) >= 0 and r["named"] + r["other"] + r["empty"] <= 1 + 1e-6
+        )
+
+
+def test_first_half_share_reads_where_a_colour_is_and_placement_covers_every_relation():
+    from transfusion.data.shapes import Scene, SceneObject, render
+
+    probe = load_benchmark("binding_probe")
+    top = render(Scene([SceneObject("circle", "red", "large", 0.25, 0.25), SceneObject("square", "blue", "large", 0.25, 0.75)]))  # fmt: skip
+    bottom = render(Scene([SceneObject("circle", "red", "large", 0.75, 0.75), SceneObject("square", "blue", "large", 0.75, 0.25)]))  # fmt: skip
+    assert (
+        probe.first_half_share([top], "red", "y") == 1.0
+        and probe.first_half_share([bottom], "red", "y") == 0.0
+    )
+    assert probe.first_half_share([top, bottom], "red", "y") == 0.5  # the same mass in each half
+    assert (
+        probe.first_half_share([top], "red", "x") == 1.0
+        and probe.first_half_share([bottom], "blue", "x") == 0.0
+    )
+    assert probe.first_half_share([top], "green", "y") == 0.5  # no such colour: no side
+
+    class Identity(torch.nn.Module):  # a stand-in VAE: latents are 3-channel pixels in [-1, 1]
+        def __init__(self):
+            super().__init__()
+            self.where = torch.nn.Parameter(torch.zeros(()))  # decode_latents reads the device from it
+
+        def from_diffusion(self, z):
+            return z[:, :3]
+
+        def decode(self, x):
+            return x
+
+    loaded, _ = untrained("flow", seed=4)
+    rows = probe.placement_rows(loaded, Identity(), [999, 500], seed=1, per_prompt=2)
+    assert [r["t"] for r in rows] == [999, 500]
+    assert all(
+        0.0 <= r[k] <= 1.0 for r in rows for k in ("above", "below", "to the left of", "to the right of")
+    )

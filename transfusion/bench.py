@@ -25,6 +25,7 @@ import torch
 from transfusion.config import ModelConfig, preset
 from transfusion.flops import batch_train_flops
 from transfusion.model import Transfusion
+from transfusion.recipe import demo_model
 from transfusion.sequence import Image, MixedBatch, Sample, Specials, Text, pack, sample_length
 from transfusion.tokenizer import ByteTokenizer
 
@@ -32,6 +33,7 @@ CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": lambda: preset("tiny"),
     "small": lambda: preset("small"),
     "small-mot": lambda: preset("small", modality_weights="mot"),  # modality-specific weights
+    "demo": lambda: demo_model(),  # the demo's trunk: 3 layers of 256, U-Net patcher, 4 patches an image
     "w256": lambda: ModelConfig(dim=256, n_layers=4, n_heads=4, latent_size=8, patch_size=2),
     "w512": lambda: ModelConfig(dim=512, n_layers=4, n_heads=8, latent_size=8, patch_size=2),
     # the paper's sizes (Table 2), for GPUs: run with --seq-len 2048 (benchmarks/gpu.sh)

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import sys
 
-from transfusion.config import Config, DataConfig, DiffusionConfig, TrainConfig, VAEConfig, preset
+from transfusion.config import (
+    Config,
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    TrainConfig,
+    VAEConfig,
+    preset,
+)
 
 
 def note(message: str) -> None:
@@ -40,6 +48,12 @@ POOL = 20_000  # distinct training scenes of the shapes source, encoded once
 TOKENIZER_VOCAB = 512
 
 
+def demo_model() -> ModelConfig:
+    """The demo's trunk: the small preset's width (256) with 3 layers, the U-Net patcher with 4x4 patches
+    (4 per 8x8 latent) and 2D RoPE over patch rows and columns."""
+    return preset("small", patcher="unet", n_layers=3, patch_size=4, unet_channels=32, rope_2d=True)
+
+
 def demo_config(
     steps: int,
     seed: int,
@@ -54,7 +68,7 @@ def demo_config(
     from transfusion.tokenizer import load_tokenizer
 
     cfg = Config(
-        model=preset("small", patcher="unet", n_layers=3, patch_size=4, unet_channels=32, rope_2d=True),
+        model=demo_model(),
         diffusion=DiffusionConfig(
             objective="flow" if source == "shapes" else "ddpm", guidance_max_t=GUIDANCE_MAX_T if source == "shapes" else None
         ),

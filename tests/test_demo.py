@@ -162,3 +162,25 @@ def test_flow_objective_on_shape_scenes_only():
     paper = demo_config(10, 0, "shapes", overrides=["diffusion.objective=ddpm"]).diffusion
     assert (paper.objective, default_sampler(paper)) == ("ddpm", "ddpm")
     assert demo_config(10, 0, "shapes", overrides=EXPERIMENT_MODEL).diffusion.objective == "ddpm"
+
+
+def test_relation_captions_in_reading_order_half_the_time_on_shape_scenes_only():
+    """The demo names the upper or left object first in half the relation captions; Fashion-MNIST has
+    none, the experiments keep either wording, and one --set gives it back."""
+    from transfusion.data.sources import ShapesSource
+    from transfusion.experiments.definitions import EXPERIMENT_MODEL
+    from transfusion.recipe import CANONICAL_RELATIONS, demo_config
+
+    cfg = demo_config(10, 0, "shapes")
+    assert cfg.data.canonical_relations == CANONICAL_RELATIONS == 0.5
+    assert demo_config(10, 0, "fashion_mnist").data.canonical_relations == 0.0
+    assert demo_config(10, 0, "shapes", overrides=EXPERIMENT_MODEL).data.canonical_relations == 0.0
+    assert (
+        demo_config(10, 0, "shapes", overrides=["data.canonical_relations=0"]).data.canonical_relations == 0.0
+    )
+    cfg.data.length = None
+    ds = ShapesSource(cfg.data, "train").ds
+    rels = [ds[i].meta["spec"]["relation"] for i in range(1200)]
+    said = [r for r in rels if r]
+    upper_first = sum(r in ("above", "to the left of") for r in said) / len(said)
+    assert 0.68 < upper_first < 0.82  # half in reading order, the other half either way: 3 in 4

@@ -258,6 +258,45 @@ def placement_rows(loaded, vae, timesteps: list[int], seed: int, per_prompt: int
     return rows
 
 
+def relation_rows(
+    loaded, latents: torch.Tensor, specs: list[dict], timesteps: list[int], seed: int
+) -> list[dict]:
+    """Per t: how often the true caption denoises better than the relation flipped and than the colours
+    swapped, and the mean gaps (absolute and relative to the true caption's error)."""
+    captions = [variants(s) for s in specs]
+    rows = []
+    for t in timesteps:
+        err = {k: errors(loaded, latents, [c[k] for c in captions], t, seed) for k in captions[0]}
+        row = {"t": t}
+        for wrong in ("flipped", "swapped"):
+            gap = err[wrong] - err["true"]
+            row[f"true_beats_{wrong}"] = (gap > 0).float().mean().item()
+            row[f"gap_{wrong}"] = gap.mean().item()
+            row[f"gap_{wrong}_relative"] = (gap.mean() / err["true"].mean()).item()
+        row["mse_true"] = err["true"].mean().item()
+        rows.append(row)
+    return rows
+
+
+def print_reading(placed: list[dict], reads: dict) -> None:
+    """The placement table and the captioner's table."""
+    print("\nwhere the object named first goes before anything is drawn: the share of its colour in the top "
+          "half of the predicted clean image (left half for left / right; 0.5: not read)")  # fmt: skip
+    print("| t | above | below | to the left of | to the right of |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in placed:
+        print(f"| {r['t']} | " + " | ".join(f"{r[k]:.2f}" for k in ("above", "below", "to the left of", "to the right of")) + " |")  # fmt: skip
+    print("\nthe captioner, teacher-forced (each image, then its caption up to the relation word): the "
+          "relation word it prefers to the opposite one is right in")  # fmt: skip
+    print(", ".join(f"{k}: {a} of {b}" for k, (a, b) in reads["relation_word_right"].items()),
+          "(it picked " + ", ".join(f"'{w}' {n} times" for w, n in reads["picked"].items()) + ")")  # fmt: skip
+    print("where its last token looks among the patches (mean attention):")
+    print("| layer | head | the named object's patch | the other object's patch | empty patches |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in reads["attention"]:
+        print(f"| {r['layer']} | {r['head']} | {r['named']:.2f} | {r['other']:.2f} | {r['empty']:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint")
@@ -278,18 +317,7 @@ def main() -> None:
     scenes_rel = [random_item(rng, kind="position")[0] for _ in range(args.scenes)]
     specs = [_spec_for(s, "position") for s in scenes_rel]
     latents = encode_images(vae, [render(s, loaded.config.vae.image_size) for s in scenes_rel])
-    captions = [variants(s) for s in specs]
-    rows = []
-    for t in [int(x) for x in args.timesteps.split(",")]:
-        err = {k: errors(loaded, latents, [c[k] for c in captions], t, args.seed) for k in captions[0]}
-        row = {"t": t}
-        for wrong in ("flipped", "swapped"):
-            gap = err[wrong] - err["true"]
-            row[f"true_beats_{wrong}"] = (gap > 0).float().mean().item()
-            row[f"gap_{wrong}"] = gap.mean().item()
-            row[f"gap_{wrong}_relative"] = (gap.mean() / err["true"].mean()).item()
-        row["mse_true"] = err["true"].mean().item()
-        rows.append(row)
+    rows = relation_rows(loaded, latents, specs, [int(x) for x in args.timesteps.split(",")], args.seed)
     print(f"{args.scenes} two-object scenes, objective {loaded.config.diffusion.objective}; "
           "'wins' = share of scenes where the true caption denoises better (0.5 = chance)")  # fmt: skip
     print(
@@ -313,24 +341,8 @@ def main() -> None:
             f"| {t} | " + " | ".join(f"{mine[k]['row']:.2f} / {mine[k]['column']:.2f}" for k in layers) + " |"
         )
     placed = placement_rows(loaded, vae, [int(x) for x in args.placement_timesteps.split(",")], args.seed)
-    print("\nwhere the object named first goes before anything is drawn: the share of its colour in the top "
-          "half of the predicted clean image (left half for left / right; 0.5: not read)")  # fmt: skip
-    print("| t | above | below | to the left of | to the right of |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in placed:
-        print(
-            f"| {r['t']} | {r['above']:.2f} | {r['below']:.2f} | {r['to the left of']:.2f} | {r['to the right of']:.2f} |"
-        )
     reads = captioner_rows(loaded, latents, scenes_rel, specs)
-    print("\nthe captioner, teacher-forced (each image, then its caption up to the relation word): the "
-          "relation word it prefers to the opposite one is right in")  # fmt: skip
-    print(", ".join(f"{k}: {a} of {b}" for k, (a, b) in reads["relation_word_right"].items()),
-          "(it picked " + ", ".join(f"'{w}' {n} times" for w, n in reads["picked"].items()) + ")")  # fmt: skip
-    print("where its last token looks among the patches (mean attention):")
-    print("| layer | head | the named object's patch | the other object's patch | empty patches |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in reads["attention"]:
-        print(f"| {r['layer']} | {r['head']} | {r['named']:.2f} | {r['other']:.2f} | {r['empty']:.2f} |")
+    print_reading(placed, reads)
     out = Path(args.out) if args.out else loaded.path / "binding_probe.json"
     out.write_text(
         json.dumps(

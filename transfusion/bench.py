@@ -33,7 +33,7 @@ CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": lambda: preset("tiny"),
     "small": lambda: preset("small"),
     "small-mot": lambda: preset("small", modality_weights="mot"),  # modality-specific weights
-    "demo": lambda: demo_model(),  # the demo's trunk: 3 layers of 256, U-Net patcher, 4 patches an image
+    "demo": demo_model,  # the demo's trunk: 3 layers of 256, U-Net patcher, 4 patches an image
     "w256": lambda: ModelConfig(dim=256, n_layers=4, n_heads=4, latent_size=8, patch_size=2),
     "w512": lambda: ModelConfig(dim=512, n_layers=4, n_heads=8, latent_size=8, patch_size=2),
     # the paper's sizes (Table 2), for GPUs: run with --seq-len 2048 (benchmarks/gpu.sh)

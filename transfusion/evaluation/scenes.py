@@ -150,7 +150,6 @@ def judge_image(detected: Scene, prompt: Record | dict[str, Any]) -> bool:
     return False
 
 
-RELATION_OUTCOMES = ("right", "flipped", "other axis", "objects wrong")
 _AXIS = {"to the left of": "x", "to the right of": "x", "above": "y", "below": "y"}
 
 
@@ -165,10 +164,10 @@ def relation_outcome(scene: Scene, prompt: Record | dict[str, Any]) -> str | Non
     want = spec.get("relation")
     if not want:
         return None
-    first, second = spec["objects"]
-    if len(scene.objects) == 2 and first.get("count", 1) == second.get("count", 1) == 1:
+    named = spec["objects"]
+    if len(scene.objects) == len(named) == 2 and all(o.get("count", 1) == 1 for o in named):
         for a, b in itertools.permutations(scene.objects):
-            if _matches(a, first) and _matches(b, second):
+            if _matches(a, named[0]) and _matches(b, named[1]):
                 got = relation(a, b)
                 return "right" if got == want else "flipped" if _AXIS[got] == _AXIS[want] else "other axis"
     return "objects wrong"

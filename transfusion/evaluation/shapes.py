@@ -233,7 +233,7 @@ def captioning(
         said = parse_caption(text)
         rows.append({"caption": text, "truth": r.text, "correct": judge_caption(text, scene),
                      "strict": judge_caption_strict(text, scene, r.meta["spec"]), "image": r.image,
-                     "relation": relation_outcome(scene, said) if said and len(said["objects"]) == 2 else None})  # fmt: skip
+                     "relation": relation_outcome(scene, said) if said else None})  # fmt: skip
     scores = {
         "caption_accuracy": M.accuracy([row["correct"] for row in rows]),
         "caption_accuracy_strict": M.accuracy([row["strict"] for row in rows]),

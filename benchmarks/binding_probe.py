@@ -166,18 +166,17 @@ def captioner_rows(loaded, latents: torch.Tensor, scenes: list, specs: list[dict
     named object's, the other object's, the empty ones (mean attention per layer and head)?"""
     cfg, tok, model = loaded.config, loaded.tokenizer, loaded.model
     n, side = cfg.model.patches_per_image, cfg.model.patches_per_side
-    opposite = {"above": "below", "below": "above", "left": "right", "right": "left"}
     samples, choices = [], []
     for z, spec in zip(latents, specs):
         rel = spec["relation"]
         horizontal = rel.startswith("to the")
         prefix = caption_for({**spec, "objects": spec["objects"][:1], "relation": None})  # "a red circle"
         prefix += " to the" if horizontal else ""
-        word = rel.split()[2] if horizontal else rel
-        a, b = tok.encode(" " + word), tok.encode(" " + opposite[word])
+        word, other = rel.split()[-2 if horizontal else 0], OPPOSITE[rel].split()[-2 if horizontal else 0]
+        a, b = tok.encode(" " + word), tok.encode(" " + other)
         common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)  # a byte tokenizer shares the space
         samples.append(Sample([Image(z, t=0), Text(tok.encode(prefix) + a[:common])], eos=False))
-        choices.append((word, a[common], b[common]))
+        choices.append((word, other, a[common], b[common]))
     batch = pack(samples, max(sample_length(s, n) for s in samples), Specials.of(tok), n, one_per_row=True)
     weights: list[torch.Tensor] = []
     hooks = [b.attn.register_forward_hook(lambda m, args, out: weights.append(attention_weights(m, args)))
@@ -189,12 +188,12 @@ def captioner_rows(loaded, latents: torch.Tensor, scenes: list, specs: list[dict
             h.remove()
     last = [int(r.nonzero().max()) for r in batch.ids != Specials.of(tok).pad]  # each row's last token
     right: dict[str, list[bool]] = {"above / below": [], "left / right": []}
-    picked: dict[str, int] = {w: 0 for w in opposite}
-    for i, (word, a, b) in enumerate(choices):
+    picked = dict.fromkeys(("above", "below", "left", "right"), 0)
+    for i, (word, other, a, b) in enumerate(choices):
         lp = logits[i, last[i]]
         ok = bool(lp[a] > lp[b])
         right["above / below" if word in ("above", "below") else "left / right"].append(ok)
-        picked[word if ok else opposite[word]] += 1
+        picked[word if ok else other] += 1
     looks = []
     for layer, wts in enumerate(weights):
         for head in range(wts.shape[1]):
@@ -246,10 +245,9 @@ def placement_rows(loaded, vae, timesteps: list[int], seed: int, per_prompt: int
                 )
                 out = model(batch).image_pred
                 if cfg.diffusion.objective == "flow":
-                    x0 = batch.latents - (t + 1) / schedule.num_timesteps * out
+                    x0 = batch.latents - diffusion.flow_sigma(t, schedule.num_timesteps, out.dtype) * out
                 else:
-                    ab = schedule.alpha_bar(t)
-                    x0 = (batch.latents - (1 - ab) ** 0.5 * out) / ab**0.5
+                    x0 = diffusion.predict_x0(batch.latents, out, t, schedule)
                 shares.append(
                     first_half_share(decode_latents(vae, x0), c1, "y" if rel in ("above", "below") else "x")
                 )

@@ -181,7 +181,8 @@ def reference_decode(
 @pytest.mark.parametrize(
     "patcher, objective, image_attention",
     [("linear", "ddpm", "bidirectional"), ("linear", "flow", "bidirectional"), ("unet", "flow", "bidirectional"),
-     ("linear", "flow", "causal"), ("linear", "flow", "rope_2d"), ("unet", "flow", "mot")],
+     ("linear", "flow", "causal"), ("linear", "flow", "rope_2d"), ("unet", "flow", "mot"),
+     ("unet", "flow", "image_pos")],
 )  # fmt: skip
 def test_generate_equals_uncached_reference(patcher, objective, image_attention):
     """(Flow samples stay O(1), so they compare tightly; DDPM samples of an untrained model blow up.)
@@ -190,12 +191,15 @@ def test_generate_equals_uncached_reference(patcher, objective, image_attention)
     torch.manual_seed(1)
     rope_2d = image_attention == "rope_2d"  # 2D RoPE positions for the patches, attention as usual
     mot = image_attention == "mot"  # modality-specific weights: patches through the image copies
-    attention = "bidirectional" if rope_2d or mot else image_attention
+    image_pos = image_attention == "image_pos"  # a learned vector per patch place
+    attention = "bidirectional" if rope_2d or mot or image_pos else image_attention
     model = random_head(
         Transfusion(tiny(patcher=patcher, unet_channels=16, image_attention=attention, rope_2d=rope_2d,
-                         modality_weights="mot" if mot else "shared"))
+                         modality_weights="mot" if mot else "shared", image_pos_embed=image_pos))
     )  # fmt: skip
     with torch.no_grad():  # a direction every token carries, read by BOI's logit: greedy draws again
+        if image_pos:
+            model.image_pos.normal_(0.0, 1.0)
         model.tok_emb.weight[:, 0] += 1.0
         model.lm_head.weight[SP.boi, 0] = 3.0
     dec = Decoder(model, IdTokenizer(), DiffusionConfig(objective=objective))

@@ -205,3 +205,52 @@ def test_2d_rope_positions_and_text_unchanged():
     with_image = pack([Sample([Text([5]), Image(latent(tiny()))])], 32, sp, 4)
     with_image = with_image.replace(timesteps=torch.zeros(1, dtype=torch.long))
     assert not torch.allclose(two(with_image).logits, one(with_image).logits)  # patches moved
+
+
+def test_image_pos_embed_adds_one_vector_per_patch_place():
+    """Zero (as initialised) it is the paper's model exactly; set, it equals the paper's model with the
+    vector of each place added to the patcher's output for that place in every image, text untouched;
+    and training reaches it."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    base, placed = Transfusion(cfg).eval(), Transfusion(tiny(image_pos_embed=True)).eval()
+    missing = placed.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing == ["image_pos"]
+    torch.nn.init.normal_(base.patcher.proj_out.weight, std=0.02)
+    torch.nn.init.normal_(placed.patcher.proj_out.weight, std=0.02)
+    placed.patcher.proj_out.weight.data.copy_(base.patcher.proj_out.weight)
+    two = Sample([Text(TOK.encode("ab")), Image(latent(cfg)), Text(TOK.encode("c")), Image(latent(cfg))])
+    b = noised(pack([two], 48, SP, cfg.patches_per_image))
+    ref = run(base, b)
+    out = run(placed, b)
+    torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)
+    torch.testing.assert_close(out.image_pred, ref.image_pred, atol=0, rtol=0)
+
+    with torch.no_grad():
+        placed.image_pos.normal_(0.0, 1.0)
+    encode = base.patcher.encode
+
+    def shifted(x, t):  # the reference: the place vectors added by hand
+        tokens, ctx = encode(x, t)
+        return tokens + placed.image_pos, ctx
+
+    base.patcher.encode = shifted
+    ref = run(base, b)
+    del base.patcher.encode
+    out = run(placed, b)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.image_pred, ref.image_pred)
+    assert not torch.allclose(out.image_pred, run(base, b).image_pred)
+    start = 4  # BOS a b BOI: text before the first image is untouched
+    torch.testing.assert_close(out.logits[0, :start], run(base, b).logits[0, :start], atol=0, rtol=0)
+
+    placed.train()
+    loss = ((placed(b).image_pred - b.latents) ** 2).mean()
+    loss.backward()
+    assert placed.image_pos.grad is not None and bool(placed.image_pos.grad.abs().gt(0).all())
+
+
+def test_image_pos_embed_needs_continuous_images():
+    with pytest.raises(ValueError, match="image_pos_embed needs continuous images"):
+        ModelConfig(image_pos_embed=True, image_tokens="discrete", codebook_size=16, patch_size=1,
+                    latent_channels=1)  # fmt: skip

@@ -77,6 +77,11 @@ class ModelConfig:
     """Image patches rotate half of each head's RoPE frequencies by their row and half by their column
     (both counted from the image's first position), so attention sees rows and columns apart; text
     is unchanged (both halves at its position). False: the paper's 1D positions in raster order."""
+    image_pos_embed: bool = False
+    """Add a learned vector per patch place (zero at init) to every image's patch vectors, so each patch
+    carries where it sits in the image as content, which attention can carry to other positions. The
+    paper's positions are RoPE only: they tilt attention scores but leave the values without place, and
+    a text position at p sees a patch's place only relative to p. Not in the paper."""
     image_attention: str = "bidirectional"
     """Inside an image: 'bidirectional' (the paper's: every patch sees every patch of its image) or
     'causal' (patches see only earlier patches, as text does: the paper's Table 5 ablation)."""
@@ -121,6 +126,8 @@ class ModelConfig:
             raise ValueError(
                 "model.modality_weights=mot needs continuous images (its image copies serve patches)"
             )
+        if self.image_pos_embed and self.image_tokens == "discrete":
+            raise ValueError("model.image_pos_embed needs continuous images (it is added to patch vectors)")
         if self.discrete:
             if self.codebook_size < 2:
                 raise ValueError("discrete image tokens need model.codebook_size (the VQ tokenizer's codes)")

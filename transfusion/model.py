@@ -70,6 +70,9 @@ class Transfusion(nn.Module):
         self.tok_emb = nn.Embedding(cfg.total_vocab, cfg.dim)
         self.patcher = None if cfg.discrete else make_patcher(cfg)  # discrete images are tokens
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.image_pos = (
+            nn.Parameter(torch.zeros(cfg.patches_per_image, cfg.dim)) if cfg.image_pos_embed else None
+        )  # (n, D): one learned vector per patch place, raster order
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.total_vocab, bias=False)
@@ -86,7 +89,8 @@ class Transfusion(nn.Module):
           scaled by 1/sqrt(2 * n_layers) (GPT-2), so the residual stream's variance does not grow with depth;
         - RMSNorm weights: one;
         - the image output layer: zero (DiT), so an untrained model predicts zero noise and the
-          diffusion loss starts at the variance of the target.
+          diffusion loss starts at the variance of the target;
+        - the patch-place vectors (``image_pos_embed``): zero, so they start as the paper's model.
         """
         std = self.cfg.init_std
         for m in self.modules():
@@ -106,6 +110,8 @@ class Transfusion(nn.Module):
             self.patcher.reset_parameters()
         if self.patcher is not None:
             self.patcher.zero_init_output()
+        if self.image_pos is not None:
+            nn.init.zeros_(self.image_pos)
 
     # --- pieces, shared by forward() and the cached API ---------------------------------------------
     @property
@@ -132,6 +138,14 @@ class Transfusion(nn.Module):
             return masks.block_mask(doc_ids, image_index)
         return masks.dense_mask(doc_ids, image_index)
 
+    def patch_vectors(self, latents: Tensor, timesteps: Tensor) -> tuple[Tensor, Any]:
+        """Noisy latents (N, C, H, W) at timesteps (N,) -> patch vectors (N, n, D) and the patcher's
+        context, with the patch-place vectors added under ``image_pos_embed``."""
+        patches, ctx = self.patcher.encode(latents, timesteps)
+        if self.image_pos is not None:
+            patches = patches + self.image_pos.to(patches.dtype)
+        return patches, ctx
+
     def embed(
         self, ids: Tensor, patch_mask: Tensor, latents: Tensor, timesteps: Tensor
     ) -> tuple[Tensor, Any]:
@@ -140,7 +154,7 @@ class Transfusion(nn.Module):
         x = self.tok_emb(ids)  # (B, L, D)
         if latents.shape[0] == 0:
             return x, None
-        patches, ctx = self.patcher.encode(latents.to(x.dtype), timesteps)  # (N, n, D)
+        patches, ctx = self.patch_vectors(latents.to(x.dtype), timesteps)  # (N, n, D)
         if _can_check(ids) and int(patch_mask.sum()) != patches.shape[0] * patches.shape[1]:
             raise ValueError(
                 f"{int(patch_mask.sum())} patch positions for {patches.shape[0]} images x {patches.shape[1]} patches"
@@ -228,7 +242,7 @@ class Transfusion(nn.Module):
         attention): the predicted noise (or velocity) (R, C, H, W) and the patches' keys/values
         (commit them for a clean image, t = 0)."""
         device = self.tok_emb.weight.device
-        patches, ctx = self.patcher.encode(
+        patches, ctx = self.patch_vectors(
             latents.to(device, self.tok_emb.weight.dtype), t.to(device)
         )  # (R, n, D)
         if self.cfg.image_attention == "causal":

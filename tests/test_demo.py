@@ -135,11 +135,11 @@ def test_fashion_judge_full_recipe_reaches_090():
 
 
 def test_guidance_interval_on_shape_scenes_only():
-    """Shape scenes guide at t <= 700 (guiding the noisiest steps drew blank images); Fashion-MNIST
+    """Shape scenes guide at t <= 850 (guiding the noisiest steps drew blank images); Fashion-MNIST
     guides every step (the interval cost it class accuracy); both one --set away."""
     from transfusion.demo import GUIDANCE_MAX_T, demo_config
 
-    assert demo_config(10, 0, "shapes").diffusion.guidance_max_t == GUIDANCE_MAX_T == 700
+    assert demo_config(10, 0, "shapes").diffusion.guidance_max_t == GUIDANCE_MAX_T == 850
     assert demo_config(10, 0, "fashion_mnist").diffusion.guidance_max_t is None
     assert (
         demo_config(10, 0, "shapes", overrides=["diffusion.guidance_max_t=null"]).diffusion.guidance_max_t

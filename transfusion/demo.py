@@ -39,7 +39,7 @@ demo chooses, and why (measured on 2 CPU cores, see the README):
 - a pool of 20,000 scenes encoded once into a latent cache, instead of running the VAE encoder on
   every batch (pairing, conditioning dropout and noise still change every pass);
 - evaluation with 250 sampling steps (Euler for the flow model, the paper's DDPM ancestral sampler
-  on Fashion-MNIST) and guidance 3, on shape scenes only at t <= 700 (``GUIDANCE_MAX_T``).
+  on Fashion-MNIST) and guidance 3, on shape scenes only at t <= 850 (``GUIDANCE_MAX_T``).
 """
 
 from __future__ import annotations

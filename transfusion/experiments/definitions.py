@@ -93,7 +93,7 @@ class Experiment:
     """Overrides every arm shares (on top of ``EXPERIMENT_MODEL``)."""
     interval_reading: int | None = None
     """When set, the images of every diffusion arm are drawn a second time with guidance only at
-    t <= this (the demo's guidance interval) and read as ``<metric>_interval``; VQ-code arms have no
+    t <= this (a guidance interval; vs-chameleon reads 700, the demo's before it moved to 850) and read as ``<metric>_interval``; VQ-code arms have no
     timesteps, so their second reading is their first."""
     about: str = ""
 
@@ -160,7 +160,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                     "transfusion",
                     "chameleon",
                     False,
-                    "as FD above, Transfusion's images guided only at t <= 700 (the demo's interval)",
+                    "as FD above, Transfusion's images guided only at t <= 700 (against blank images)",
                 ),
                 Finding(
                     "geneval_overall_interval",

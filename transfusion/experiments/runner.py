@@ -306,8 +306,8 @@ INTERVAL_METRICS = ("geneval_overall", "geneval_blank_rate", "geneval_well_forme
 def interval_reading(
     max_t: int, dec: Any, vae: Any, scale: float, d: Path, settings: Settings, first: dict[str, Any]
 ) -> dict[str, Any]:
-    """Composition and FD of images drawn again with guidance only at t <= ``max_t`` (the demo's
-    guidance interval), as ``<metric>_interval``. A model of VQ codes has no timesteps: its reading
+    """Composition and FD of images drawn again with guidance only at t <= ``max_t`` (a guidance
+    interval), as ``<metric>_interval``. A model of VQ codes has no timesteps: its reading
     is the first one."""
     from transfusion.generate import GenerationConfig
 

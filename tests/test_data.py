@@ -161,6 +161,29 @@ def test_pairing_ratios_and_noise_limit(corpus):
     assert [type(x) for x in a.segments] == [type(x) for x in b.segments]
 
 
+def test_describe_in_reading_order_rewrites_captions_after_images_only():
+    """Image-first captions name the upper or left object first; caption-first ones (prompts) keep
+    their wording; the random stream is the same, so every sample is otherwise the one without it."""
+    rec = Record(Image.new("RGB", (16, 16)), "a red circle below a blue square")
+    plain, rewritten = DataConfig(), DataConfig(describe_in_reading_order=True)
+    seen = Counter()
+    for i in range(300):
+        a = pair(rec, TOK.encode, plain, random.Random(f"r-{i}"))
+        b = pair(rec, TOK.encode, rewritten, random.Random(f"r-{i}"))
+        assert [type(x) for x in a.segments] == [type(x) for x in b.segments]
+        assert [x.seed for x in a.segments if isinstance(x, ImageSeg)] == [
+            x.seed for x in b.segments if isinstance(x, ImageSeg)
+        ]
+        if isinstance(b.segments[0], Text):
+            assert TOK.decode(b.segments[0].ids) == rec.text
+            seen["prompt"] += 1
+        elif len(b.segments) == 2:
+            assert TOK.decode(b.segments[1].ids) == "a blue square above a red circle"
+            assert TOK.decode(a.segments[1].ids) == rec.text
+            seen["caption"] += 1
+    assert seen["prompt"] > 150 and seen["caption"] > 30
+
+
 def loader_cfg():
     cfg = Config(model=tiny(), train=TrainConfig(batch_size=3, seq_len=64))
     cfg.data.image_size = 16

@@ -17,8 +17,10 @@ from transfusion.data.shapes import (
     Scene,
     SceneObject,
     ShapesDataset,
+    canonical,
     caption_for,
     eval_prompts,
+    reading_order,
     relation,
     render,
 )
@@ -408,3 +410,28 @@ def test_canonical_relations_name_the_upper_or_left_object_first_of_the_same_ima
         ShapesDataset(canonical_relations=1.5)
     with pytest.raises(ValueError, match="canonical_relations"):
         DataConfig(canonical_relations=-0.1)
+
+
+def test_reading_order_rewrites_a_caption_as_canonical_rewrites_its_spec():
+    """On the text, what ``canonical`` does on the spec (the reference): the same scene, judged right
+    both ways, with the upper or left object named first; other texts pass unchanged."""
+    ds = ShapesDataset(seed=9)
+    rewritten = 0
+    for i in range(600):
+        r = ds[i]
+        spec, scene = r.meta["spec"], Scene.from_dict(r.meta["scene"])
+        assert reading_order(caption_for(spec)) == caption_for(canonical(spec))
+        new = reading_order(r.text)  # the sampled wording ("one", "with", sizes) as it is
+        if spec["relation"] in ("below", "to the right of"):
+            assert new != r.text and parse_caption(new)["relation"] in ("above", "to the left of")
+            assert judge_caption_strict(new, scene, spec) and judge_caption_strict(r.text, scene, spec)
+            rewritten += 1
+        else:
+            assert new == r.text
+    assert rewritten > 30
+    assert reading_order("two large red circles below one blue square") == (
+        "one blue square above two large red circles"
+    )
+    for text in ("the sun sets below the hills", "a red circle below", "a red circle below a circle red",
+                 "a red circles below a blue square"):  # fmt: skip
+        assert reading_order(text) == text

@@ -320,6 +320,12 @@ class DataConfig:
     """Shapes source: the share of captions stating a relation that name the upper or left object
     first ("a blue square above a red circle" rather than the equivalent "a red circle below a blue
     square"; the image is the same). 0: either wording, equally often."""
+    describe_in_reading_order: bool = False
+    """Captions after their image (image-first pairs: what the model learns to write) state a relation
+    in reading order, the upper or left object first ("a red circle below a blue square" is written
+    "a blue square above a red circle"); captions before an image (prompts) keep the wording
+    ``canonical_relations`` gives them. A rewrite of the caption's text (``shapes.reading_order``), so
+    it holds for a latent cache's texts as well; texts that are not a shapes relation caption pass."""
     length: int | None = None
     """Distinct scenes the shapes source cycles through (None: a million); a finite pool is what
     ``latent_cache`` encodes once. Pairing, conditioning dropout and noise still differ every pass."""

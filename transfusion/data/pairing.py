@@ -3,6 +3,8 @@
 - A captioned image is ordered caption-first with probability ``caption_first_prob`` (0.8), else
   image-first; an image-first image is noise-limited (t <= 500) so the model mostly learns to describe
   recognisable images (PAPER.md).
+- With ``describe_in_reading_order``, an image-first caption that states a relation names the upper or
+  left object first (``shapes.reading_order``); caption-first captions keep their wording.
 - With probability ``cond_dropout`` (0.1) the caption of a caption-first pair is dropped, leaving the
   image alone after BOS: the unconditional branch classifier-free guidance needs.
 - ``image_only_ratio`` of captioned records are used as an image alone; ``text_only_ratio`` of them as
@@ -42,10 +44,14 @@ def pair(record: Record, tokenize: Callable[[str], list[int]], cfg: DataConfig, 
         return Sample([Text(tokenize(record.text or ""))])
     if not has_text:
         return Sample([Image(PLACEHOLDER, seed=rng.getrandbits(62))])
-    caption = Text(tokenize(record.text))
     seed = rng.getrandbits(62)
     if rng.random() < cfg.caption_first_prob:
         if rng.random() < cfg.cond_dropout:
             return Sample([Image(PLACEHOLDER, seed=seed)])  # conditioning dropped: unconditional image
-        return Sample([caption, Image(PLACEHOLDER, seed=seed)])
-    return Sample([Image(PLACEHOLDER, noise_limited=True, seed=seed), caption])
+        return Sample([Text(tokenize(record.text)), Image(PLACEHOLDER, seed=seed)])
+    text = record.text
+    if cfg.describe_in_reading_order:
+        from transfusion.data.shapes import reading_order
+
+        text = reading_order(text)
+    return Sample([Image(PLACEHOLDER, noise_limited=True, seed=seed), Text(tokenize(text))])

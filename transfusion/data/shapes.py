@@ -199,13 +199,37 @@ def caption_for(spec: dict[str, Any], rng: random.Random | None = None) -> str:
     return _phrase(objs[0], rng) + joiner + _phrase(objs[1], rng)
 
 
+READING_ORDER = {"below": "above", "to the right of": "to the left of"}
+"""Each relation that names the lower or right object first, and the word for the same scene stated the
+other way round."""
+
+
 def canonical(spec: dict[str, Any]) -> dict[str, Any]:
     """The same two-object relation stated with the upper or left object first ("a red circle below
     a blue square" -> "a blue square above a red circle"): the words name the objects in reading order."""
-    flip = {"below": "above", "to the right of": "to the left of"}
-    if spec["relation"] not in flip:
+    if spec["relation"] not in READING_ORDER:
         return spec
-    return {**spec, "objects": spec["objects"][::-1], "relation": flip[spec["relation"]]}
+    return {**spec, "objects": spec["objects"][::-1], "relation": READING_ORDER[spec["relation"]]}
+
+
+def reading_order(text: str) -> str:
+    """``canonical`` on a caption's text: "X below Y" -> "Y above X", "X to the right of Y" -> "Y to the
+    left of X", where X and Y are object phrases of this source ("a red circle", "two large blue
+    squares"); any other text comes back unchanged."""
+    for word, flipped in READING_ORDER.items():
+        first, sep, second = text.partition(f" {word} ")
+        if sep and _is_phrase(first) and _is_phrase(second):
+            return f"{second} {flipped} {first}"
+    return text
+
+
+def _is_phrase(text: str) -> bool:
+    """An object phrase as ``_phrase`` writes them: article or number, optional size and colour, shape."""
+    words = text.split()
+    if len(words) < 2 or words[0] not in ARTICLES:
+        return False
+    shapes = SHAPES if ARTICLES[words[0]] == 1 else tuple(s + "s" for s in SHAPES)
+    return words[-1] in shapes and all(w in SIZES or w in COLORS for w in words[1:-1])
 
 
 # --- the dataset -----------------------------------------------------------------------------------------

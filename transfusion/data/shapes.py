@@ -218,18 +218,31 @@ def reading_order(text: str) -> str:
     squares"); any other text comes back unchanged."""
     for word, flipped in READING_ORDER.items():
         first, sep, second = text.partition(f" {word} ")
-        if sep and _is_phrase(first) and _is_phrase(second):
+        if sep and parse_phrase(first.split()) and parse_phrase(second.split()):
             return f"{second} {flipped} {first}"
     return text
 
 
-def _is_phrase(text: str) -> bool:
-    """An object phrase as ``_phrase`` writes them: article or number, optional size and colour, shape."""
-    words = text.split()
+def parse_phrase(words: list[str]) -> dict[str, Any] | None:
+    """The object of a phrase as ``_phrase`` and the colour template write them: ``[article] [size]
+    [colour] shape(s)`` or ``a shape colored colour``; None when the words are not one."""
+    if len(words) == 4 and words[0] in ("a", "an") and words[2] == "colored":
+        words = [words[0], words[3], words[1]]
     if len(words) < 2 or words[0] not in ARTICLES:
-        return False
-    shapes = SHAPES if ARTICLES[words[0]] == 1 else tuple(s + "s" for s in SHAPES)
-    return words[-1] in shapes and all(w in SIZES or w in COLORS for w in words[1:-1])
+        return None
+    n, rest = ARTICLES[words[0]], words[1:]
+    size = rest.pop(0) if len(rest) > 1 and rest[0] in SIZES else None
+    color = rest.pop(0) if len(rest) > 1 and rest[0] in COLORS else None
+    if len(rest) != 1:
+        return None
+    shape = rest[0]
+    if n > 1:
+        if not shape.endswith("s"):
+            return None
+        shape = shape[:-1]
+    if shape not in SHAPES:
+        return None
+    return {"shape": shape, "color": color, "size": size, "count": n}
 
 
 # --- the dataset -----------------------------------------------------------------------------------------

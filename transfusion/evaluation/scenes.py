@@ -29,14 +29,13 @@ from PIL import Image
 
 from transfusion.data.base import Record
 from transfusion.data.shapes import (
-    ARTICLES,
     BACKGROUND,
     COLORS,
     RELATIONS,
-    SHAPES,
     SIZES,
     Scene,
     SceneObject,
+    parse_phrase,
     relation,
 )
 
@@ -79,32 +78,11 @@ def parse_caption(text: str) -> dict[str, Any] | None:
                 break
     objects = []
     for p in parts:
-        obj = _parse_phrase(p)
+        obj = parse_phrase(p)
         if obj is None:
             return None
         objects.append(obj)
     return {"objects": objects, "relation": rel}
-
-
-def _parse_phrase(words: list[str]) -> dict[str, Any] | None:
-    """``[article] [size] [colour] shape(s)``, or ``a shape colored colour``."""
-    if len(words) == 4 and words[0] in ("a", "an") and words[2] == "colored":
-        words = [words[0], words[3], words[1]]
-    if len(words) < 2 or words[0] not in ARTICLES:
-        return None
-    n, rest = ARTICLES[words[0]], words[1:]
-    size = rest.pop(0) if len(rest) > 1 and rest[0] in SIZES else None
-    color = rest.pop(0) if len(rest) > 1 and rest[0] in COLORS else None
-    if len(rest) != 1:
-        return None
-    shape = rest[0]
-    if n > 1:
-        if not shape.endswith("s"):
-            return None
-        shape = shape[:-1]
-    if shape not in SHAPES:
-        return None
-    return {"shape": shape, "color": color, "size": size, "count": n}
 
 
 # --- judging -----------------------------------------------------------------------------------------

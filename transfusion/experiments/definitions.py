@@ -93,8 +93,8 @@ class Experiment:
     """Overrides every arm shares (on top of ``EXPERIMENT_MODEL``)."""
     interval_reading: int | None = None
     """When set, the images of every diffusion arm are drawn a second time with guidance only at
-    t <= this (a guidance interval; vs-chameleon reads 700, the demo's before it moved to 850) and read as ``<metric>_interval``; VQ-code arms have no
-    timesteps, so their second reading is their first."""
+    t <= this (vs-chameleon reads 700, the demo's interval before it moved to 850) and read as
+    ``<metric>_interval``; VQ-code arms have no timesteps, so their second reading is their first."""
     about: str = ""
 
 

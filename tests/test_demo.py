@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from transfusion import cli
-from transfusion.data.shapes import KINDS
+from transfusion.data.shapes import KINDS, Scene, relation
 
 from helpers import PixelVAE
 
@@ -164,23 +164,29 @@ def test_flow_objective_on_shape_scenes_only():
     assert demo_config(10, 0, "shapes", overrides=EXPERIMENT_MODEL).diffusion.objective == "ddpm"
 
 
-def test_relation_captions_in_reading_order_half_the_time_on_shape_scenes_only():
-    """The demo names the upper or left object first in half the relation captions; Fashion-MNIST has
-    none, the experiments keep either wording, and one --set gives it back."""
+def test_two_object_captions_in_reading_order_on_shape_scenes_only():
+    """The demo names the upper or left object first in every two-object caption, relation or not;
+    Fashion-MNIST has none, the experiments keep the scenes' own order and either wording, and two
+    --set give it back."""
+    from transfusion.data.shapes import trained_in_reading_order
     from transfusion.data.sources import ShapesSource
     from transfusion.experiments.definitions import EXPERIMENT_MODEL
-    from transfusion.recipe import CANONICAL_RELATIONS, demo_config
+    from transfusion.recipe import READING_ORDER, demo_config
 
     cfg = demo_config(10, 0, "shapes")
-    assert cfg.data.canonical_relations == CANONICAL_RELATIONS == 0.5
-    assert demo_config(10, 0, "fashion_mnist").data.canonical_relations == 0.0
-    assert demo_config(10, 0, "shapes", overrides=EXPERIMENT_MODEL).data.canonical_relations == 0.0
-    assert (
-        demo_config(10, 0, "shapes", overrides=["data.canonical_relations=0"]).data.canonical_relations == 0.0
-    )
+    assert READING_ORDER and trained_in_reading_order(cfg.data) and cfg.data.pairs_in_reading_order
+    fashion = demo_config(10, 0, "fashion_mnist").data
+    assert not trained_in_reading_order(fashion) and not fashion.pairs_in_reading_order
+    for overrides in (EXPERIMENT_MODEL, ["data.canonical_relations=0", "data.pairs_in_reading_order=false"]):
+        data = demo_config(10, 0, "shapes", overrides=overrides).data
+        assert data.canonical_relations == 0.0 and not data.pairs_in_reading_order
     cfg.data.length = None
     ds = ShapesSource(cfg.data, "train").ds
-    rels = [ds[i].meta["spec"]["relation"] for i in range(1200)]
-    said = [r for r in rels if r]
-    upper_first = sum(r in ("above", "to the left of") for r in said) / len(said)
-    assert 0.68 < upper_first < 0.82  # half in reading order, the other half either way: 3 in 4
+    items = [ds[i] for i in range(1200)]
+    rels = [r.meta["spec"]["relation"] for r in items if r.meta["spec"]["relation"]]
+    assert len(rels) > 150 and set(rels) == {"above", "to the left of"}
+    pairs = [r for r in items if r.meta["kind"] in ("two_objects", "color_attr")]
+    for r in pairs:  # the object named first is the upper or left one
+        a, b = Scene.from_dict(r.meta["scene"]).objects  # two different shapes
+        first, second = (a, b) if a.shape == r.meta["spec"]["objects"][0]["shape"] else (b, a)
+        assert relation(first, second) in ("above", "to the left of")

@@ -85,3 +85,73 @@ def test_image_metrics_move_the_right_way_down_a_ladder_of_degradations():
     # removing objects keeps every image realistic and well drawn: only recall and FD see it
     assert got["removed"]["precision"] > 0.9 and got["removed"]["well_formed"] == 1.0
     assert got["blank"]["precision"] == got["blank"]["recall"] == 0.0
+
+
+def test_prompts_in_reading_order_are_judged_against_the_prompt_as_written(monkeypatch):
+    """A stand-in for a model trained on reading-order captions only: it draws the prompt's scene but
+    always puts the object named first above or left, whatever the relation word. Given the prompts
+    rewritten into reading order it is right on every position prompt; given them as written, only on
+    those that already said "above" or "to the left of" (the rest come out flipped), and the
+    evaluation reports both, redrawing the rewritten prompts with their own seeds."""
+    from dataclasses import replace
+
+    from transfusion.data.shapes import Scene, reading_order, render
+
+    prompts = shapes.eval_prompts(8, seed=100, image_size=32)
+    given: list[tuple[str, int]] = []
+
+    def reading_order_model(decoder, texts, gen, seeds):
+        out = []
+        for text, seed in zip(texts, seeds):
+            given.append((text, seed))
+            p = prompts[seed]
+            assert text in (p.text, reading_order(p.text))
+            scene = Scene.from_dict(p.meta["scene"])
+            if " below " in text or " to the right of " in text:  # the word is ignored: first-named top/left
+                a, b = scene.objects
+                scene = Scene([replace(a, cx=b.cx, cy=b.cy), replace(b, cx=a.cx, cy=a.cy)])
+            out.append(pil_to_tensor([render(scene, 32)])[0])
+        return out
+
+    monkeypatch.setattr(shapes, "text_to_image", reading_order_model)
+    written, rows, _ = shapes.composition(None, PixelVAE(), 8, None, 32, 100)
+    assert "position_as_written" not in written and len(given) == len(prompts)
+    position = [p for p in prompts if p.meta["kind"] == "position"]
+    forward = sum(p.meta["spec"]["relation"] in ("above", "to the left of") for p in position) / len(position)
+    assert 0 < forward < 1 and written["position"] == forward and written["position_order"] == forward
+
+    given.clear()
+    scores, rows, _ = shapes.composition(None, PixelVAE(), 8, None, 32, 100, in_reading_order=True)
+    assert scores["position"] == 1.0 and scores["position_order"] == 1.0
+    assert scores["position_as_written"] == forward and scores["position_order_as_written"] == forward
+    assert scores["overall_as_written"] == written["overall"] < scores["overall"]
+    for kind in KINDS:
+        if kind != "position":
+            assert scores[kind] == written[kind] == 1.0
+    assert all(" below " not in r["asked"] and " right of " not in r["asked"] for r in rows)
+    assert [r["prompt"] for r in rows] == [p.text for p in prompts]  # judged against the prompt as written
+    redrawn = given[len(prompts) :]
+    assert len(redrawn) == round(len(position) * (1 - forward))
+    assert all(text == prompts[seed].text and reading_order(text) != text for text, seed in redrawn)
+
+
+def test_evaluate_checkpoint_passes_each_setting_to_its_own_parameter(monkeypatch):
+    """The shapes evaluator gets the guidance interval and the prompt wording under their names (they
+    sit after other optional parameters, where a positional call would shift them)."""
+    import inspect
+
+    from transfusion.config import Config
+    from transfusion.evaluation import evaluate_checkpoint
+
+    got, signature = {}, inspect.signature(shapes.evaluate)
+
+    def fake_evaluate(*args, **kwargs):
+        got.update(signature.bind(*args, **kwargs).arguments)
+        return {}, {}
+
+    monkeypatch.setattr(shapes, "evaluate", fake_evaluate)
+    evaluate_checkpoint(None, None, None, Config(), "out", 3, 4, 5, "flow", 2.0, 7, None, 600, True)
+    assert got["guidance_max_t"] == 600 and got["in_reading_order"] is True and "fd_cache" not in got
+    assert (got["n_per_kind"], got["n_captions"], got["steps"], got["sampler"], got["cfg_scale"], got["seed"]) == (
+        3, 4, 5, "flow", 2.0, 7,
+    )  # fmt: skip

@@ -403,6 +403,9 @@ def checkpoints(tmp_path_factory):
     save_model(root / "with_vae", model, cfg, TOK, {"step": 1, "vae": "vae"})
     save_vae(KLVAE(cfg.vae), root / "with_vae" / "vae")
     save_model(root / "no_vae", model, cfg, TOK, {"step": 1})
+    cfg.data.canonical_relations = 1.0  # trained on relations stated in reading order only
+    save_model(root / "reading_order", model, cfg, TOK, {"step": 1, "vae": "vae"})
+    save_vae(KLVAE(cfg.vae), root / "reading_order" / "vae")
     return root
 
 
@@ -442,6 +445,41 @@ def test_cli_generate_and_caption(checkpoints, tmp_path, capsys):
     assert "24x20" in err and "16x16" in err and "--resize" in err and len(err.strip().splitlines()) == 1
     assert cli.main(["caption", "--checkpoint", ckpt, "--resize", str(tmp_path / "wide.png")]) == 0
     assert "resized" in capsys.readouterr().err
+
+
+def test_cli_generate_states_relations_in_reading_order_for_a_model_trained_so(checkpoints, tmp_path, capsys):
+    """A checkpoint trained on relations stated only in reading order is given "X below Y" as "Y above
+    X" (the same image as prompting that text as written); other checkpoints, other texts and
+    --relation-wording as-written pass the prompt unchanged."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    def run(ckpt: str, prompt: str, *flags: str) -> tuple[str, np.ndarray]:
+        out = tmp_path / "gen"
+        args = [
+            "--checkpoint",
+            str(checkpoints / ckpt),
+            "--prompt",
+            prompt,
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ]
+        assert cli.main(["generate", *args, *flags]) == 0
+        record = json.loads((out / "output.json").read_text())
+        assert record["prompt"] == prompt
+        return record["prompt_given"], np.asarray(PILImage.open(out / record["outputs"][0][0]["image"]))
+
+    below, above = "a red circle below a blue square", "a blue square above a red circle"
+    given, image = run("reading_order", below)
+    assert given == above and "reading order" in capsys.readouterr().err
+    assert np.array_equal(image, run("reading_order", above, "--relation-wording", "as-written")[1])
+    assert not np.array_equal(image, run("reading_order", below, "--relation-wording", "as-written")[1])
+    assert run("reading_order", below, "--relation-wording", "as-written")[0] == below
+    assert run("with_vae", below)[0] == below  # trained on either wording: as written
+    assert run("with_vae", below, "--relation-wording", "reading-order")[0] == above
+    assert run("reading_order", "a red circle")[0] == "a red circle"
 
 
 def test_cli_without_vae_saves_latents(checkpoints, tmp_path, capsys):

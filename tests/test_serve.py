@@ -150,6 +150,29 @@ def test_openai_images_route(served):
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/images", "/v1/caption", "/v1/generate"}
 
 
+def test_relations_reach_a_reading_order_model_in_reading_order(checkpoint):
+    """With ``reading_order`` (a model trained on relations stated only upper-or-left first), "X below Y"
+    is drawn as "Y above X" is without it, and the answer says what the model was given; other texts
+    pass unchanged."""
+    below, above = "a red circle below a blue square", "a blue square above a red circle"
+    loop, _ = start(checkpoint)
+    try:
+        with TestClient(make_app(loop, ServeLimits(), reading_order=True)) as client:
+            body = {"prompt": below, "steps": 3, "seed": 4}
+            rewritten = client.post("/v1/images", json=body).json()
+            openai = client.post("/v1/images/generations", json={"prompt": below, "num_inference_steps": 3})
+            plain = client.post("/v1/images/generations", json={"prompt": "a cat", "num_inference_steps": 3})
+        with TestClient(make_app(loop, ServeLimits())) as client:
+            given_above = client.post("/v1/images", json={**body, "prompt": above}).json()
+            as_written = client.post("/v1/images", json=body).json()
+    finally:
+        loop.stop()
+    assert rewritten["prompt_given"] == above and as_written["prompt_given"] == below
+    assert rewritten["images"][0]["png"] == given_above["images"][0]["png"] != as_written["images"][0]["png"]
+    assert openai.json()["data"][0]["revised_prompt"] == above
+    assert plain.json()["data"][0]["revised_prompt"] is None
+
+
 def test_bad_input_is_one_line_4xx_and_the_next_request_succeeds(checkpoint):
     loop, app = start(checkpoint, max_body_bytes=200_000, max_image_pixels=1_000_000)
     client = TestClient(app)

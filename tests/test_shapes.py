@@ -1,6 +1,7 @@
 """The synthetic scenes: deterministic, described exactly, read back by the detector, judged right."""
 
 import random
+import re
 from collections import Counter
 
 import numpy as np
@@ -20,6 +21,7 @@ from transfusion.data.shapes import (
     canonical,
     caption_for,
     eval_prompts,
+    parse_phrase,
     reading_order,
     relation,
     render,
@@ -410,6 +412,34 @@ def test_canonical_relations_name_the_upper_or_left_object_first_of_the_same_ima
         ShapesDataset(canonical_relations=1.5)
     with pytest.raises(ValueError, match="canonical_relations"):
         DataConfig(canonical_relations=-0.1)
+
+
+def test_pairs_in_reading_order_name_the_upper_or_left_object_first_of_the_same_image():
+    """Two-object captions without a relation ("X and Y") name the upper or left object first: the
+    same image and the same objects as the plain stream, the caption still judged right; every other
+    caption is the plain stream's."""
+    plain, ordered = ShapesDataset(seed=6), ShapesDataset(seed=6, pairs_in_reading_order=True)
+    swapped = pairs = 0
+    for i in range(600):
+        a, b = plain[i], ordered[i]
+        assert a.meta["scene"] == b.meta["scene"] and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        if a.meta["kind"] not in ("two_objects", "color_attr"):
+            assert b.text == a.text and b.meta["spec"] == a.meta["spec"]
+            continue
+        pairs += 1
+        scene = Scene.from_dict(b.meta["scene"])
+        first, second = (parse_phrase(p.split()) for p in re.split(" and | with ", b.text))
+        upper = min(
+            scene.objects,
+            key=lambda o: (o.cy, o.cx) if scene.relation(0, 1) in ("above", "below") else (o.cx, o.cy),
+        )
+        assert first["shape"] == upper.shape and first["color"] in (None, upper.color)
+        assert judge_caption(b.text, scene) and sorted(map(str, b.meta["spec"]["objects"])) == sorted(
+            map(str, a.meta["spec"]["objects"])
+        )
+        swapped += b.meta["spec"]["objects"] != a.meta["spec"]["objects"]
+    assert pairs > 150 and 0.35 < swapped / pairs < 0.65
+    assert "pairs_in_reading_order" in ordered.describe()
 
 
 def test_reading_order_rewrites_a_caption_as_canonical_rewrites_its_spec():

@@ -320,6 +320,11 @@ class DataConfig:
     """Shapes source: the share of captions stating a relation that name the upper or left object
     first ("a blue square above a red circle" rather than the equivalent "a red circle below a blue
     square"; the image is the same). 0: either wording, equally often."""
+    pairs_in_reading_order: bool = False
+    """Shapes source: captions of two objects without a relation (two objects, colour attribution: "a
+    blue square and a red circle") name the upper or left object first too, so that with
+    ``canonical_relations`` 1 every two-object caption is in reading order; False: in the order the
+    scene drew them, whatever their places."""
     describe_in_reading_order: bool = False
     """Captions after their image (image-first pairs: what the model learns to write) state a relation
     in reading order, the upper or left object first ("a red circle below a blue square" is written

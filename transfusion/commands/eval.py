@@ -12,7 +12,12 @@ import argparse
 from pathlib import Path
 
 from transfusion.checkpoint import load_for_inference
-from transfusion.commands.generate import add_guidance_interval_option, guidance_max_t
+from transfusion.commands.generate import (
+    add_guidance_interval_option,
+    add_relation_wording_option,
+    guidance_max_t,
+    in_reading_order,
+)
 from transfusion.commands.options import add_checkpoint_option, add_device_option, out_dir, pick_device
 from transfusion.errors import UserError
 
@@ -36,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the config's, 3)")
     add_guidance_interval_option(p)
+    add_relation_wording_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-inception", default=None, help="a local TorchScript Inception file for real FID")
     add_device_option(p)
@@ -52,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     out = out_dir(args.out) if args.out else Path(loaded.path)
     metrics, _ = evaluate_checkpoint(loaded.model, loaded.tokenizer, vae, loaded.config, out, args.prompts_per_kind,
                                      args.captions, args.steps, args.sampler, args.cfg, args.seed,
-                                     args.fid_inception, guidance_max_t(args))  # fmt: skip
+                                     args.fid_inception, guidance_max_t(args),
+                                     in_reading_order(args, loaded.config.data))  # fmt: skip
     for k, v in metrics.items():
         print(f"{k:40s} {v}")
     print(f"wrote {out / 'metrics.json'}")

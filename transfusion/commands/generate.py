@@ -65,6 +65,23 @@ def add_guidance_interval_option(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_relation_wording_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--relation-wording", choices=["auto", "as-written", "reading-order"], default="auto",
+        help="shape-scene prompts that state a relation: 'reading-order' gives the model \"X below Y\" as "
+        "\"Y above X\" (and \"to the right of\" as \"to the left of\"), the same scene; 'auto' does so for "
+        "a checkpoint trained on relations stated only that way (data.canonical_relations 1)",
+    )  # fmt: skip
+
+
+def in_reading_order(args: argparse.Namespace, data: Any) -> bool:
+    """The --relation-wording option for a checkpoint trained on ``data`` (a ``DataConfig``)."""
+    from transfusion.data.shapes import trained_in_reading_order
+
+    wording = getattr(args, "relation_wording", "auto")
+    return trained_in_reading_order(data) if wording == "auto" else wording == "reading-order"
+
+
 def guidance_max_t(args: argparse.Namespace) -> int | None:
     """The option as ``GenerationConfig.guidance_max_t``: -1 (the checkpoint's), None ('all') or T."""
     value = getattr(args, "guidance_max_t", None)
@@ -154,6 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: text-to-image, BOI forced after the prompt)",
     )
     p.add_argument("--max-images", type=int, default=1, help="images per output at most (default 1)")
+    add_relation_wording_option(p)
     p.add_argument("--out", default="generated", help="output directory (default ./generated)")
 
 
@@ -169,7 +187,14 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     loaded, vae = load_for_inference(args.checkpoint, device)
     images = read_images_as_latents(args.image, loaded, vae, device, args.resize) if args.image else []
-    prompt: list[Any] = [*images, args.prompt] if args.prompt else images
+    text = args.prompt
+    if text and in_reading_order(args, loaded.config.data):
+        from transfusion.data.shapes import reading_order
+
+        text = reading_order(text)
+        if text != args.prompt:
+            note(f"note: the model reads relations in reading order; prompted with {text!r}")
+    prompt: list[Any] = [*images, text] if text else images
     if not prompt:
         raise ValueError("give a --prompt, an --image, or both")
     decoder = Decoder(loaded.model, loaded.tokenizer, loaded.config.diffusion)
@@ -211,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         k: getattr(gen, k)
         for k in ("sampler", "steps", "cfg_scale", "guidance_max_t", "temperature", "top_k", "top_p")
     }
-    meta = {"prompt": args.prompt, "prompt_images": args.image, "checkpoint": str(loaded.path), "seeds": seeds,
+    meta = {"prompt": args.prompt, "prompt_given": text, "prompt_images": args.image, "checkpoint": str(loaded.path), "seeds": seeds,
             "settings": settings}  # fmt: skip
     (out / "output.json").write_text(json.dumps({**meta, "outputs": record}, indent=2, ensure_ascii=False))
     (out / "output.md").write_text("".join(md))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
+from transfusion.commands.generate import add_relation_wording_option, in_reading_order
 from transfusion.commands.options import add_checkpoint_option, add_device_option, note, pick_device
 from transfusion.errors import UserError
 
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preview-every", type=int, default=10, help="denoising steps between previews (default 10; 0: none)"
     )
+    add_relation_wording_option(p)
 
 
 def is_local(host: str) -> bool:
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     note(f"serving {loaded.path} on http://{args.host}:{args.port} ({auth}); "
          f"{args.max_batch} rows, queue {args.max_queue}; API at /docs")  # fmt: skip
     try:
-        uvicorn.run(make_app(loop, limits), host=args.host, port=args.port, log_level="warning")
+        app = make_app(loop, limits, in_reading_order(args, loaded.config.data))
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         loop.stop()
     return 0

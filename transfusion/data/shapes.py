@@ -223,6 +223,13 @@ def reading_order(text: str) -> str:
     return text
 
 
+def trained_in_reading_order(data: Any) -> bool:
+    """Whether a model trained on ``data`` (a ``DataConfig``) only ever read relations stated in reading
+    order (the shapes source with ``canonical_relations`` 1): it never saw "below" or "to the right of",
+    so its prompts are best given rewritten with ``reading_order``."""
+    return data.source == "shapes" and data.canonical_relations >= 1
+
+
 def parse_phrase(words: list[str]) -> dict[str, Any] | None:
     """The object of a phrase as ``_phrase`` and the colour template write them: ``[article] [size]
     [colour] shape(s)`` or ``a shape colored colour``; None when the words are not one."""
@@ -265,6 +272,7 @@ class ShapesDataset:
         descriptive: float = 0.0,
         position_share: float | None = None,
         canonical_relations: float = 0.0,
+        pairs_in_reading_order: bool = False,
     ):
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"shape scenes need image_size >= {MIN_IMAGE_SIZE}, got {image_size}")
@@ -284,7 +292,7 @@ class ShapesDataset:
             )
         self.image_size, self.seed, self.max_objects = image_size, seed, max_objects
         self.descriptive, self.position_share = descriptive, position_share
-        self.canonical_relations = canonical_relations
+        self.canonical_relations, self.pairs_in_reading_order = canonical_relations, pairs_in_reading_order
         self.length = DEFAULT_LENGTH if length is None else length
 
     def __len__(self) -> int:
@@ -309,6 +317,13 @@ class ShapesDataset:
         if self.canonical_relations and spec["relation"] and rng.random() < self.canonical_relations:
             spec = canonical(spec)
             text = caption_for(spec, rng)
+        if (
+            self.pairs_in_reading_order
+            and spec["kind"] in ("two_objects", "color_attr")
+            and scene.relation(0, 1) in READING_ORDER
+        ):  # "X and Y" with the upper or left object first, as relation captions in canonical wording
+            spec = {**spec, "objects": spec["objects"][::-1]}
+            text = caption_for(spec, rng)
         return Record(
             render(scene, self.image_size),
             text,
@@ -319,6 +334,7 @@ class ShapesDataset:
         more = f", descriptive={self.descriptive}" if self.descriptive else ""
         more += f", position_share={self.position_share}" if self.position_share is not None else ""
         more += f", canonical_relations={self.canonical_relations}" if self.canonical_relations else ""
+        more += ", pairs_in_reading_order=True" if self.pairs_in_reading_order else ""
         return f"shapes(size={self.image_size}, seed={self.seed}, max_objects={self.max_objects}{more})"
 
 

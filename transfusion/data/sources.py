@@ -151,6 +151,7 @@ class ShapesSource:
             cfg.descriptive_captions,
             cfg.position_share,
             cfg.canonical_relations,
+            cfg.pairs_in_reading_order,
         )
         self.skipped: Counter[str] = Counter()
 

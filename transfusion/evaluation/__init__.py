@@ -30,11 +30,14 @@ def evaluate_checkpoint(
     seed: int = 0,
     inception: str | None = None,
     guidance_max_t: int | None = -1,
+    in_reading_order: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics, details for the report) of a model trained on the shape scenes or Fashion-MNIST
     (``prompts_per_kind`` is then per class); writes ``metrics.json`` in ``out_dir``. Images are
     sampled with the checkpoint's settings unless ``steps``, ``sampler``, ``cfg_scale`` or
-    ``guidance_max_t`` (-1: the checkpoint's; None: every step) say otherwise."""
+    ``guidance_max_t`` (-1: the checkpoint's; None: every step) say otherwise. ``in_reading_order``
+    (shape scenes): prompts given to the model with their relation in reading order (None: when the
+    model was trained on relations stated only that way)."""
     source = config.data.source
     if source == "fashion_mnist":
         from transfusion.evaluation.fashion import evaluate_fashion
@@ -49,4 +52,5 @@ def evaluate_checkpoint(
     from transfusion.evaluation.shapes import evaluate
 
     return evaluate(model, tokenizer, vae, config, out_dir, prompts_per_kind, captions, steps, sampler,
-                    cfg_scale, seed, inception, guidance_max_t=guidance_max_t)  # fmt: skip
+                    cfg_scale, seed, inception, guidance_max_t=guidance_max_t,
+                    in_reading_order=in_reading_order)  # fmt: skip

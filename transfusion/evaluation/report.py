@@ -83,6 +83,7 @@ def _cells(items: list[tuple[Image.Image, str, bool | None]]) -> str:
 
 
 EXTRA = ("geneval_well_formed", "geneval_position_objects", "geneval_position_axis", "geneval_position_order",
+         "geneval_position_as_written", "geneval_position_order_as_written", "geneval_overall_as_written",
          "caption_accuracy", "caption_accuracy_strict", "caption_relation_order", "caption_cider_d",
          "vae_psnr_val")  # fmt: skip
 """Scores shown under the per-kind table (those a run has)."""
@@ -110,6 +111,12 @@ def headline(metrics: dict[str, Any]) -> str:
             f"<tr><td>blank images</td>{blank}</tr>{extra}</table>")  # fmt: skip
 
 
+def _label(prompt: str, row: dict[str, Any]) -> str:
+    """The prompt, and the text the model was given where that differs (relations in reading order)."""
+    asked = row.get("asked", prompt)
+    return prompt if asked == prompt else f"{prompt} (given as: {asked})"
+
+
 def failures_beside_successes(details: dict[str, Any], per_kind: int = 4) -> str:
     """For every kind: up to ``per_kind`` failed generations (red) beside successful ones (green)."""
     rows = list(zip(details.get("pairs", []), details.get("composition", [])))
@@ -117,8 +124,8 @@ def failures_beside_successes(details: dict[str, Any], per_kind: int = 4) -> str
     out = []
     for kind in kinds:
         mine = [(p, im, r) for (p, im), r in rows if r["kind"] == kind]
-        bad = [(im, p.text, False) for p, im, r in mine if not r["correct"]][:per_kind]
-        good = [(im, p.text, True) for p, im, r in mine if r["correct"]][:per_kind]
+        bad = [(im, _label(p.text, r), False) for p, im, r in mine if not r["correct"]][:per_kind]
+        good = [(im, _label(p.text, r), True) for p, im, r in mine if r["correct"]][:per_kind]
         right = sum(bool(r["correct"]) for *_, r in mine)
         out.append(f"<h3>{html.escape(kind.replace('_', ' '))}: {right} of {len(mine)} right</h3><div class='side'>"
                    f"<div><p class='muted'>failed</p>{_cells(bad)}</div><div><p class='muted'>right</p>{_cells(good)}"

@@ -36,7 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfusion.data.shapes import COLORS, KINDS, SHAPES, Scene, ShapesDataset, caption_for, eval_prompts
+from transfusion.data.shapes import (
+    COLORS,
+    KINDS,
+    SHAPES,
+    Scene,
+    ShapesDataset,
+    caption_for,
+    eval_prompts,
+    reading_order,
+    trained_in_reading_order,
+)
 from transfusion.evaluation import metrics as M
 from transfusion.evaluation.common import prepare
 from transfusion.evaluation.scenes import (
@@ -164,26 +174,57 @@ def ladder_scores(extractor: nn.Module, n: int = 120, image_size: int = 32) -> d
 
 # --- the evaluations -----------------------------------------------------------------------------------
 def composition(
-    decoder: Decoder, vae: Any, n_per_kind: int, gen: GenerationConfig, image_size: int, seed: int
+    decoder: Decoder,
+    vae: Any,
+    n_per_kind: int,
+    gen: GenerationConfig,
+    image_size: int,
+    seed: int,
+    in_reading_order: bool = False,
 ) -> tuple[dict[str, float], list[dict], list]:
     """Images for ``n_per_kind`` held-out prompts of each GenEval kind, judged by the detector:
-    (scores per kind and overall, with blank-image rates; a row per image; (prompt, image) pairs)."""
+    (scores per kind and overall, with blank-image rates; a row per image; (prompt, image) pairs).
+
+    ``in_reading_order``: the model is given each prompt with its relation stated in reading order
+    (``data.shapes.reading_order``: "X below Y" -> "Y above X", the same scene), for a model trained on
+    captions that only ever name the upper or left object first; images are still judged against the
+    prompt as written. The prompts the rewrite changes are then also drawn as written (same seeds), and
+    ``position_as_written``, ``position_order_as_written`` and ``overall_as_written`` score those."""
     prompts = eval_prompts(n_per_kind, seed=seed, image_size=image_size)
-    latents = torch.stack(
-        text_to_image(decoder, [p.text for p in prompts], gen, seeds=list(range(len(prompts))))
-    )
-    images = decode_latents(vae, latents)
-    rows = []
-    for p, im in zip(prompts, images):
-        found, form = read_scene(im)
-        rows.append({"prompt": p.text, "kind": p.meta["kind"], "correct": judge_image(found, p.meta["spec"]),
-                     "blank": not found.objects, "found": len(found.objects), "well_formed": sum(form),
-                     "relation": relation_outcome(found, p.meta["spec"])})  # fmt: skip
+    asked = [reading_order(p.text) if in_reading_order else p.text for p in prompts]
+    images = draw(decoder, vae, asked, gen, list(range(len(prompts))))
+    rows = [judged(p, text, im) for p, text, im in zip(prompts, asked, images)]
     scores = M.composition_scores([(r["kind"], r["correct"]) for r in rows])
     scores.update(blank_rates(rows))
     scores["well_formed"] = well_formed_share(rows)
     scores.update(relation_scores([r["relation"] for r in rows]))
+    if in_reading_order:
+        changed = [i for i, (p, text) in enumerate(zip(prompts, asked)) if text != p.text]
+        written = list(rows)
+        redrawn = draw(decoder, vae, [prompts[i].text for i in changed], gen, changed) if changed else []
+        for i, im in zip(changed, redrawn):
+            written[i] = judged(prompts[i], prompts[i].text, im)
+        plain = M.composition_scores([(r["kind"], r["correct"]) for r in written])
+        scores["position_as_written"] = plain["position"]
+        scores["overall_as_written"] = plain["overall"]
+        order = relation_scores([r["relation"] for r in written])["position_order"]
+        scores["position_order_as_written"] = order
     return scores, rows, list(zip(prompts, images))
+
+
+def draw(decoder: Decoder, vae: Any, texts: list[str], gen: GenerationConfig, seeds: list[int]) -> list:
+    """Text-to-image for ``texts`` (one seed each), decoded to PIL images."""
+    return decode_latents(vae, torch.stack(text_to_image(decoder, texts, gen, seeds=seeds)))
+
+
+def judged(prompt: Any, asked: str, image: Any) -> dict[str, Any]:
+    """One generated image read by the detector and judged against ``prompt`` (a Record), as a row;
+    ``asked``: the text the model was given."""
+    found, form = read_scene(image)
+    spec = prompt.meta["spec"]
+    return {"prompt": prompt.text, "asked": asked, "kind": prompt.meta["kind"], "correct": judge_image(found, spec),
+            "blank": not found.objects, "found": len(found.objects), "well_formed": sum(form),
+            "relation": relation_outcome(found, spec)}  # fmt: skip
 
 
 def relation_scores(outcomes: list[str | None]) -> dict[str, float | None]:
@@ -314,14 +355,19 @@ def evaluate(
     inception: str | None = None,
     fd_cache: str | Path | None = None,
     guidance_max_t: int | None = -1,
+    in_reading_order: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run every evaluation; returns (metrics, details for the report) and writes metrics.json. The FD
-    feature classifier is trained once per ``fd_cache`` directory (default ``out_dir``)."""
+    feature classifier is trained once per ``fd_cache`` directory (default ``out_dir``).
+    ``in_reading_order`` (see ``composition``; None: when the model was trained that way,
+    ``trained_in_reading_order``)."""
     start = time.time()
+    if in_reading_order is None:
+        in_reading_order = trained_in_reading_order(config.data)
     out, decoder, gen = prepare(model, tokenizer, config, out_dir, sampler, steps, cfg_scale, guidance_max_t)
     size = vae.config.image_size
     t0 = time.time()
-    comp, comp_rows, pairs = composition(decoder, vae, n_per_kind, gen, size, seed + 100)
+    comp, comp_rows, pairs = composition(decoder, vae, n_per_kind, gen, size, seed + 100, in_reading_order)
     per_image = (time.time() - t0) / max(1, len(pairs))
     cap, cap_rows = captioning(decoder, vae, n_captions, size, seed + 200)
     metrics: dict[str, Any] = {f"geneval_{k}": v for k, v in comp.items()}
@@ -335,6 +381,7 @@ def evaluate(
             "eval_steps": gen.steps,
             "eval_cfg": gen.cfg_scale,
             "eval_guidance_max_t": gen.guidance_max_t,
+            "eval_prompts_in_reading_order": in_reading_order,
             "sample_seconds_per_image": per_image,
             "eval_seconds": time.time() - start,
         }

@@ -23,6 +23,7 @@ EXPERIMENT_MODEL = [
     "diffusion.guidance_max_t=null",
     "data.caption_first_prob=0.8",
     "data.canonical_relations=0",  # either wording, as the scenes state them (the demo names the upper first)
+    "data.pairs_in_reading_order=false",
     "train.batch_size=16",
     "train.lr=1e-3",
     "train.min_lr=1e-4",

@@ -38,6 +38,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from transfusion.data.shapes import reading_order
 from transfusion.generate import GenerationConfig
 from transfusion.serve.images import DEFAULT_MAX_PIXELS, BadImage, read_upload
 from transfusion.serve.worker import Busy, EngineLoop, Job
@@ -103,10 +104,12 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     )
 
 
-def make_app(loop: EngineLoop, limits: ServeLimits) -> FastAPI:
+def make_app(loop: EngineLoop, limits: ServeLimits, reading_order: bool = False) -> FastAPI:
     """The FastAPI app: the routes of ``Service`` behind the body limit and (with a key) the
-    bearer-token check, the page and its files, one-line errors."""
-    service = Service(loop, limits)
+    bearer-token check, the page and its files, one-line errors. ``reading_order``: prompt texts that
+    state a shape-scene relation reach the model in reading order (``data.shapes.reading_order``), for a
+    model trained on relations stated only that way."""
+    service = Service(loop, limits, reading_order)
     app = FastAPI(title="transfusion serve", version="1", description=__doc__.split("\n\n")[0])
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
@@ -126,8 +129,9 @@ def make_app(loop: EngineLoop, limits: ServeLimits) -> FastAPI:
 class Service:
     """The routes, on the one decoding loop."""
 
-    def __init__(self, loop: EngineLoop, limits: ServeLimits):
+    def __init__(self, loop: EngineLoop, limits: ServeLimits, reading_order: bool = False):
         self.loop, self.limits, self.decoder = loop, limits, loop.decoder
+        self.reading_order = reading_order
         self.cfg = self.decoder.model.cfg
         self.image_size = self.cfg.latent_size * (loop.vae.config.downsample if loop.vae is not None else 1)
 
@@ -156,9 +160,11 @@ class Service:
         if body.n > self.limits.max_images:
             raise HTTPException(422, f"n={body.n}: at most {self.limits.max_images} images a request")
         gen = self.settings(body, force_image=True, stop_after_image=True, max_images=1)
-        j = self.job("images", [[body.prompt]] * body.n, gen, body.seed, force=True, stream=body.stream)
+        prompt = self.worded(body.prompt)
+        j = self.job("images", [[prompt]] * body.n, gen, body.seed, force=True, stream=body.stream)
         return await self.answer(j, request, body.stream, lambda out: {
-            "images": [{"png": first_image(o), "seed": body.seed + i} for i, o in enumerate(out)], "settings": public(gen)})  # fmt: skip
+            "images": [{"png": first_image(o), "seed": body.seed + i} for i, o in enumerate(out)], "settings": public(gen),
+            "prompt_given": prompt})  # fmt: skip
 
     async def caption(
         self,
@@ -185,7 +191,7 @@ class Service:
             if (seg.text is None) == (seg.image is None):
                 raise HTTPException(422, f"segment {k}: give exactly one of 'text' and 'image'")
             if seg.text is not None:
-                prompt.append(seg.text)
+                prompt.append(self.worded(seg.text))
                 continue
             try:
                 data = base64.b64decode(seg.image, validate=True)
@@ -215,11 +221,17 @@ class Service:
             raise HTTPException(400, f"n={body.n}: at most {self.limits.max_images} images a request")
         sampling = Sampling(steps=body.num_inference_steps, guidance=body.guidance_scale, seed=body.seed)
         gen = self.settings(sampling, force_image=True, stop_after_image=True, max_images=1)
-        j = self.job("images", [[body.prompt]] * body.n, gen, body.seed, force=True, stream=False)
+        prompt = self.worded(body.prompt)
+        revised = prompt if prompt != body.prompt else None
+        j = self.job("images", [[prompt]] * body.n, gen, body.seed, force=True, stream=False)
         return await self.answer(j, request, False, lambda out: {
-            "created": int(time.time()), "data": [{"b64_json": first_image(o), "revised_prompt": None} for o in out]})  # fmt: skip
+            "created": int(time.time()), "data": [{"b64_json": first_image(o), "revised_prompt": revised} for o in out]})  # fmt: skip
 
     # --- shared --------------------------------------------------------------------------------------
+    def worded(self, text: str) -> str:
+        """The text the model is given: a relation in reading order for a model that reads no other."""
+        return reading_order(text) if self.reading_order else text
+
     def settings(self, s: Sampling, **kw: Any) -> GenerationConfig:
         try:
             gen = GenerationConfig(steps=s.steps, cfg_scale=s.guidance, guidance_max_t=s.guidance_max_t,

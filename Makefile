@@ -16,9 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	@# torch first, so that resolving the project never pulls a multi-GB CUDA build onto a CPU machine
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
-	  if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install "torch>=2.5"; \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install "torch>=2.9"; \
 	  else $(PIP) install "torch==$(TORCH_CPU_VERSION)" 2>/dev/null \
-	    || $(PIP) install --index-url https://download.pytorch.org/whl/cpu "torch>=2.5"; fi; \
+	    || $(PIP) install --index-url https://download.pytorch.org/whl/cpu "torch>=2.9"; fi; \
 	fi
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@

@@ -9,7 +9,12 @@
 #   4. how long a checkpoint stops training, synchronous against train.async_checkpoint (0.16B);
 #   5. the loader's images/s on this machine's cores (JPEG WebDataset with 0-8 workers, latent shards);
 #   6. the side-by-side with transfusion-pytorch (needs PyPI; skipped where there is no network);
-#   7. modality-specific weights (small against small-mot) and `transfusion serve` under 16 clients.
+#   7. modality-specific weights (small against small-mot) and `transfusion serve` under 16 clients;
+#   8. with 2 GPUs or more, the multi-process fault matrix on NCCL (benchmarks/gpu_faults.py): DDP and
+#      FSDP2 through text-only micro-batches and a NaN on rank 1, accumulation against one big batch,
+#      FSDP2's reduce-scatters per step, bf16 under FSDP2 against DDP (the GPU-only tests of step 1
+#      already cover CUDA graphs on cuda:1 and uploads encoded while a capture runs).
+# At the end, benchmarks/gpu_summary.py prints one screen of the numbers, to paste into RESULTS.md.
 # Usage: benchmarks/gpu.sh [OUT]   (default bench-gpu/); needs the package installed (make venv).
 # Each step has its own time limit and a failed step does not stop the others; the summary at the
 # end says which ran.
@@ -46,5 +51,13 @@ step save-time 240 $py benchmarks/save_time.py --preset 0.16B --device cuda --ou
 step data-rate 300 $py benchmarks/data_rate.py --workers 0 1 2 4 8 --out "$out"
 step compare 300 $py benchmarks/compare_transfusion_pytorch.py --device cuda --width 1024 --heads 16 --text 64 \
     --latent-size 16 --their-depth 12 --rounds 2 --steps 10 --sample-steps 50 --out "$out"
+gpus=$($py -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -ge 2 ]; then
+  step multi-gpu-faults 600 $py benchmarks/gpu_faults.py --out "$out/faults"
+else
+  echo "=== multi-gpu-faults: skipped (one GPU)"
+  status+=("multi-gpu-faults: skipped (one GPU)")
+fi
 echo "=== summary"
 printf '%s\n' "${status[@]}" | tee "$out/summary.txt"
+$py benchmarks/gpu_summary.py "$out" | tee "$out/summary.md"

@@ -42,7 +42,7 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = Config(model=preset(args.preset), train=TrainConfig(keep_last=1))
     model = Transfusion(cfg.model).to(device)
-    opt = make_optimizer(model, cfg.train, fused=device.type == "cuda")
+    opt = make_optimizer(model, cfg.train)
     batch = synthetic_batch(cfg.model, 1, cfg.model.patches_per_image + 64).to(device)
     train_step(
         model, opt, [batch], make_schedule(DiffusionConfig()), DiffusionConfig(), lr=1e-4, grad_clip=1.0

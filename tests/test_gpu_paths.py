@@ -125,6 +125,98 @@ def test_cuda_graphs_on_any_device_equal_eager_and_replay_across_calls(index):
     assert captured > 0 and len(graphed.steps.static.graphs) == captured  # the second call captured nothing
 
 
+def test_capture_runs_on_a_stream_of_the_models_device_holding_the_capture_lock(monkeypatch):
+    """CUDA faked: the capture is given a stream made on the model's device (PyTorch's default capture
+    stream is made once per process on whichever device was current, so a decoder on cuda:1 after one
+    on cuda:0 captured on cuda:0's stream), and holds ``CAPTURE_LOCK`` while it records."""
+    seen = {}
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def __init__(self, graph, pool=None, stream=None):
+            seen["stream"] = stream
+
+        def __enter__(self):
+            seen["locked"] = decode_graphs.CAPTURE_LOCK.locked()
+
+        def __exit__(self, *exc):
+            return False
+
+    fake = torch.cuda
+    monkeypatch.setattr(fake, "Stream", Stream)
+    monkeypatch.setattr(fake, "stream", lambda s: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(fake, "device", lambda d: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(fake, "current_stream", lambda d=None: Stream(d))
+    monkeypatch.setattr(fake, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(fake, "graph", Graph)
+    g = decode_graphs.StepGraph(lambda x: x * 2, [torch.ones(2)], torch.device("cuda:1"), None)
+    assert seen["stream"].device == torch.device("cuda:1") and seen["locked"]
+    assert torch.equal(g.output, torch.full((2,), 2.0)) and not decode_graphs.CAPTURE_LOCK.locked()
+
+
+def test_an_upload_waits_for_a_capture_in_progress(monkeypatch):
+    """``serve`` encodes uploads on a worker thread: while the decoder's thread captures (the lock held)
+    the upload waits, then goes through."""
+    import threading
+
+    from transfusion import vae as vae_module
+    from transfusion.serve.app import encode_beside_decoding
+
+    monkeypatch.setattr(vae_module, "encode_images", lambda vae, images: [torch.zeros(1)])
+    done = threading.Event()
+    with decode_graphs.CAPTURE_LOCK:
+        worker = threading.Thread(target=lambda: (encode_beside_decoding(None, "image"), done.set()))
+        worker.start()
+        assert not done.wait(0.3)  # a capture is recording: the upload has not touched the GPU
+    assert done.wait(5)
+    worker.join()
+
+
+@needs_cuda
+def test_uploads_encoded_during_captures_leave_graphs_on():
+    """Uploads encoded through the VAE on another thread while the decoder captures: no capture fails
+    (graphs stay on) and the images equal eager decoding."""
+    import threading
+
+    from transfusion.config import VAEConfig
+    from transfusion.serve.app import encode_beside_decoding
+    from transfusion.vae import KLVAE
+
+    vae = KLVAE(VAEConfig(image_size=16, base_channels=8)).cuda().eval()
+    stop, errors = threading.Event(), []
+
+    def upload_loop():
+        from PIL import Image as PILImage
+
+        image = PILImage.new("RGB", (16, 16), "red")
+        while not stop.is_set():
+            try:
+                encode_beside_decoding(vae, image)
+            except Exception as e:  # reported below
+                errors.append(e)
+
+    model, prompts = model_and_prompts()
+    model = model.cuda()
+    prompts = [[s.cuda() if isinstance(s, torch.Tensor) else s for s in p] for p in prompts]
+    graphed = Decoder(model, IdTokenizer(), DiffusionConfig(objective="flow"), graphs=True)
+    uploader = threading.Thread(target=upload_loop)
+    uploader.start()
+    try:
+        got = graphed.generate(prompts, GEN, [1, 2, 3], [True, False, False])
+    finally:
+        stop.set()
+        uploader.join()
+    assert not errors and graphed.steps.static.capture and graphed.steps.static.graphs
+    eager = Decoder(model, IdTokenizer(), DiffusionConfig(objective="flow"), static=False, graphs=False)
+    same(got, eager.generate(prompts, GEN, [1, 2, 3], [True, False, False]), tol=1e-3)
+
+
 # --- 4. the block mask, compiled -------------------------------------------------------------------
 def block_mask_inputs(device="cpu"):
     doc = torch.zeros(2, 256, dtype=torch.long, device=device)

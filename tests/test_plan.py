@@ -108,9 +108,9 @@ def test_block_formula_is_what_autograd_saves(mode, dtype, kv_heads):
     assert measured == L * block_bytes(cfg, precision(dtype, mode), "sdpa", L)
     D, F, H = cfg.dim, cfg.ffn_dim, cfg.n_heads
     hand = {  # bytes per position, spelled out (SDPA repeats grouped k/v heads to D)
-        "fp32": 2 * (8 * D + 4) + 4 * (D + 3 * D + 2 * D) + 4 * H + 4 * L + 4 * (D + 4 * F),
-        "single": 2 * (8 * D + 4) + 2 * (3 * D + 3 * D + 2 * D) + 4 * H + 2 * L + 2 * (2 * D + 4 * F),
-        "fsdp": 2 * (6 * D + 4) + 2 * (D + 3 * D + 2 * D) + 4 * H + 2 * L + 2 * (D + 4 * F),
+        "fp32": 2 * (8 * D + 4) + 4 * (D + 2 * D + 2 * D) + 4 * H + 4 * L + 4 * (D + 4 * F),
+        "single": 2 * (8 * D + 4) + 2 * (3 * D + 2 * D + 2 * D) + 4 * H + 2 * L + 2 * (2 * D + 4 * F),
+        "fsdp": 2 * (6 * D + 4) + 2 * (D + 2 * D + 2 * D) + 4 * H + 2 * L + 2 * (D + 4 * F),
     }[kind]
     assert measured == L * hand
 

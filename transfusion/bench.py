@@ -165,7 +165,7 @@ def bench_train(
     compiled = wrapped.compiled
     batch = synthetic_batch(cfg, batch_size, seq_len).to(device)
     dc = DiffusionConfig()
-    opt = make_optimizer(model, tc, fused=device.startswith("cuda"))
+    opt = make_optimizer(model, tc)
     schedule = make_schedule(dc)
 
     def step() -> None:

@@ -304,16 +304,41 @@ def save_sharded(
     """Every rank writes its part of ``tensors`` (its DTensor shards; replicated tensors are shared out
     between ranks) into ``directory``, one safetensors file per rank; all ranks call it. With
     ``background`` the tensors are copied to host memory now and written in a thread (collectives on
-    ``group``, a gloo group): returns a future, else None once written."""
+    ``group``, a gloo group). Returns a ``ShardedSave``: ``result()`` waits for the write and gives, on
+    rank 0, the files every rank wrote."""
     import torch.distributed.checkpoint as dcp
 
-    writer = dcp.HuggingFaceStorageWriter(
-        str(directory), save_distributed=True, fqn_to_index_mapping=file_groups(tensors)
-    )
+    class Writer(dcp.HuggingFaceStorageWriter):
+        written: list[str] | None = None
+
+        def finish(self, metadata: Any, results: list[list[Any]]) -> None:
+            # rank 0 (DCP's coordinator) receives every rank's write results: the files to expect
+            self.written = sorted({Path(w.storage_data.relative_path).name for rs in results for w in rs})
+            return super().finish(metadata, results)
+
+    writer = Writer(str(directory), save_distributed=True, fqn_to_index_mapping=file_groups(tensors))
     if background:
-        return dcp.async_save(tensors, storage_writer=writer, process_group=group)
+        return ShardedSave(dcp.async_save(tensors, storage_writer=writer, process_group=group), writer)
     dcp.save(tensors, storage_writer=writer)
-    return None
+    return ShardedSave(None, writer)
+
+
+@dataclass
+class ShardedSave:
+    """A sharded save under way (``future``) or done (None)."""
+
+    future: Any
+    writer: Any
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def result(self) -> list[str] | None:
+        """Wait for the write (its error raises here); the files every rank wrote, as DCP's coordinator
+        recorded them (rank 0), else None."""
+        if self.future is not None:
+            self.future.result()
+        return self.writer.written
 
 
 def file_groups(tensors: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -447,6 +447,9 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     """'none', 'full' (every block keeps only its input and recomputes the rest in the backward pass)
     or 'every:K' (blocks 0, K, 2K, ... do): less activation memory for about a third more compute."""
+    dist_timeout: float = 900.0
+    """Seconds a collective waits for the slowest process under torchrun before the run stops with an
+    error (a lost or stuck rank); it must cover the longest time one rank works while others wait."""
     async_checkpoint: bool = False
     """Write checkpoints in a background thread: training waits only for the copy to host memory."""
     tokenizer: str | None = None
@@ -464,6 +467,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "keep_last", "log_every",
                      "ckpt_every", "eval_batches"):  # fmt: skip
             _positive(name, getattr(self, name))
+        _positive("dist_timeout", self.dist_timeout)
         for name in ("eval_every", "sample_every", "max_bad_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")

@@ -72,17 +72,19 @@ def draw_noise(
 
     An image with a seed draws both from its own generator, so they follow the sample wherever it is
     trained; the others draw from ``generator``. Fixed timesteps (t >= 0) are kept. Images placed
-    before their caption draw t <= noise_limit (``diffusion.sample_timesteps(limited=...)``)."""
+    before their caption draw t <= noise_limit (``diffusion.sample_timesteps(limited=...)``). What
+    it reads of the batch comes from its host copy (``MixedBatch.on_host``): no wait for a GPU."""
     N, shape = batch.num_images, tuple(batch.latents.shape[1:])
-    limited = batch.noise_limited.cpu()
-    seeds = batch.noise_seeds.cpu() if batch.noise_seeds is not None else torch.full((N,), -1)
+    host = batch.on_host()
+    limited = host.noise_limited
+    seeds = host.noise_seeds if host.noise_seeds is not None else torch.full((N,), -1)
     t = diffusion.sample_timesteps(N, cfg, generator, limited=limited)
     noise = torch.randn((N, *shape), generator=generator)
     for i in (seeds >= 0).nonzero().flatten().tolist():
         g = torch.Generator().manual_seed(int(seeds[i]))
         t[i] = diffusion.sample_timesteps(1, cfg, g, limited=limited[i : i + 1])[0]
         noise[i] = torch.randn(shape, generator=g)
-    fixed = batch.timesteps.cpu()
+    fixed = host.timesteps
     return torch.where(fixed >= 0, fixed, t), noise
 
 

@@ -119,9 +119,10 @@ class Transfusion(nn.Module):
         """Modality-specific weights (Mixture-of-Transformers): a text and an image copy per block."""
         return self.cfg.modality_weights == "mot"
 
-    def route(self, image_index: Tensor) -> Routing:
-        """Which positions take the image copies (patches; BOI and EOI are text), or None (shared)."""
-        return Route.of(image_index > 0) if self.mot else None
+    def route(self, image_index: Tensor, num_images: int) -> Routing:
+        """Which positions take the image copies (patches; BOI and EOI are text), or None (shared);
+        ``num_images`` images of ``patches_per_image`` positions each (known on the host)."""
+        return Route.of(image_index > 0, num_images * self.cfg.patches_per_image) if self.mot else None
 
     def backend(self, device: torch.device) -> str:
         if self.cfg.attention == "auto":
@@ -183,7 +184,7 @@ class Transfusion(nn.Module):
         cos, sin = self.rope(positions, axial)
         new_kv = []
         for i, block in enumerate(self.layers):
-            x, kv = block(x, cos, sin, mask, None if past is None else past[i], route)
+            x, kv = block(x, cos, sin, mask, None if past is None else past[i], route, keep_kv)
             if keep_kv:
                 new_kv.append(kv)
         return self.norm(x), new_kv
@@ -191,7 +192,10 @@ class Transfusion(nn.Module):
     def image_outputs(self, h: Tensor, patch_mask: Tensor, ctx: Any, num_images: int) -> Tensor:
         """Hidden states at patch positions -> latent-shaped predictions (N, C, H, W)."""
         n = self.cfg.patches_per_image
-        hp = h[patch_mask].view(num_images, n, -1)  # (N, n, D)
+        # the patch positions in order, from a stable sort with the count the host knows: ``h[patch_mask]``
+        # would be a nonzero, whose output size the host waits for
+        order = torch.argsort(patch_mask.reshape(-1).to(torch.uint8), stable=True, descending=True)
+        hp = h.reshape(-1, h.shape[-1])[order[: num_images * n]].view(num_images, n, -1)  # (N, n, D)
         return self.patcher.decode(hp, ctx)
 
     # --- the training / scoring forward ----------------------------------------------------------
@@ -201,7 +205,7 @@ class Transfusion(nn.Module):
         patch_mask = batch.patch_mask
         x, ctx = self.embed(batch.ids, patch_mask, batch.latents, batch.timesteps)  # (B, L, D)
         mask = self.attention_mask(batch.doc_ids, batch.image_index)
-        route = self.route(batch.image_index)
+        route = self.route(batch.image_index, batch.num_images)
         h, _ = self.trunk(
             x, batch.positions, mask, image_index=batch.image_index, keep_kv=False, route=route
         )  # (B, L, D)
@@ -210,7 +214,24 @@ class Transfusion(nn.Module):
             image_pred = self.image_outputs(h, patch_mask, ctx, batch.num_images)
         else:
             image_pred = batch.latents.new_zeros(batch.latents.shape)
+            if self.patcher is not None and torch.is_grad_enabled():
+                image_pred = image_pred + 0.0 * self.idle_image_term(x)
         return ModelOutput(logits=logits, image_pred=image_pred.float())
+
+    def idle_image_term(self, like: Tensor) -> Tensor:
+        """A zero that depends on every image-side parameter outside the trunk (the patcher in and
+        out, its timestep MLP, the patch-place vectors): one blank latent through the patcher.
+
+        A micro-batch that holds only text would otherwise leave them out of the backward pass, and
+        under torchrun that breaks the step: DDP (``find_unused_parameters=False``) waits for their
+        gradients forever or dies with "Expected to have finished reduction", and FSDP2's ranks
+        reduce-scatter different sets of gradients. Added times 0 to the (empty) image prediction,
+        every parameter gets a gradient (zero) on every rank, whatever its micro-batch holds; the
+        image copies of an MoT trunk take part through their (empty) share of the positions."""
+        c = self.cfg
+        blank = like.new_zeros(1, c.latent_channels, c.latent_size, c.latent_size)
+        patches, ctx = self.patch_vectors(blank, torch.zeros(1, device=like.device, dtype=torch.long))
+        return self.patcher.decode(patches, ctx).float().sum()
 
     # --- decoding: the public cached API -----------------------------------------------------------
     # The caller keeps the keys/values (``generate.KVCache``) and passes, per layer, a ``Prefix`` of
@@ -224,7 +245,7 @@ class Transfusion(nn.Module):
             batch.positions,
             self.attention_mask(batch.doc_ids, batch.image_index, dense=True),
             image_index=batch.image_index,
-            route=self.route(batch.image_index),
+            route=self.route(batch.image_index, batch.num_images),
         )
         rows = torch.arange(h.shape[0], device=h.device)
         return Cached(kv=kv, logits=self.lm_head(h[rows, last.to(h.device)]).float())

@@ -97,6 +97,9 @@ class MixedBatch:
     noise_limited: Tensor  # (N,) bool: image-first images (t <= noise limit)
     noise_seeds: Tensor | None = None  # (N,) long: per-image seed for t and noise, -1 = none
     stats: dict[str, int] = field(default_factory=dict)
+    host: MixedBatch | None = field(default=None, repr=False, compare=False)
+    """The CPU batch this one was moved from (``to``), so that drawing the noise reads its timesteps,
+    seeds and noise-limit flags there instead of waiting for the device; None when built here."""
 
     @property
     def patch_mask(self) -> Tensor:
@@ -113,9 +116,19 @@ class MixedBatch:
             for f in dataclasses.fields(self)
             if isinstance(getattr(self, f.name), Tensor)
         }
-        return dataclasses.replace(self, **moved)
+        host = self.host if self.host is not None else (self if self.ids.device.type == "cpu" else None)
+        return dataclasses.replace(self, **moved, host=host)
+
+    def on_host(self) -> MixedBatch:
+        """This batch's CPU copy (itself when it lives on the CPU): what the host may read for free."""
+        if self.ids.device.type == "cpu":
+            return self
+        return self.host if self.host is not None else self.to("cpu")
 
     def replace(self, **changes: object) -> MixedBatch:
+        """A copy with ``changes``; it keeps ``host`` unless a change touches what the host copy holds."""
+        if {"timesteps", "noise_limited", "noise_seeds", "ids", "image_index"} & changes.keys():
+            changes.setdefault("host", None)
         return dataclasses.replace(self, **changes)
 
 

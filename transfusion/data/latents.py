@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from transfusion import distributed as D
 from transfusion.data.base import Record
 from transfusion.data.workers import ordered
 from transfusion.io import atomic_write_text, load_tensors, save_tensors
@@ -87,6 +88,8 @@ def build_latents(
         and json.loads((out / INDEX).read_text())["count"] == count
     ):
         return out
+    if world > 1:  # ranks wait for rank 0's files below: they must see them (node-local disks do not)
+        D.check_shared_directory(out, "the latent store")
     if rank == 0:
         _begin(out, plan, replace)
     _wait_for(out / BUILD, plan)

@@ -22,18 +22,31 @@ cloned out. The caches' static views and scattered writes are ``KVCache.static_p
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+CAPTURE_LOCK = threading.Lock()
+"""Held while a CUDA graph is being captured. A capture forbids other threads' unsafe CUDA calls
+(an allocation, a synchronising copy) for its duration: work that may run beside decoding on another
+thread, such as ``serve`` encoding an upload with the VAE, takes this lock (``capture_lock``)."""
+
+
+def capture_lock() -> threading.Lock:
+    """The lock to hold around CUDA work done beside the decoder's thread (see ``CAPTURE_LOCK``)."""
+    return CAPTURE_LOCK
+
 
 class StepGraph:
     """A function of device tensors, captured in a CUDA graph over static copies of its inputs, on the
-    device the model is on (not the process's current device: a model on ``cuda:1`` captured on
-    ``cuda:0`` records an empty graph and every replay returns stale outputs). Graphs of one decoder
-    share a memory pool; that is safe because each replay's output is cloned before the next replay."""
+    device the model is on and on a stream of that device (not the process's current device, nor
+    PyTorch's default capture stream, which is made once per process on whichever device was current
+    then: a model on ``cuda:1`` captured there records an empty graph and every replay returns stale
+    outputs). Graphs of one decoder share a memory pool; that is safe because each replay's output is
+    cloned before the next replay."""
 
     def __init__(self, fn: Callable[..., Tensor], inputs: list[Tensor], device: torch.device, pool: Any):
         self.device = device
@@ -46,7 +59,7 @@ class StepGraph:
                     fn(*self.inputs)
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with CAPTURE_LOCK, torch.cuda.graph(self.graph, pool=pool, stream=stream):
                 self.output = fn(*self.inputs)
 
     def __call__(self, *inputs: Tensor) -> Tensor:

@@ -155,13 +155,15 @@ class TextMode:
 
     def tick(self, e: Engine, rows: list[Row]) -> None:
         feed: list[tuple[Row, int]] = []
-        for row in rows:
+        # every row's logits reach the host in one copy (the tick's one wait), not one row at a time
+        host = torch.stack([row.logits for row in rows]).float().cpu() if rows else None
+        for j, row in enumerate(rows):
             room = e.cache.capacity - int(e.cache.lens[row.slot])  # positions left in this row
             if room == 0 or row.n_text >= row.gen.max_new_tokens:
                 e.end(row)
                 continue
-            logits = row.logits.clone()
-            logits[e.banned.to(logits.device)] = float("-inf")
+            logits = host[j]
+            logits[e.banned] = float("-inf")
             if row.n_images >= row.gen.max_images or room < e.n + 2:  # BOI needs BOI + n patches + EOI
                 logits[e.sp.boi] = float("-inf")
             token = sample_token(logits, row.gen, row.generator)
@@ -266,10 +268,15 @@ class CodeMode:
         if not rows:
             return
         lo = e.code_offset
-        for row in rows:
-            logits = row.logits[lo:]
+        guided_rows = [row for row in rows if row.twin_logits is not None]
+        # the rows' code logits (and the twins') reach the host in one copy, not one row at a time
+        host = torch.stack([row.logits[lo:] for row in rows] + [row.twin_logits[lo:] for row in guided_rows])
+        host = host.float().cpu()
+        twin_of = {id(row): len(rows) + k for k, row in enumerate(guided_rows)}
+        for j, row in enumerate(rows):
+            logits = host[j]
             if row.twin_logits is not None:
-                logits = guided(logits, row.twin_logits[lo:], row.gen.cfg_scale)
+                logits = guided(logits, host[twin_of[id(row)]], row.gen.cfg_scale)
             image_gen = dataclasses.replace(
                 row.gen, temperature=row.gen.image_temperature, top_k=0, top_p=1.0
             )

@@ -260,10 +260,8 @@ class Service:
             raise HTTPException(400, "this checkpoint has no VAE, so it cannot read images")
         from starlette.concurrency import run_in_threadpool
 
-        from transfusion.vae import encode_images
-
         image, note = read_upload(data, self.image_size, self.limits.max_image_pixels, name)
-        latent = (await run_in_threadpool(encode_images, self.loop.vae, [image]))[0]
+        latent = (await run_in_threadpool(encode_beside_decoding, self.loop.vae, image))[0]
         return latent, [note] if note else []
 
     async def answer(self, j: Job, request: Request, stream: bool, shape: Any) -> Response:
@@ -301,6 +299,17 @@ class Service:
         finally:
             if any(not row.done for row in j.rows):
                 self.loop.cancel(j)  # the client went away (or the stream was closed) before the end
+
+
+def encode_beside_decoding(vae: Any, image: Any) -> Any:
+    """An upload through the VAE on a worker thread, never while the decoder's thread captures a CUDA
+    graph (a capture forbids other threads' allocations: the upload would fail, and the decoder would
+    turn graphs off for the server's life)."""
+    from transfusion.decoding.graphs import capture_lock
+    from transfusion.vae import encode_images
+
+    with capture_lock():
+        return encode_images(vae, [image])
 
 
 def first_image(output: list[dict[str, Any]]) -> str | None:

@@ -113,11 +113,17 @@ class Checkpointer:
         flight, self.in_flight = self.in_flight, None
         if flight is None:
             return
-        if flight.future is not None:
-            flight.future.result()  # a failed write raises here, on the training thread
+        result = flight.future.result() if flight.future is not None else None  # a failed write raises here
         if self.info.is_main:
-            if self.info.enabled:
-                files = sorted(p.name for p in (flight.tmp / ckpt.SHARDS_DIR).glob("*.safetensors"))
+            if self.info.enabled:  # the files every rank wrote, by DCP's record, each seen here before commit
+                files = result or []
+                unseen = [f for f in files if not (flight.tmp / ckpt.SHARDS_DIR / f).is_file()]
+                if unseen:
+                    raise ValueError(
+                        f"{flight.tmp / ckpt.SHARDS_DIR / unseen[0]} (and {len(unseen) - 1} more) was written by "
+                        "another rank but is not visible here; the run directory must be on a file system "
+                        "every node mounts"
+                    )
                 flight.extra["shard_files"] = files
             ckpt.commit_checkpoint(flight.tmp, self.cfg, self.tokenizer, flight.state,
                                    self.cfg.train.keep_last, flight.extra)  # fmt: skip

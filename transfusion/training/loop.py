@@ -93,6 +93,9 @@ def train(
     bad = BadSteps(tc.max_bad_steps, run.counters["bad_steps_total"])
     log = MetricsLog(run)
     started, interrupted, last_saved = time.time(), False, run.step if run.step else -1
+    if tc.sample_every and not can_sample(run):
+        D.print0("note: no sample grids under FSDP2 (each rank holds a shard of the weights); draw samples "
+                 "from a checkpoint with `transfusion generate --checkpoint RUN`")  # fmt: skip
     bar = tqdm(total=tc.steps, initial=run.step, desc="train", dynamic_ncols=True,
                disable=not (progress and run.info.is_main))  # fmt: skip
     with _Signals() as signals:
@@ -100,7 +103,7 @@ def train(
             batches = [next(loader).to(run.info.device) for loader in run.loaders]
             result = train_step(run.parallel.step_model, run.optimizer, batches, schedule, run.cfg.diffusion,
                                 lr=lr_at(run.step, tc), grad_clip=tc.grad_clip, autocast=run.parallel.autocast())  # fmt: skip
-            bad.record(result.finite, run.step, str(run.out))
+            bad.record(result.finite, run.step + 1, str(run.out), result.bad_ranks)
             if result.finite and run.ema is not None:
                 update_ema(run.ema, run.parallel.model, tc.ema_decay)
             run.step += 1
@@ -145,7 +148,8 @@ def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -
     world = int(os.environ.get("WORLD_SIZE", "1"))
     streams = check_resumable(latest, cfg, world) if latest is not None else world * tc.grad_accum
     tc.grad_accum = streams // world  # a run resumed on fewer processes accumulates more micro-batches
-    info = D.init(tc.device)
+    info = D.init(tc.device, tc.dist_timeout)
+    D.check_shared_directory(out, "the run directory (--out)")  # node-local disks: an error in seconds
     if resume and latest is None:
         D.print0(f"note: {out} holds no checkpoint yet; starting from step 0")
     # the VAE first: the run's config records the autoencoder it actually trains with
@@ -159,7 +163,7 @@ def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -
 
     model, tokenizer, freeze = build_model(cfg)
     parallel = parallelize(model.to(info.device).train(), cfg, info)
-    optimizer = make_optimizer(parallel.model, tc, fused=info.device.type == "cuda")
+    optimizer = make_optimizer(parallel.model, tc)
     if freeze is not None:
         freeze.attach(optimizer)  # frozen rows out of weight decay, before any optimizer state is loaded
     # under FSDP2 the state dict holds this rank's shards: the EMA is sharded like the weights
@@ -238,11 +242,12 @@ def validate(
     was = model.training
     model.eval()
     loader.load_state_dict({"next_index": loader.rank, "carry": None})
-    text = image = 0.0
+    sums = torch.zeros(2, device=device)
     for i in range(batches):
         b = next(loader).to(device)
         losses = training_loss(model, b, schedule, cfg.diffusion, torch.Generator().manual_seed(i))
-        text, image = text + losses.text.item(), image + losses.image.item()
+        sums += torch.stack([losses.text, losses.image]).float()
+    text, image = sums.tolist()
     model.train(was)
     return {"val_text_loss": D.mean_across(text / batches), "val_image_loss": D.mean_across(image / batches)}
 
@@ -287,16 +292,17 @@ class MetricsLog:
         }
         self.window_tokens, self.window_start = 0, time.time()
         if validate_now:
-            record.update(
-                validate(
-                    run.parallel.step_model,
-                    run.val_loader,
-                    run.cfg,
-                    schedule,
-                    tc.eval_batches,
-                    run.info.device,
+            with run.parallel.autocast():  # the precision (and, compiled, the graphs) training uses
+                record.update(
+                    validate(
+                        run.parallel.step_model,
+                        run.val_loader,
+                        run.cfg,
+                        schedule,
+                        tc.eval_batches,
+                        run.info.device,
+                    )
                 )
-            )
         bar.set_postfix(text=f"{record['text_loss']:.3f}", image=f"{record['image_loss']:.3f}",
                         lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
         if self.file:
@@ -323,32 +329,53 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def can_sample(run: Run) -> bool:
-    """Sample grids run on rank 0 alone: fine with whole weights (one process, DDP), not with shards."""
-    return run.info.is_main and run.parallel.whole
+    """Sample grids need whole weights on every process (one process, DDP), not FSDP2's shards."""
+    return run.parallel.whole
 
 
 def save_sample_grid(run: Run, path: Path, prompts: list[str] = SAMPLE_PROMPTS) -> None:
-    """Images for ``prompts`` (the config's sampler, at most 100 steps) in one PNG, prompts beneath."""
+    """The run's sample grid (``draw_sample_grid``) from its current weights; every rank calls it."""
+    draw_sample_grid(run.parallel.model, run.tokenizer, run.cfg, run.vae, path, prompts)
+    run.parallel.model.train()
+
+
+def draw_sample_grid(model: Any, tokenizer: Any, cfg: Config, vae: Any, path: Path,
+                     prompts: list[str] = SAMPLE_PROMPTS) -> None:  # fmt: skip
+    """Images for ``prompts`` (the config's sampler, at most 100 steps, prompt i seeded i) in one PNG
+    with the prompts beneath. Under torchrun every rank draws its share of the prompts (rank r: r, r +
+    world, ...) and rank 0 writes the grid: no rank samples while the others wait for it in a
+    collective (a first grid on a large model compiles and captures graphs, which could outlast the
+    process group's timeout). Each image depends on its prompt and seed, not on the number of
+    processes (to rounding)."""
+    import numpy as np
     from PIL import Image as PILImage
     from PIL import ImageDraw
 
     from transfusion.generate import Decoder, GenerationConfig, text_to_image
     from transfusion.vae import decode_latents
 
-    dec = Decoder(run.parallel.model, run.tokenizer, run.cfg.diffusion)
-    gen = dec.settings(GenerationConfig(steps=min(100, run.cfg.diffusion.sample_steps)))
-    latents = torch.stack(text_to_image(dec, prompts, gen, seeds=list(range(len(prompts)))))
-    images = decode_latents(run.vae, latents)
+    rank, world = (
+        (torch.distributed.get_rank(), torch.distributed.get_world_size()) if D.is_initialized() else (0, 1)
+    )
+    mine = list(range(rank, len(prompts), world))
+    drawn: list[tuple[int, Any]] = []
+    if mine:
+        dec = Decoder(model, tokenizer, cfg.diffusion)
+        gen = dec.settings(GenerationConfig(steps=min(100, cfg.diffusion.sample_steps)))
+        latents = torch.stack(text_to_image(dec, [prompts[i] for i in mine], gen, seeds=mine))
+        drawn = [(i, np.asarray(im)) for i, im in zip(mine, decode_latents(vae, latents))]
+    images = dict(item for part in D.all_gather_object(drawn, host=True) for item in part)
+    if rank != 0:
+        return
     cell = 96
-    grid = PILImage.new("RGB", (cell * len(images), cell + 28), "white")
+    grid = PILImage.new("RGB", (cell * len(prompts), cell + 28), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (im, p) in enumerate(zip(images, prompts)):
-        grid.paste(im.resize((cell, cell), PILImage.NEAREST), (i * cell, 0))
+    for i, p in enumerate(prompts):
+        grid.paste(PILImage.fromarray(images[i]).resize((cell, cell), PILImage.NEAREST), (i * cell, 0))
         draw.text((i * cell + 2, cell + 2), p[:16], fill="black")
         draw.text((i * cell + 2, cell + 14), p[16:32], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
-    run.parallel.model.train()
 
 
 class _Signals:

@@ -98,7 +98,11 @@ def shard(model: nn.Module, dtype: torch.dtype) -> None:
 
     policy = MixedPrecisionPolicy()
     if dtype != torch.float32:
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # cast_forward_inputs=False: FSDP2 would otherwise cast every floating input of a block to
+        # bf16, RoPE's fp32 cos/sin tables included, which DDP, one process and decoding keep in fp32
+        policy = MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)

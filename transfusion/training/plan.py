@@ -13,8 +13,10 @@ takes seconds on a laptop. Every byte is counted as the training step of this pa
   count to this formula byte for byte). With r the residual stream's bytes and c the matmuls':
 
       block = 2 (4 + r) D + 8          two RMSNorms: an fp32 copy of the input, the normalised input, 1/rms
-            + c (a + 3) D + 2 c KV     q/k/v inputs (a = 3 casts under autocast, else 1 shared), q, o, o's
-                                       input; k and v after RoPE (SDPA repeats grouped heads to D)
+            + c (a + 2) D + 2 c KV     q/k/v inputs (a = 3 casts under autocast, else 1 shared), q, and o,
+                                       which is also o's input (RoPE keeps q in the (B, L, H, Dh) order of
+                                       its projection, SDPA writes o in q's order, so wo reads o without a
+                                       copy); k and v after RoPE (SDPA repeats grouped heads to D)
             + 4 H [+ c L with SDPA]    attention's logsumexp [SDPA: the boolean mask made additive, per layer]
             + c m D + 4 c F            gate/up inputs (m = 2 casts under autocast, else 1), gate, silu, up, down input
 
@@ -148,7 +150,7 @@ def block_coefficients(cfg: ModelConfig, prec: Precision, attention: str) -> dic
     a, m = (3, 2) if r != c else (1, 1)  # autocast casts the fp32 norm output once per projection
     kv_repeated = attention == "sdpa" and cfg.kv_heads != cfg.n_heads  # SDPA sees repeated k, v
     return {
-        "D": 2 * (4 + r) + c * (a + 3) + c * m + (2 * c if kv_repeated else 0),
+        "D": 2 * (4 + r) + c * (a + 2) + c * m + (2 * c if kv_repeated else 0),
         "KV": 0 if kv_repeated else 2 * c,
         "F": 4 * c,
         "H": 4,

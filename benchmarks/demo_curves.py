@@ -17,23 +17,25 @@ import json
 from pathlib import Path
 
 from transfusion.evaluation.curves import aggregate, compare
-from transfusion.experiments.page import plot_svg
+from transfusion.evaluation.report import LOSS_UNITS, loss_svg
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def draw(ref: dict) -> str:
-    """Two plots side by side (text and image loss), training and validation, median with min-max bars."""
+    """Two log-log panels side by side (text and image loss), training and validation: the median of the
+    runs as a line, their range shaded."""
     c = ref["curves"]
     panels = []
-    for kind in ("text", "image"):
-        data = [
-            (f"training ({ref['bin_steps']}-step means)", list(zip(c[f"train_{kind}_loss"]["step"],
+    for kind, colors in (("text", ("#1f77b4", "#2ca02c")), ("image", ("#d62728", "#9467bd"))):
+        series = [
+            (f"training ({ref['bin_steps']}-step means)", colors[0], list(zip(c[f"train_{kind}_loss"]["step"],
                 c[f"train_{kind}_loss"]["median"], c[f"train_{kind}_loss"]["min"], c[f"train_{kind}_loss"]["max"]))),
-            ("validation", list(zip(c[f"val_{kind}_loss"]["step"], c[f"val_{kind}_loss"]["median"],
+            ("validation", colors[1], list(zip(c[f"val_{kind}_loss"]["step"], c[f"val_{kind}_loss"]["median"],
                 c[f"val_{kind}_loss"]["min"], c[f"val_{kind}_loss"]["max"]))),
         ]  # fmt: skip
-        panels.append(plot_svg(f"{kind} loss, {ref['runs']} demo runs", "step", data, False, 460, 300))
+        title = f"{kind} loss, median and range of {ref['runs']} demo runs"
+        panels.append(loss_svg(series, title, LOSS_UNITS[kind], width=470, height=300))
     inner = "".join(p.replace("<svg ", f'<svg x="{i * 470}" ', 1) for i, p in enumerate(panels))
     return f'<svg width="940" height="300" xmlns="http://www.w3.org/2000/svg">{inner}</svg>\n'
 
@@ -45,7 +47,14 @@ def main() -> None:
     p.add_argument("runs", nargs="*", type=Path, help="demo or training run directories")
     p.add_argument("--check", type=Path, default=None, help="a run to place against docs/demo_curves.json")
     p.add_argument("--out", type=Path, default=DOCS, help="where demo_curves.json/.svg go (default docs/)")
+    p.add_argument("--redraw", action="store_true", help="draw demo_curves.svg again from demo_curves.json")
     args = p.parse_args()
+    if args.redraw:
+        (args.out / "demo_curves.svg").write_text(
+            draw(json.loads((args.out / "demo_curves.json").read_text()))
+        )
+        print(f"wrote {args.out / 'demo_curves.svg'}")
+        return
     if args.check is not None:
         ref = json.loads((args.out / "demo_curves.json").read_text())
         print("\n".join(compare(ref, args.check)))

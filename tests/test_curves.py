@@ -62,6 +62,8 @@ def test_the_script_writes_the_json_and_the_figure(tmp_path):
     assert ref["curves"]["val_image_loss"]["step"] == [100, 200, 300]
     svg = (tmp_path / "docs" / "demo_curves.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<path") == 4 and "validation" in svg
+    assert svg.count("<polygon") == 4 and svg.count("(log scale)") == 4  # ranges shaded, log-log axes
+    assert "nats per text token" in svg and "MSE per latent value" in svg
     out = subprocess.run([sys.executable, str(script), "--check", runs[0], "--out", str(tmp_path / "docs")],
                          check=True, capture_output=True, text=True).stdout  # fmt: skip
     assert "train_text_loss: 6/6 steps within the reference range" in out

@@ -60,6 +60,7 @@ def test_fashion_evaluation_judges_generated_images_and_captions(tmp_path, monke
     from transfusion.data.sources import FASHION_CLASSES, FASHION_DIRS, FashionMNIST, with_article
     from transfusion.evaluation import fashion
     from transfusion.model import Transfusion
+    from transfusion.pipeline import Pipeline
     from transfusion.tokenizer import ByteTokenizer
     from transfusion.vae import pil_to_tensor
 
@@ -86,8 +87,10 @@ def test_fashion_evaluation_judges_generated_images_and_captions(tmp_path, monke
         monkeypatch.setattr(fashion, "text_to_image", images_for)
         monkeypatch.setattr(fashion, "caption", captions_for)
         torch.manual_seed(0)
-        metrics, details = fashion.evaluate_fashion(Transfusion(cfg.model), ByteTokenizer(), PixelVAE(), cfg, tmp_path,
-                                                    per_class=3, n_captions=20, classifier_steps=60)  # fmt: skip
+        pipe = Pipeline(Transfusion(cfg.model), ByteTokenizer(), cfg, PixelVAE())
+        metrics, details = fashion.evaluate_fashion(
+            pipe, tmp_path, per_class=3, n_captions=20, classifier_steps=60
+        )
         assert len(details["composition"]) == 30 and len(details["captions"]) == 20
         return metrics
 
@@ -190,3 +193,21 @@ def test_two_object_captions_in_reading_order_on_shape_scenes_only():
         a, b = Scene.from_dict(r.meta["scene"]).objects  # two different shapes
         first, second = (a, b) if a.shape == r.meta["spec"]["objects"][0]["shape"] else (b, a)
         assert relation(first, second) in ("above", "to the left of")
+
+
+def test_runs_demo_points_at_the_newest_demo(tmp_path, capsys):
+    """``runs/demo`` follows the newest default demo run (the README's Python snippet loads
+    ``runs/demo/model``); a real directory of that name is left alone, with a note."""
+    from transfusion.commands.demo import link_latest
+
+    for name in ("demo-20261207-100000", "demo-20261207-110000"):
+        (tmp_path / name / "model").mkdir(parents=True)
+        link_latest(tmp_path / name)
+        assert (tmp_path / "demo").is_symlink() and (tmp_path / "demo").resolve() == (
+            tmp_path / name
+        ).resolve()
+    assert (tmp_path / "demo" / "model").is_dir() and not (tmp_path / ".demo-link.tmp").exists()
+    (tmp_path / "demo").unlink()
+    (tmp_path / "demo").mkdir()
+    link_latest(tmp_path / "demo-20261207-110000")
+    assert not (tmp_path / "demo").is_symlink() and "is not a link" in capsys.readouterr().err

@@ -150,8 +150,10 @@ def test_evaluate_checkpoint_passes_each_setting_to_its_own_parameter(monkeypatc
         return {}, {}
 
     monkeypatch.setattr(shapes, "evaluate", fake_evaluate)
-    evaluate_checkpoint(None, None, None, Config(), "out", 3, 4, 5, "flow", 2.0, 7, None, 600, True)
-    assert got["guidance_max_t"] == 600 and got["in_reading_order"] is True and "fd_cache" not in got
+    pipe = type("FakePipeline", (), {"config": Config()})()
+    evaluate_checkpoint(pipe, "out", 3, 4, 5, "flow", 2.0, 7, None, 600, "reading-order")
+    assert got["pipe"] is pipe and got["guidance_max_t"] == 600 and got["relation_wording"] == "reading-order"
+    assert "fd_cache" not in got
     assert (got["n_per_kind"], got["n_captions"], got["steps"], got["sampler"], got["cfg_scale"], got["seed"]) == (
         3, 4, 5, "flow", 2.0, 7,
     )  # fmt: skip

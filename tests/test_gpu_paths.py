@@ -165,13 +165,15 @@ def test_an_upload_waits_for_a_capture_in_progress(monkeypatch):
     the upload waits, then goes through."""
     import threading
 
-    from transfusion import vae as vae_module
     from transfusion.serve.app import encode_beside_decoding
 
-    monkeypatch.setattr(vae_module, "encode_images", lambda vae, images: [torch.zeros(1)])
+    class Pipe:  # the pipeline's encode, as far as this test needs it
+        def encode(self, images):
+            return [torch.zeros(1) for _ in images]
+
     done = threading.Event()
     with decode_graphs.CAPTURE_LOCK:
-        worker = threading.Thread(target=lambda: (encode_beside_decoding(None, "image"), done.set()))
+        worker = threading.Thread(target=lambda: (encode_beside_decoding(Pipe(), "image"), done.set()))
         worker.start()
         assert not done.wait(0.3)  # a capture is recording: the upload has not touched the GPU
     assert done.wait(5)
@@ -186,7 +188,7 @@ def test_uploads_encoded_during_captures_leave_graphs_on():
 
     from transfusion.config import VAEConfig
     from transfusion.serve.app import encode_beside_decoding
-    from transfusion.vae import KLVAE
+    from transfusion.vae import KLVAE, encode_images
 
     vae = KLVAE(VAEConfig(image_size=16, base_channels=8)).cuda().eval()
     stop, errors = threading.Event(), []
@@ -197,12 +199,18 @@ def test_uploads_encoded_during_captures_leave_graphs_on():
         image = PILImage.new("RGB", (16, 16), "red")
         while not stop.is_set():
             try:
-                encode_beside_decoding(vae, image)
+                encode_beside_decoding(uploads, image)
             except Exception as e:  # reported below
                 errors.append(e)
 
     model, prompts = model_and_prompts()
     model = model.cuda()
+
+    class Uploads:  # what serve's pipeline does with an upload: the VAE's encoder, on the GPU
+        def encode(self, images):
+            return list(encode_images(vae, images))
+
+    uploads = Uploads()
     prompts = [[s.cuda() if isinstance(s, torch.Tensor) else s for s in p] for p in prompts]
     graphed = Decoder(model, IdTokenizer(), DiffusionConfig(objective="flow"), graphs=True)
     uploader = threading.Thread(target=upload_loop)

@@ -306,7 +306,9 @@ def test_train_cli_init_from_with_frozen_text(llama, tmp_path):
     assert json.loads((moved / "meta.json").read_text())["tokenizer"]["path"] == "tokenizer.json"
     assert load_model(moved).tokenizer.encode("a red circle") == HFTokenizer(path).encode("a red circle")
     # the trained checkpoint exports (CLI) and loads in transformers with its own text logits
-    assert cli.main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "hf")]) == 0
+    assert (
+        cli.main(["export", "--checkpoint", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    )
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ours = load_model(out)
     diff = max_logit_diff((ours.model, ours.config.model, ours.tokenizer), hf_model, IDS)

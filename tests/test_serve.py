@@ -22,10 +22,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from test_generate import random_head  # noqa: E402
 
 from transfusion import cli  # noqa: E402
-from transfusion.checkpoint import load_for_inference, save_model  # noqa: E402
+from transfusion.checkpoint import save_model  # noqa: E402
 from transfusion.config import Config, VAEConfig, tiny  # noqa: E402
-from transfusion.generate import Decoder, GenerationConfig, caption  # noqa: E402
+from transfusion.generate import GenerationConfig, caption  # noqa: E402
 from transfusion.model import Transfusion  # noqa: E402
+from transfusion.pipeline import Pipeline  # noqa: E402
 from transfusion.sequence import Specials  # noqa: E402
 from transfusion.serve.app import ServeLimits, make_app  # noqa: E402
 from transfusion.serve.worker import EngineLoop  # noqa: E402
@@ -50,9 +51,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def start(checkpoint: Path, max_batch: int = 8, max_queue: int = 16, **limits):
-    loaded, vae = load_for_inference(checkpoint)
-    decoder = Decoder(loaded.model, loaded.tokenizer, loaded.config.diffusion)
-    loop = EngineLoop(decoder, vae, max_batch, max_queue).start()
+    loop = EngineLoop(Pipeline.from_pretrained(checkpoint, "cpu"), max_batch, max_queue).start()
     return loop, make_app(loop, ServeLimits(**{"preview_every": 2, **limits}))
 
 
@@ -157,7 +156,7 @@ def test_relations_reach_a_reading_order_model_in_reading_order(checkpoint):
     below, above = "a red circle below a blue square", "a blue square above a red circle"
     loop, _ = start(checkpoint)
     try:
-        with TestClient(make_app(loop, ServeLimits(), reading_order=True)) as client:
+        with TestClient(make_app(loop, ServeLimits(), relation_wording="reading-order")) as client:
             body = {"prompt": below, "steps": 3, "seed": 4}
             rewritten = client.post("/v1/images", json=body).json()
             openai = client.post("/v1/images/generations", json={"prompt": below, "num_inference_steps": 3})

@@ -52,3 +52,35 @@ def test_the_page_draws_and_captions(real_server, tmp_path):  # noqa: F811
         want = httpx.post(f"{url}/v1/caption", files=files, timeout=60).json()["caption"]
         assert caption.locator(".text").text_content() == want  # what the API answers for that upload
         browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make system installs it)")
+def test_the_api_reference_renders_offline(real_server):  # noqa: F811
+    """``/docs`` with every request to another host refused (as without a network): the Swagger UI
+    page loads its scripts from the server itself and lists the routes."""
+    _, url = real_server
+    refused: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page()
+
+        def only_local(route):
+            if route.request.url.startswith(url):
+                route.continue_()
+            else:
+                refused.append(route.request.url)
+                route.abort()
+
+        page.route("**/*", only_local)
+        page.goto(f"{url}/docs")
+        page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+        paths = page.eval_on_selector_all(
+            ".opblock-summary-path", "els => els.map(e => e.textContent.trim())"
+        )
+        browser.close()
+    assert {"/v1/images", "/v1/caption", "/v1/generate", "/v1/images/generations"} <= {
+        p.replace("\u200b", "") for p in paths
+    }
+    assert not refused, refused

@@ -1,6 +1,10 @@
-"""Transfusion: one transformer that predicts the next text token and diffuses images."""
+"""Transfusion: one transformer that predicts the next text token and diffuses images.
+
+``from transfusion import Pipeline`` is the library's face (``transfusion.pipeline``), imported when
+first asked for, so that ``import transfusion.<module>`` stays light."""
 
 __version__ = "0.1.0"
+__all__ = ["MIN_TORCH", "Pipeline", "check_torch"]
 
 MIN_TORCH = (2, 9)
 """The oldest PyTorch this package runs on (pyproject.toml says the same; a test checks both): 2.9
@@ -27,3 +31,11 @@ def _check_installed_torch() -> None:
 
 
 _check_installed_torch()
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name == "Pipeline":
+        from transfusion.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'transfusion' has no attribute {name!r}")

@@ -40,6 +40,7 @@ from torch import nn
 from transfusion.config import Config
 from transfusion.io import atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
 from transfusion.model import Transfusion
+from transfusion.model_directory import is_model_directory, read_model_directory
 from transfusion.tokenizer import tokenizer_from_dict
 
 MODEL_FILE = "model.safetensors"
@@ -143,13 +144,18 @@ class Loaded:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> Loaded:
-    """Load a checkpoint (or a run's latest) for inference. Prefers EMA weights when present."""
-    ckpt = resolve_checkpoint(path)
-    meta, config = read_meta(ckpt)
+    """Load a checkpoint (or a run's latest, or an exported model directory) for inference. Prefers EMA
+    weights when present (an exported directory holds the weights it was exported with)."""
+    if is_model_directory(path):
+        meta, config, state = read_model_directory(path, device)
+        ckpt, weights = Path(path), Path(path)
+    else:
+        ckpt = resolve_checkpoint(path)
+        meta, config = read_meta(ckpt)
+        weights, state = read_weights(ckpt, meta, use_ema, device)
     tokenizer = tokenizer_from_dict(meta.get("tokenizer"), base=ckpt)
     with torch.device("meta"):
         model = Transfusion(config.model)
-    weights, state = read_weights(ckpt, meta, use_ema, device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (config.model.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -204,13 +210,13 @@ def vae_directory(loaded: Loaded) -> Path | None:
 
 
 def load_for_inference(
-    checkpoint: str | Path, device: str | torch.device = "cpu"
+    checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
 ) -> tuple[Loaded, Any | None]:
-    """(``Loaded``, VAE or None) from a checkpoint or run directory. The VAE is the directory
-    meta.json names under "vae" (relative to the checkpoint); None if there is none."""
+    """(``Loaded``, VAE or None) from a checkpoint, run or model directory. The VAE is the directory
+    meta.json (config.json) names under "vae" (relative to it); None if there is none."""
     from transfusion.autoencoders import load_vae
 
-    loaded = load_model(checkpoint, device)
+    loaded = load_model(checkpoint, device, use_ema)
     vae_dir = vae_directory(loaded)
     return loaded, (load_vae(vae_dir, device) if vae_dir is not None and vae_dir.is_dir() else None)
 

@@ -29,7 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generate text, images or both from a prompt"),
     "caption": ("caption", "describe image files with a trained model"),
     "eval": ("eval", "evaluate a checkpoint and write metrics.json"),
-    "export": ("export", "write a checkpoint's text side in the Hugging Face Llama / Qwen2 layout"),
+    "export": (
+        "export",
+        "write a self-describing model directory (or the text side in the Hugging Face layout)",
+    ),
     "serve": ("serve", "a playground page and an HTTP API, every request batched into one running decoder"),
     "bench": ("bench", "measure speed and memory; print a table and write JSON"),
     "plan": (
@@ -51,6 +54,24 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
+def _module(name: str):
+    return importlib.import_module(f"transfusion.commands.{COMMANDS[name][0]}")
+
+
+def parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of one command (``name`` a key of ``COMMANDS``), as ``main`` uses it."""
+    text = COMMANDS[name][1]
+    module = _module(name)
+    about = (module.__doc__ or "").strip().split("\n\n")[0]
+    built = argparse.ArgumentParser(
+        prog=f"transfusion {name}",
+        description=f"{text[0].upper()}{text[1:]}." + (f"\n\n{about}" if about else ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(built)
+    return built
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -60,16 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"transfusion: unknown command {name!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
-    module_name, text = COMMANDS[name]
-    module = importlib.import_module(f"transfusion.commands.{module_name}")
-    about = (module.__doc__ or "").strip().split("\n\n")[0]
-    parser = argparse.ArgumentParser(
-        prog=f"transfusion {name}",
-        description=f"{text[0].upper()}{text[1:]}." + (f"\n\n{about}" if about else ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    args = parser(name).parse_args(rest)
+    module = _module(name)
     try:
         return int(module.run(args) or 0)
     except (UserError, ValueError, OSError, ModuleNotFoundError) as e:  # the user's to fix: one line

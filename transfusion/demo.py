@@ -322,19 +322,18 @@ def evaluate_demo(
     out: Path, prompts_per_kind: int, captions: int, vae_result: dict
 ) -> tuple[dict, dict, Any]:
     """Stage 5: generate, caption and score held-out data with the trained checkpoint."""
-    from transfusion.checkpoint import load_for_inference
     from transfusion.evaluation import evaluate_checkpoint
+    from transfusion.pipeline import Pipeline
 
     note("[5/5] generating, captioning and scoring held-out data")
-    loaded, vae = load_for_inference(str(out / "model"))
-    metrics, details = evaluate_checkpoint(loaded.model, loaded.tokenizer, vae, loaded.config, out,
-                                           prompts_per_kind, captions)  # fmt: skip
+    pipe = Pipeline.from_pretrained(out / "model", "cpu")
+    metrics, details = evaluate_checkpoint(pipe, out, prompts_per_kind, captions)
     metrics["vae_psnr_val"] = round(vae_result["psnr_val"], 3)
     metrics["vae_steps"] = vae_result["steps"]
-    metrics["train_steps"] = int(loaded.meta["step"])
-    metrics["params_M"] = round(loaded.model.num_params() / 1e6, 3)
+    metrics["train_steps"] = int(pipe.meta["step"])
+    metrics["params_M"] = round(pipe.model.num_params() / 1e6, 3)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    return metrics, details, loaded
+    return metrics, details, pipe
 
 
 def _report_notes(

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transfusion.checkpoint import load_for_inference
-from transfusion.commands.generate import add_generation_options, generation_config, read_images_as_latents
-from transfusion.commands.options import pick_device
-from transfusion.generate import Decoder, caption
+from transfusion.commands.generate import add_generation_options
+from transfusion.commands.options import note, pick_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,15 +28,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    gen = generation_config(args, temperature=0.0)
+    from transfusion.pipeline import Pipeline
+
     for name in args.images:
         if not Path(name).is_file():
             raise FileNotFoundError(f"no such image file: {name}")
-    device = pick_device(args.device)
-    loaded, vae = load_for_inference(args.checkpoint, device)
-    latents = read_images_as_latents(args.images, loaded, vae, device, args.resize)
-    decoder = Decoder(loaded.model, loaded.tokenizer, loaded.config.diffusion)
-    texts = caption(decoder, latents, gen, seeds=[args.seed + i for i in range(len(latents))])
+    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device))
+    notes: list[str] = []
+    latents = pipe.encode(args.images, args.resize, notes)
+    for line in notes:
+        note(f"note: {line}")
+    texts = pipe.caption(latents, max_new_tokens=args.max_new_tokens,
+                         temperature=0.0 if args.temperature is None else args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
     for name, text in zip(args.images, texts):
         print(f"{name}\t{' '.join(text.split())}")  # one line per image, whatever the model wrote
     return 0

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
-from transfusion.commands.options import new_out_dir
+from transfusion.commands.options import new_out_dir, note
 from transfusion.demo import demo_config, run_demo
 from transfusion.errors import UserError
 
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         args.set,
         args.calibrate,
     )
+    if args.out is None:
+        link_latest(out)
     m = result["metrics"]
     if args.dataset == "fashion_mnist":
         print(f"\nreport: {result['report']}\nclass-conditional generation accuracy {m['fashion_generation_accuracy']:.2f} "
@@ -79,3 +82,20 @@ def run(args: argparse.Namespace) -> int:
         f"{result['timings']['total'] / 60:.1f} min"
     )
     return 0
+
+
+def link_latest(out: Path) -> None:
+    """``runs/demo`` -> the demo run just finished (a relative symlink, replaced atomically): so that
+    ``Pipeline.from_pretrained("runs/demo/model")``, as the README's Python section writes it, loads the
+    newest demo's model. Where links cannot be made, a note says so and nothing else changes."""
+    link = out.parent / "demo"
+    if link.exists() and not link.is_symlink():
+        note(f"note: {link} exists and is not a link; the newest demo is {out}")
+        return
+    tmp = out.parent / ".demo-link.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(out.name)
+        tmp.replace(link)
+    except OSError as e:
+        note(f"note: could not point {link} at {out} ({e.strerror or e})")

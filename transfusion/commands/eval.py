@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transfusion.checkpoint import load_for_inference
 from transfusion.commands.generate import (
     add_guidance_interval_option,
     add_relation_wording_option,
     guidance_max_t,
-    in_reading_order,
 )
 from transfusion.commands.options import add_checkpoint_option, add_device_option, out_dir, pick_device
 from transfusion.errors import UserError
@@ -52,14 +50,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prompts_per_kind < 1 or args.captions < 1:
         raise UserError("--prompts-per-kind and --captions must be >= 1")
-    loaded, vae = load_for_inference(args.checkpoint, pick_device(args.device))
-    if vae is None:
-        raise UserError(f"{args.checkpoint} has no VAE; evaluation needs one to see images")
-    out = out_dir(args.out) if args.out else Path(loaded.path)
-    metrics, _ = evaluate_checkpoint(loaded.model, loaded.tokenizer, vae, loaded.config, out, args.prompts_per_kind,
-                                     args.captions, args.steps, args.sampler, args.cfg, args.seed,
-                                     args.fid_inception, guidance_max_t(args),
-                                     in_reading_order(args, loaded.config.data))  # fmt: skip
+    from transfusion.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device))
+    if pipe.vae is None:
+        raise UserError(f"{args.checkpoint}: evaluation needs a VAE to see images, and {pipe.missing_vae()}")
+    out = out_dir(args.out) if args.out else Path(pipe.path)
+    metrics, _ = evaluate_checkpoint(pipe, out, args.prompts_per_kind, args.captions, args.steps, args.sampler,
+                                     args.cfg, args.seed, args.fid_inception, guidance_max_t(args),
+                                     args.relation_wording)  # fmt: skip
     for k, v in metrics.items():
         print(f"{k:40s} {v}")
     print(f"wrote {out / 'metrics.json'}")

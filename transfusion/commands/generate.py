@@ -17,11 +17,9 @@ from typing import Any
 
 import torch
 
-from transfusion.checkpoint import load_for_inference, vae_directory
 from transfusion.commands.options import add_checkpoint_option, add_device_option, note, out_dir, pick_device
 from transfusion.errors import UserError
-from transfusion.generate import Decoder, GenerationConfig
-from transfusion.vae import decode_latents, encode_images
+from transfusion.generate import GenerationConfig
 
 
 def add_generation_options(p: argparse.ArgumentParser, images: bool = True) -> None:
@@ -74,14 +72,6 @@ def add_relation_wording_option(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def in_reading_order(args: argparse.Namespace, data: Any) -> bool:
-    """The --relation-wording option for a checkpoint trained on ``data`` (a ``DataConfig``)."""
-    from transfusion.data.shapes import trained_in_reading_order
-
-    wording = getattr(args, "relation_wording", "auto")
-    return trained_in_reading_order(data) if wording == "auto" else wording == "reading-order"
-
-
 def guidance_max_t(args: argparse.Namespace) -> int | None:
     """The option as ``GenerationConfig.guidance_max_t``: -1 (the checkpoint's), None ('all') or T."""
     value = getattr(args, "guidance_max_t", None)
@@ -98,53 +88,22 @@ def guidance_max_t(args: argparse.Namespace) -> int | None:
     return t
 
 
-def generation_config(args: argparse.Namespace, temperature: float = 1.0, **kw: Any) -> GenerationConfig:
-    """The sampling settings the options ask for; sampler/steps/cfg left None fall back to the checkpoint's."""
-    return GenerationConfig(
+def generation_config(
+    args: argparse.Namespace, pipe: Any, temperature: float = 1.0, **kw: Any
+) -> GenerationConfig:
+    """The sampling settings the options ask for (``Pipeline.settings``: sampler/steps/cfg left None
+    are the checkpoint's)."""
+    return pipe.settings(
         max_new_tokens=args.max_new_tokens,
         temperature=temperature if args.temperature is None else args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         sampler=getattr(args, "sampler", None),
         steps=getattr(args, "steps", None),
-        cfg_scale=getattr(args, "cfg", None),
+        guidance=getattr(args, "cfg", None),
         guidance_max_t=guidance_max_t(args),
         **kw,
     )
-
-
-def read_images_as_latents(
-    names: list[str], loaded: Any, vae: Any, device: str, resize: bool
-) -> list[torch.Tensor]:
-    """Image files -> latents (C, H, W) scaled for diffusion, checked against the model's image size."""
-    from PIL import Image as PILImage
-
-    from transfusion.data.sources import BadItem, read_image
-
-    for name in names:
-        if not Path(name).is_file():
-            raise FileNotFoundError(f"no such image file: {name}")
-    if vae is None:
-        missing = vae_directory(loaded)
-        why = f" (its VAE directory {missing} is missing)" if missing else ""
-        raise ValueError(f"{loaded.path} has no VAE{why}, so it cannot read images")
-    size = loaded.config.model.latent_size * vae.config.downsample  # pixels the model's latents cover
-    pictures = []
-    for name in names:
-        try:
-            pictures.append(read_image(Path(name), size))
-        except BadItem as e:
-            raise ValueError(str(e)) from None
-        with PILImage.open(name) as im:
-            if im.size != (size, size):
-                w, h = im.size
-                if not resize:
-                    raise ValueError(
-                        f"{name} is {w}x{h}, but this model reads {size}x{size} images; "
-                        "resize it, or pass --resize to resize and centre-crop it"
-                    )
-                note(f"note: {name} is {w}x{h}; resized and centre-cropped to {size}x{size}")
-    return list(encode_images(vae, pictures).to(device))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -176,45 +135,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from transfusion.pipeline import Pipeline
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    gen = generation_config(
-        args, max_images=args.max_images, force_image=not args.text, stop_after_image=not args.text
-    )
     out = out_dir(args.out)
-    device = pick_device(args.device)
-    loaded, vae = load_for_inference(args.checkpoint, device)
-    images = read_images_as_latents(args.image, loaded, vae, device, args.resize) if args.image else []
-    text = args.prompt
-    if text and in_reading_order(args, loaded.config.data):
-        from transfusion.data.shapes import reading_order
-
-        text = reading_order(text)
-        if text != args.prompt:
-            note(f"note: the model reads relations in reading order; prompted with {text!r}")
-    prompt: list[Any] = [*images, text] if text else images
-    if not prompt:
+    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device))
+    gen = generation_config(args, pipe, max_images=args.max_images, force_image=not args.text,
+                            stop_after_image=not args.text)  # fmt: skip
+    if not args.prompt and not args.image:
         raise ValueError("give a --prompt, an --image, or both")
-    decoder = Decoder(loaded.model, loaded.tokenizer, loaded.config.diffusion)
-    gen = decoder.settings(gen)
+    notes: list[str] = []
+    images = [Path(f) for f in args.image]  # in a prompt a str is text: files go in as paths
+    prompt = pipe.prompt(
+        [*images, *([args.prompt] if args.prompt else [])], args.relation_wording, args.resize, notes
+    )
+    for line in notes:
+        note(f"note: {line}")
+    given = prompt[-1] if args.prompt else ""
+    if given != args.prompt:
+        note(f"note: the model reads relations in reading order; prompted with {given!r}")
     n = args.num_images
     seeds = [args.seed + i for i in range(n)]
     total = None if args.text else n * gen.steps  # rows x steps when every output is one forced image
-    bars: list[tqdm] = []  # opened at the first step, so that an early error prints alone
-
-    def progress(k: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, desc="denoising", unit="step", dynamic_ncols=True))
-        bars[0].update(k)
-
-    try:
-        outputs = decoder.generate([prompt] * n, gen, seeds, progress=progress)
-    finally:
-        for bar in bars:
-            bar.close()
-
+    with progress_bar(total, "denoising") as progress:
+        outputs = pipe.run([prompt] * n, gen, seeds, progress)
     out.mkdir(parents=True, exist_ok=True)
     title = " ".join(
         [f"[image: {Path(f).name}]" for f in args.image] + ([args.prompt] if args.prompt else [])
@@ -228,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
                 row.append({"text": seg})
                 md.append(seg + "\n\n")
                 continue
-            name = save_image(seg, out / f"output{i}_image{j}", vae, device)
+            name = save_image(seg, out / f"output{i}_image{j}", pipe)
             row.append({"image": name})
             md.append(f"![output {i}, image {j}]({name})\n\n")
         record.append(row)
@@ -236,25 +181,29 @@ def run(args: argparse.Namespace) -> int:
         k: getattr(gen, k)
         for k in ("sampler", "steps", "cfg_scale", "guidance_max_t", "temperature", "top_k", "top_p")
     }
-    meta = {"prompt": args.prompt, "prompt_given": text, "prompt_images": args.image, "checkpoint": str(loaded.path), "seeds": seeds,
+    meta = {"prompt": args.prompt, "prompt_given": given, "prompt_images": args.image, "checkpoint": str(pipe.path), "seeds": seeds,
             "settings": settings}  # fmt: skip
     (out / "output.json").write_text(json.dumps({**meta, "outputs": record}, indent=2, ensure_ascii=False))
     (out / "output.md").write_text("".join(md))
-    why = ""
-    if vae is None:
-        missing = vae_directory(loaded)
-        reason = f"its VAE directory {missing} is missing" if missing else "the checkpoint has no VAE"
-        why = f" ({reason}: images saved as latents, .safetensors)"
+    why = f" ({pipe.missing_vae()}: images saved as latents, .safetensors)" if pipe.vae is None else ""
     print(f"wrote {n} output(s) to {out}{why}")
     return 0
 
 
-def save_image(latent: torch.Tensor, stem: Path, vae: Any | None, device: str) -> str:
-    """A PNG decoded through the VAE, or without one the latent as safetensors; returns the file name."""
-    if vae is None:
+def progress_bar(total: int | None, desc: str):  # noqa: ANN201
+    """A tqdm bar opened at the first step (an early error prints alone): ``pipeline``'s own."""
+    from transfusion.pipeline import _bar
+
+    return _bar(True, total, desc)
+
+
+def save_image(latent: torch.Tensor, stem: Path, pipe: Any) -> str:
+    """A PNG decoded through the pipeline's VAE, or without one the latent as safetensors; returns the
+    file name."""
+    if pipe.vae is None:
         from safetensors.torch import save_file
 
-        save_file({"latent": latent.contiguous()}, stem.with_suffix(".safetensors"))
+        save_file({"latent": latent.contiguous().cpu()}, stem.with_suffix(".safetensors"))
         return stem.name + ".safetensors"
-    decode_latents(vae, latent[None])[0].save(stem.with_suffix(".png"))
+    pipe.to_pil([latent])[0].save(stem.with_suffix(".png"))
     return stem.name + ".png"

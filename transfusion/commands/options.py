@@ -42,21 +42,14 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 
 
 def pick_device(name: str) -> str:
-    """'auto' -> cuda when available, else cpu; a CUDA device asked for where there is none is an error.
-    On CUDA, fp32 matmuls may use TF32 (``distributed.use_tf32``)."""
-    import torch
+    """The ``--device`` option as a device name (``pipeline.resolve_device``: 'auto' is CUDA when
+    available, else the CPU; TF32 on for CUDA)."""
+    from transfusion.pipeline import resolve_device
 
-    from transfusion.distributed import use_tf32
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"--device {name!r}: use cpu, cuda, cuda:N or auto")
-    if name.startswith("cuda"):
-        use_tf32()
-    return name
+    try:
+        return str(resolve_device(name))
+    except UserError as e:
+        raise UserError(f"--{e}") from None
 
 
 def add_checkpoint_option(p: argparse.ArgumentParser) -> None:

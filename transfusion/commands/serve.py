@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
-from transfusion.commands.generate import add_relation_wording_option, in_reading_order
+from transfusion.commands.generate import add_relation_wording_option
 from transfusion.commands.options import add_checkpoint_option, add_device_option, note, pick_device
 from transfusion.errors import UserError
 
@@ -73,13 +73,11 @@ def run(args: argparse.Namespace) -> int:
         raise ModuleNotFoundError(
             f"transfusion serve needs: pip install 'transfusion[serve]' ({e.name} is missing)"
         ) from None
-    from transfusion.checkpoint import load_for_inference
-    from transfusion.generate import Decoder
+    from transfusion.pipeline import Pipeline
     from transfusion.serve.worker import EngineLoop
 
-    loaded, vae = load_for_inference(args.checkpoint, pick_device(args.device))
-    decoder = Decoder(loaded.model, loaded.tokenizer, loaded.config.diffusion)
-    loop = EngineLoop(decoder, vae, args.max_batch, args.max_queue).start()
+    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device))
+    loop = EngineLoop(pipe, args.max_batch, args.max_queue).start()
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                          max_images=args.max_images, preview_every=args.preview_every, api_key=args.api_key)  # fmt: skip
     auth = (
@@ -87,10 +85,10 @@ def run(args: argparse.Namespace) -> int:
         if args.api_key
         else "no authentication" + (" (--no-auth)" if args.no_auth else ", localhost only")
     )
-    note(f"serving {loaded.path} on http://{args.host}:{args.port} ({auth}); "
+    note(f"serving {pipe.path} on http://{args.host}:{args.port} ({auth}); "
          f"{args.max_batch} rows, queue {args.max_queue}; API at /docs")  # fmt: skip
     try:
-        app = make_app(loop, limits, in_reading_order(args, loaded.config.data))
+        app = make_app(loop, limits, args.relation_wording)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         loop.stop()

@@ -22,16 +22,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from transfusion.diffusion import Sampler, guidance_scale, guided
-from transfusion.sequence import Sample, Text
-
-if TYPE_CHECKING:
-    from transfusion.decoding.engine import Engine
+from transfusion.sequence import Sample, Specials, Text
 
 Segment = str | Tensor
 """A prompt or output segment: text, or an image as a latent (C, H, W) scaled for diffusion
@@ -150,10 +147,41 @@ class Row:
             self.events(kind, payload)
 
 
+class Driver(Protocol):
+    """What a mode reads and calls of whatever drives it (``decoding.engine.Engine``): the modes know
+    this much of their driver and nothing more."""
+
+    tok: Any
+    """The tokenizer (text of the rows' tokens)."""
+    sp: Specials
+    n: int
+    """Patches (or codes) per image."""
+    latent_shape: tuple[int, int, int]
+    code_offset: int
+    """Id of image code 0 (discrete images)."""
+    banned: Tensor
+    """Ids never sampled as text."""
+    cache: Any
+    """The rows' KV cache (``decoding.cache.KVCache``)."""
+    steps: Any
+    """The model's cached calls (``decoding.steps.CachedSteps``)."""
+    progress: Callable[[int], None] | None
+    image_mode: Any
+    """The mode that draws images (diffusion or codes), which text mode hands a row to at BOI."""
+
+    def end(self, row: Row) -> None: ...
+
+    def flush_text(self, row: Row) -> None: ...
+
+    def unconditional(self) -> Any: ...
+
+    def twin_cache(self) -> Any: ...
+
+
 class TextMode:
     """LM mode: every row samples a token; those that go on feed it through the model together."""
 
-    def tick(self, e: Engine, rows: list[Row]) -> None:
+    def tick(self, e: Driver, rows: list[Row]) -> None:
         feed: list[tuple[Row, int]] = []
         # every row's logits reach the host in one copy (the tick's one wait), not one row at a time
         host = torch.stack([row.logits for row in rows]).float().cpu() if rows else None
@@ -191,12 +219,12 @@ class TextMode:
 class DiffusionMode:
     """The denoising loop, one step per tick for every row in diffusion mode, as one batch."""
 
-    def start(self, e: Engine, row: Row) -> None:
+    def start(self, e: Driver, row: Row) -> None:
         """Pure noise x_T from the row's own generator (the same noise on any device)."""
         row.image = torch.randn(e.latent_shape, generator=row.generator).to(e.steps.device)
         row.step, row.logits = 0, None
 
-    def tick(self, e: Engine, rows: list[Row]) -> None:
+    def tick(self, e: Driver, rows: list[Row]) -> None:
         """Each row runs its n patches at its own timestep against its cached prefix; rows guided at
         this timestep (``diffusion.guidance_scale``) add their unconditional twin (prefix BOS BOI) to
         the same batch. The step's result overwrites the row's image."""
@@ -227,7 +255,7 @@ class DiffusionMode:
         if finished:
             self.finish(e, finished)
 
-    def finish(self, e: Engine, rows: list[Row]) -> None:
+    def finish(self, e: Driver, rows: list[Row]) -> None:
         """Each clean image joins its row's output. Rows that go on write it into the cache at t = 0,
         then EOI, and are back in LM mode."""
         go_on = []
@@ -254,7 +282,7 @@ class CodeMode:
     logits combined, ``diffusion.guided``); a row with all n codes has its image, the code grid
     (1, h, w), then EOI and LM mode (or the row ends, with ``stop_after_image``)."""
 
-    def start(self, e: Engine, row: Row) -> None:
+    def start(self, e: Driver, row: Row) -> None:
         """The row's logits after BOI give the first code; a guided row's twin starts from BOS BOI,
         the conditioning dropped as training drops it."""
         row.codes = []
@@ -264,7 +292,7 @@ class CodeMode:
             prompt = [Sample([Text([e.sp.boi])], eos=False)]
             row.twin_logits = e.steps.prefill(twins, torch.tensor([row.slot]), prompt)[0]
 
-    def tick(self, e: Engine, rows: list[Row]) -> None:
+    def tick(self, e: Driver, rows: list[Row]) -> None:
         if not rows:
             return
         lo = e.code_offset

@@ -17,10 +17,7 @@ from typing import Any
 
 
 def evaluate_checkpoint(
-    model: Any,
-    tokenizer: Any,
-    vae: Any,
-    config: Any,
+    pipe: Any,
     out_dir: str | Path,
     prompts_per_kind: int,
     captions: int,
@@ -30,20 +27,20 @@ def evaluate_checkpoint(
     seed: int = 0,
     inception: str | None = None,
     guidance_max_t: int | None = -1,
-    in_reading_order: bool | None = None,
+    relation_wording: str = "auto",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics, details for the report) of a model trained on the shape scenes or Fashion-MNIST
-    (``prompts_per_kind`` is then per class); writes ``metrics.json`` in ``out_dir``. Images are
-    sampled with the checkpoint's settings unless ``steps``, ``sampler``, ``cfg_scale`` or
-    ``guidance_max_t`` (-1: the checkpoint's; None: every step) say otherwise. ``in_reading_order``
-    (shape scenes): prompts given to the model with their relation in reading order (None: when the
-    model was trained on relations stated only that way)."""
-    source = config.data.source
+    """(metrics, details for the report) of the model of ``pipe`` (a ``Pipeline``) trained on the shape
+    scenes or Fashion-MNIST (``prompts_per_kind`` is then per class); writes ``metrics.json`` in
+    ``out_dir``. Images are sampled with the checkpoint's settings unless ``steps``, ``sampler``,
+    ``cfg_scale`` or ``guidance_max_t`` (-1: the checkpoint's; None: every step) say otherwise.
+    ``relation_wording`` (shape scenes): how prompts that state a relation reach the model
+    (``Pipeline.reads_in_reading_order``)."""
+    source = pipe.config.data.source
     if source == "fashion_mnist":
         from transfusion.evaluation.fashion import evaluate_fashion
 
-        return evaluate_fashion(model, tokenizer, vae, config, out_dir, prompts_per_kind, captions, steps,
-                                sampler, cfg_scale, seed, guidance_max_t=guidance_max_t)  # fmt: skip
+        return evaluate_fashion(pipe, out_dir, prompts_per_kind, captions, steps, sampler, cfg_scale, seed,
+                                guidance_max_t=guidance_max_t)  # fmt: skip
     if source != "shapes":
         raise ValueError(
             "evaluation judges the built-in shape scenes or Fashion-MNIST; this checkpoint was trained on "
@@ -51,6 +48,5 @@ def evaluate_checkpoint(
         )
     from transfusion.evaluation.shapes import evaluate
 
-    return evaluate(model, tokenizer, vae, config, out_dir, prompts_per_kind, captions, steps, sampler,
-                    cfg_scale, seed, inception, guidance_max_t=guidance_max_t,
-                    in_reading_order=in_reading_order)  # fmt: skip
+    return evaluate(pipe, out_dir, prompts_per_kind, captions, steps, sampler, cfg_scale, seed, inception,
+                    guidance_max_t=guidance_max_t, relation_wording=relation_wording)  # fmt: skip

@@ -1,4 +1,4 @@
-"""What every evaluator starts from: the output directory, a decoder, and its sampling settings."""
+"""What every evaluator starts from: the output directory, the pipeline's decoder, and its sampling settings."""
 
 from __future__ import annotations
 
@@ -9,22 +9,16 @@ from transfusion.generate import Decoder, GenerationConfig
 
 
 def prepare(
-    model: Any,
-    tokenizer: Any,
-    config: Any,
+    pipe: Any,
     out_dir: str | Path,
     sampler: str | None = None,
     steps: int | None = None,
     cfg_scale: float | None = None,
     guidance_max_t: int | None = -1,
 ) -> tuple[Path, Decoder, GenerationConfig]:
-    """(the output directory, created; a decoder of the model in eval mode; the image sampling
-    settings: the checkpoint's, the paper's DDPM 250 steps with guidance 3 by default, unless told
-    otherwise)."""
+    """(the output directory, created; the ``Pipeline``'s decoder; the image sampling settings: the
+    checkpoint's, the paper's DDPM 250 steps with guidance 3 by default, unless told otherwise)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    decoder = Decoder(model.eval(), tokenizer, config.diffusion)
-    gen = decoder.settings(
-        GenerationConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_max_t=guidance_max_t)
-    )
-    return out, decoder, gen
+    gen = pipe.settings(sampler=sampler, steps=steps, guidance=cfg_scale, guidance_max_t=guidance_max_t)
+    return out, pipe.decoder, gen

@@ -113,7 +113,7 @@ def class_named(text: str) -> int | None:
 
 
 def evaluate_fashion(
-    model: Any, tokenizer: Any, vae: Any, config: Any, out_dir: str | Path, per_class: int = 5,
+    pipe: Any, out_dir: str | Path, per_class: int = 5,
     n_captions: int = 50, steps: int | None = None, sampler: str | None = None, cfg_scale: float | None = None,
     seed: int = 0, classifier_steps: int = 2200, guidance_max_t: int | None = -1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
@@ -124,7 +124,8 @@ def evaluate_fashion(
     from transfusion.data.sources import FASHION_CLASSES, FashionMNIST, with_article
 
     start = time.time()
-    out, decoder, gen = prepare(model, tokenizer, config, out_dir, sampler, steps, cfg_scale, guidance_max_t)
+    vae, config = pipe.vae, pipe.config
+    out, decoder, gen = prepare(pipe, out_dir, sampler, steps, cfg_scale, guidance_max_t)
     clf, clf_acc = train_fashion_classifier(config.data, classifier_steps)
     prompts = [
         (c, f"a photo of {with_article(name)}")

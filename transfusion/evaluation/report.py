@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,34 +37,98 @@ def png_data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def svg_curve(
-    points: list[tuple[float, float]], title: str, color: str, width: int = 480, height: int = 220
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values for a log axis over [lo, hi]: 1, 2, 5 x powers of ten, or every digit when that gives
+    fewer than three."""
+    out: list[float] = []
+    for digits in ((1, 2, 5), tuple(range(1, 10))):
+        out = [d * 10.0**k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+               for d in digits if lo <= d * 10.0**k <= hi]  # fmt: skip
+        if len(out) >= 3:
+            break
+    return out or [lo, hi]
+
+
+def loss_svg(
+    series: list[tuple[str, str, list[tuple[float, float, float, float]]]],
+    title: str,
+    ylabel: str,
+    xlabel: str = "training step",
+    width: int = 470,
+    height: int = 300,
 ) -> str:
-    """A line chart of (step, value) points with labelled axes, as inline SVG."""
-    if not points:
+    """Loss curves as inline SVG on log-log axes (a loss falls by orders of magnitude early and by
+    percents late: on linear axes everything after the first steps is a flat line), with ticks and
+    labelled axes; each series is (name, colour, [(x, median, lo, hi)]) and its run-to-run range (lo-hi)
+    is shaded behind the median."""
+    pts = [p for _, _, s in series for p in s if p[0] > 0 and min(p[1:]) > 0]
+    if not pts:
         return f"<p class='muted'>{html.escape(title)}: no data</p>"
-    pad = 40
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    left, right, top, bottom = 56, 14, 26, 44
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[2] for p in pts), max(p[3] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 * 10), (y1 if y1 > y0 else y0 * 1.1)
+    lx0, lx1, ly0, ly1 = map(math.log10, (x0, x1, y0, y1))
 
     def sx(x: float) -> float:
-        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+        return left + (math.log10(x) - lx0) / (lx1 - lx0) * (width - left - right)
 
     def sy(y: float) -> float:
-        return height - pad + (y - y0) / (y1 - y0) * -(height - 2 * pad)
+        return height - bottom - (math.log10(y) - ly0) / (ly1 - ly0) * (height - top - bottom)
 
-    path = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(points))
-    return f"""<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" role="img">
-<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>
-<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>
-<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>
-<text x="{pad}" y="{height - pad + 16}" font-size="11">{x0:g}</text>
-<text x="{width - pad}" y="{height - pad + 16}" font-size="11" text-anchor="end">step {x1:g}</text>
-<text x="{pad - 4}" y="{sy(y1) + 4:.1f}" font-size="11" text-anchor="end">{y1:.3g}</text>
-<text x="{pad - 4}" y="{sy(y0) + 4:.1f}" font-size="11" text-anchor="end">{y0:.3g}</text>
-<path d="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>
-</svg>"""
+    parts = [f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#999"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>']  # fmt: skip
+    for t in log_ticks(x0, x1):
+        parts.append(f'<line x1="{sx(t):.1f}" y1="{height - bottom}" x2="{sx(t):.1f}" y2="{height - bottom + 4}" stroke="#999"/>'
+                     f'<text x="{sx(t):.1f}" y="{height - bottom + 16}" font-size="10" text-anchor="middle">{t:g}</text>')  # fmt: skip
+    for t in log_ticks(y0, y1):
+        parts.append(f'<line x1="{left - 4}" y1="{sy(t):.1f}" x2="{width - right}" y2="{sy(t):.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 6}" y="{sy(t) + 3:.1f}" font-size="10" text-anchor="end">{t:g}</text>')  # fmt: skip
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle" font-size="11">'
+                 f"{html.escape(xlabel)} (log scale)</text>"
+                 f'<text transform="translate(14 {(top + height - bottom) / 2}) rotate(-90)" text-anchor="middle" '
+                 f'font-size="11">{html.escape(ylabel)} (log scale)</text>')  # fmt: skip
+    for k, (name, color, s) in enumerate(series):
+        s = [p for p in s if p[0] > 0 and min(p[1:]) > 0]
+        if not s:
+            continue
+        if any(lo != hi for _, _, lo, hi in s):
+            band = [f"{sx(x):.1f},{sy(hi):.1f}" for x, _, _, hi in s] + [
+                f"{sx(x):.1f},{sy(lo):.1f}" for x, _, lo, _ in reversed(s)
+            ]
+            parts.append(
+                f'<polygon points="{" ".join(band)}" fill="{color}" fill-opacity="0.18" stroke="none"/>'
+            )
+        line = " ".join(
+            f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(m):.1f}" for i, (x, m, _, _) in enumerate(s)
+        )
+        parts.append(f'<path d="{line}" fill="none" stroke="{color}" stroke-width="1.8"/>'
+                     f'<text x="{width - right}" y="{top + 12 + 13 * k}" font-size="11" text-anchor="end" fill="{color}">'
+                     f"{html.escape(name)}</text>")  # fmt: skip
+    return f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" role="img">{"".join(parts)}</svg>'
+
+
+LOSS_UNITS = {"text": "cross-entropy, nats per text token", "image": "diffusion MSE per latent value"}
+
+
+def run_curves(log: list[dict]) -> str:
+    """A run's loss curves (training and validation, text and image) as two log-log panels."""
+    panels = []
+    for kind, (train_color, val_color) in (
+        ("text", ("#1f77b4", "#2ca02c")),
+        ("image", ("#d62728", "#9467bd")),
+    ):
+        series = []
+        for name, key, color in (
+            ("training", f"{kind}_loss", train_color),
+            ("validation", f"val_{kind}_loss", val_color),
+        ):
+            pts = [(r["step"], r[key], r[key], r[key]) for r in log if key in r]
+            if pts:
+                series.append((name, color, pts))
+        panels.append(loss_svg(series, f"{kind} loss", LOSS_UNITS[kind]))
+    return "".join(panels)
 
 
 def read_metrics_log(path: Path) -> list[dict]:
@@ -144,10 +209,6 @@ def write_report(
 ) -> Path:
     run_dir, out_path = Path(run_dir), Path(out_path)
     log = read_metrics_log(run_dir / "metrics.jsonl")
-    text = [(r["step"], r["text_loss"]) for r in log if "text_loss" in r]
-    image = [(r["step"], r["image_loss"]) for r in log if "image_loss" in r]
-    val_text = [(r["step"], r["val_text_loss"]) for r in log if "val_text_loss" in r]
-    val_image = [(r["step"], r["val_image_loss"]) for r in log if "val_image_loss" in r]
     config = (run_dir / "config.json").read_text() if (run_dir / "config.json").is_file() else "{}"
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else
@@ -179,9 +240,7 @@ loss on VAE latents. Green borders: the detector judged the image right for its 
 <h2>Where it fails, and where it succeeds</h2>{failures_beside_successes(details)}
 <h2>Metrics</h2><table>{rows}</table>
 <h2>Loss curves</h2>
-<div class="curves">{svg_curve(text, "text loss (train)", "#1f77b4")}{svg_curve(image, "image loss (train)", "#d62728")}
-{svg_curve(val_text, "text loss (validation)", "#2ca02c") if val_text else ""}
-{svg_curve(val_image, "image loss (validation)", "#9467bd") if val_image else ""}</div>
+<div class="curves">{run_curves(log)}</div>
 <h2>Images generated for held-out prompts</h2>{_cells(generated)}
 <h2>Captions of held-out images</h2>
 <table><tr><th>image</th><th>model's caption</th><th>truth</th><th></th></tr>{captions}</table>

@@ -45,7 +45,6 @@ from transfusion.data.shapes import (
     caption_for,
     eval_prompts,
     reading_order,
-    trained_in_reading_order,
 )
 from transfusion.evaluation import metrics as M
 from transfusion.evaluation.common import prepare
@@ -341,10 +340,7 @@ def frechet(prompts_images: list, image_size: int, inception: str | None, run_di
 
 
 def evaluate(
-    model: Any,
-    tokenizer: Any,
-    vae: Any,
-    config: Any,
+    pipe: Any,
     out_dir: str | Path,
     n_per_kind: int = 10,
     n_captions: int = 60,
@@ -355,16 +351,16 @@ def evaluate(
     inception: str | None = None,
     fd_cache: str | Path | None = None,
     guidance_max_t: int | None = -1,
-    in_reading_order: bool | None = None,
+    relation_wording: str = "auto",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run every evaluation; returns (metrics, details for the report) and writes metrics.json. The FD
-    feature classifier is trained once per ``fd_cache`` directory (default ``out_dir``).
-    ``in_reading_order`` (see ``composition``; None: when the model was trained that way,
-    ``trained_in_reading_order``)."""
+    """Run every evaluation of the model of ``pipe`` (a ``Pipeline``); returns (metrics, details for the
+    report) and writes metrics.json. The FD feature classifier is trained once per ``fd_cache``
+    directory (default ``out_dir``). ``relation_wording``: whether prompts reach the model in reading
+    order (``Pipeline.reads_in_reading_order``; see ``composition``)."""
     start = time.time()
-    if in_reading_order is None:
-        in_reading_order = trained_in_reading_order(config.data)
-    out, decoder, gen = prepare(model, tokenizer, config, out_dir, sampler, steps, cfg_scale, guidance_max_t)
+    model, tokenizer, vae = pipe.model, pipe.tokenizer, pipe.vae
+    in_reading_order = pipe.reads_in_reading_order(relation_wording)
+    out, decoder, gen = prepare(pipe, out_dir, sampler, steps, cfg_scale, guidance_max_t)
     size = vae.config.image_size
     t0 = time.time()
     comp, comp_rows, pairs = composition(decoder, vae, n_per_kind, gen, size, seed + 100, in_reading_order)

@@ -267,16 +267,15 @@ def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> d
     """The shapes evaluation at the experiment's main guidance weight (plus, for a sweep, composition
     and FD at every other weight); held-out fortunes' bits per byte when text is mixed in; a grid of
     the first generated images."""
-    from transfusion.checkpoint import load_for_inference
     from transfusion.evaluation.shapes import evaluate
     from transfusion.evaluation.text import text_scores
-    from transfusion.generate import Decoder, GenerationConfig
+    from transfusion.pipeline import Pipeline
 
-    loaded, vae = load_for_inference(run)
+    pipe = Pipeline.from_pretrained(run, "cpu")
+    loaded, vae = pipe, pipe.vae
     main = exp.eval_cfg if exp.eval_cfg in exp.cfg_scales or len(exp.cfg_scales) == 1 else exp.cfg_scales[0]
-    metrics, details = evaluate(loaded.model, loaded.tokenizer, vae, loaded.config, d, settings.prompts_per_kind,
-                                settings.captions, settings.sample_steps, None, main, 0, None,
-                                fd_cache=d.parent.parent / "shared")  # fmt: skip
+    metrics, details = evaluate(pipe, d, settings.prompts_per_kind, settings.captions, settings.sample_steps, None,
+                                main, 0, None, fd_cache=d.parent.parent / "shared")  # fmt: skip
     shown = details["pairs"][:: max(1, settings.prompts_per_kind)][:12]  # one prompt of each kind first
     save_grid([im for _, im in shown], d / "samples.png")
     atomic_write_text(d / "samples.json", json.dumps([p.text for p, _ in shown]))
@@ -288,11 +287,11 @@ def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> d
         fortune = text_scores(loaded.model, loaded.tokenizer, docs)
         metrics["fortune_bits_per_byte"] = fortune["text_bits_per_byte"]
     by_cfg = {f"{main:g}": metrics}
-    dec = Decoder(loaded.model, loaded.tokenizer, loaded.config.diffusion)
+    dec = pipe.decoder
     for scale in exp.cfg_scales:
         if f"{scale:g}" in by_cfg:
             continue
-        gen = dec.settings(GenerationConfig(steps=settings.sample_steps, cfg_scale=scale))
+        gen = pipe.settings(steps=settings.sample_steps, guidance=scale)
         by_cfg[f"{scale:g}"] = image_reading(dec, vae, gen, d, settings)
     if exp.interval_reading is not None:
         metrics.update(interval_reading(exp.interval_reading, dec, vae, main, d, settings, metrics))

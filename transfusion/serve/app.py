@@ -38,7 +38,6 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from transfusion.data.shapes import reading_order
 from transfusion.generate import GenerationConfig
 from transfusion.serve.images import DEFAULT_MAX_PIXELS, BadImage, read_upload
 from transfusion.serve.worker import Busy, EngineLoop, Job
@@ -104,13 +103,13 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     )
 
 
-def make_app(loop: EngineLoop, limits: ServeLimits, reading_order: bool = False) -> FastAPI:
+def make_app(loop: EngineLoop, limits: ServeLimits, relation_wording: str = "auto") -> FastAPI:
     """The FastAPI app: the routes of ``Service`` behind the body limit and (with a key) the
-    bearer-token check, the page and its files, one-line errors. ``reading_order``: prompt texts that
-    state a shape-scene relation reach the model in reading order (``data.shapes.reading_order``), for a
-    model trained on relations stated only that way."""
-    service = Service(loop, limits, reading_order)
-    app = FastAPI(title="transfusion serve", version="1", description=__doc__.split("\n\n")[0])
+    bearer-token check, the page and its files, one-line errors. ``relation_wording``: how prompt texts
+    that state a shape-scene relation reach the model (``Pipeline.prompt_text``: 'auto' gives a model
+    trained on relations stated only in reading order its own wording)."""
+    service = Service(loop, limits, relation_wording)
+    app = offline_docs_app(title="transfusion serve", version="1", description=__doc__.split("\n\n")[0])
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     install_error_handlers(app)
@@ -129,11 +128,12 @@ def make_app(loop: EngineLoop, limits: ServeLimits, reading_order: bool = False)
 class Service:
     """The routes, on the one decoding loop."""
 
-    def __init__(self, loop: EngineLoop, limits: ServeLimits, reading_order: bool = False):
-        self.loop, self.limits, self.decoder = loop, limits, loop.decoder
-        self.reading_order = reading_order
+    def __init__(self, loop: EngineLoop, limits: ServeLimits, relation_wording: str = "auto"):
+        self.loop, self.limits, self.pipe, self.decoder = loop, limits, loop.pipe, loop.decoder
+        self.pipe.reads_in_reading_order(relation_wording)  # an unknown wording fails here, at start
+        self.relation_wording = relation_wording
         self.cfg = self.decoder.model.cfg
-        self.image_size = self.cfg.latent_size * (loop.vae.config.downsample if loop.vae is not None else 1)
+        self.image_size = self.pipe.image_size if self.pipe.vae is not None else self.cfg.latent_size
 
     async def authorised(self, request: Request) -> None:
         if self.limits.api_key is None:
@@ -229,8 +229,8 @@ class Service:
 
     # --- shared --------------------------------------------------------------------------------------
     def worded(self, text: str) -> str:
-        """The text the model is given: a relation in reading order for a model that reads no other."""
-        return reading_order(text) if self.reading_order else text
+        """The text the model is given (``Pipeline.prompt_text``)."""
+        return self.pipe.prompt_text(text, self.relation_wording)
 
     def settings(self, s: Sampling, **kw: Any) -> GenerationConfig:
         try:
@@ -261,7 +261,7 @@ class Service:
         from starlette.concurrency import run_in_threadpool
 
         image, note = read_upload(data, self.image_size, self.limits.max_image_pixels, name)
-        latent = (await run_in_threadpool(encode_beside_decoding, self.loop.vae, image))[0]
+        latent = (await run_in_threadpool(encode_beside_decoding, self.pipe, image))[0]
         return latent, [note] if note else []
 
     async def answer(self, j: Job, request: Request, stream: bool, shape: Any) -> Response:
@@ -301,15 +301,27 @@ class Service:
                 self.loop.cancel(j)  # the client went away (or the stream was closed) before the end
 
 
-def encode_beside_decoding(vae: Any, image: Any) -> Any:
-    """An upload through the VAE on a worker thread, never while the decoder's thread captures a CUDA
-    graph (a capture forbids other threads' allocations: the upload would fail, and the decoder would
-    turn graphs off for the server's life)."""
+def offline_docs_app(**kw: Any) -> FastAPI:
+    """A FastAPI app whose ``/docs`` (Swagger UI) and ``/redoc`` load their scripts and styles from the
+    ``fastapi-offline`` package of the ``serve`` extra: FastAPI's own pages fetch them from a CDN and
+    are blank without a network."""
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "transfusion serve needs: pip install 'transfusion[serve]' (fastapi-offline is missing)"
+        ) from None
+    return FastAPIOffline(**kw)
+
+
+def encode_beside_decoding(pipe: Any, image: Any) -> Any:
+    """An upload through the pipeline's VAE on a worker thread, never while the decoder's thread
+    captures a CUDA graph (a capture forbids other threads' allocations: the upload would fail, and the
+    decoder would turn graphs off for the server's life)."""
     from transfusion.decoding.graphs import capture_lock
-    from transfusion.vae import encode_images
 
     with capture_lock():
-        return encode_images(vae, [image])
+        return pipe.encode([image])
 
 
 def first_image(output: list[dict[str, Any]]) -> str | None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from transfusion.decoding.modes import Row
-from transfusion.generate import Decoder
+from transfusion.pipeline import Pipeline
 
 
 class Busy(Exception):
@@ -71,9 +71,9 @@ def pngs_b64(vae: Any, latents: list[torch.Tensor]) -> list[str | None]:
 
 
 class EngineLoop:
-    def __init__(self, decoder: Decoder, vae: Any, max_batch: int = 16, max_queue: int = 64):
-        self.decoder, self.vae, self.max_queue = decoder, vae, max_queue
-        self.engine = decoder.engine(rows=max_batch, capacity=decoder.model.cfg.max_seq_len)
+    def __init__(self, pipe: Pipeline, max_batch: int = 16, max_queue: int = 64):
+        self.pipe, self.decoder, self.vae, self.max_queue = pipe, pipe.decoder, pipe.vae, max_queue
+        self.engine = self.decoder.engine(rows=max_batch, capacity=self.decoder.model.cfg.max_seq_len)
         self.inbox: deque[Job] = deque()
         self.waiting: set[Job] = set()  # jobs submitted whose rows do not hold a cache row yet
         self.cond = threading.Condition()

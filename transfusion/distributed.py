@@ -130,7 +130,7 @@ def check_shared_directory(path: str | Path, what: str, seconds: float = 10.0) -
     host = socket.gethostname()
     (folder / f"rank{rank}").write_text(host)
     all_gather_object(None, host=True)  # every token is written
-    deadline, missing = time.time() + seconds, list(range(world))
+    deadline = time.time() + seconds
     while True:
         missing = [r for r in range(world) if not (folder / f"rank{r}").is_file()]
         if not missing or time.time() > deadline:
@@ -167,11 +167,6 @@ def cleanup() -> None:
         dist.barrier()
         dist.destroy_process_group()
     _HOST_GROUP.clear()  # destroyed with the others
-
-
-def is_initialized() -> bool:
-    """Whether this process is one rank of a process group (under torchrun)."""
-    return dist.is_initialized()
 
 
 def print0(*args: Any, **kw: Any) -> None:
@@ -365,13 +360,6 @@ def ranks_where(flag: bool) -> list[int]:
     votes = [0.0] * dist.get_world_size()
     votes[dist.get_rank()] = float(bool(flag))
     return [r for r, v in enumerate(_all_reduce(votes, dist.ReduceOp.SUM)) if v > 0]
-
-
-def all_true(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on every rank."""
-    if not dist.is_initialized():
-        return bool(flag)
-    return _all_reduce([float(flag)], dist.ReduceOp.MIN)[0] > 0
 
 
 def mean_across(value: float) -> float:

@@ -103,9 +103,8 @@ class Route:
         flat = is_image.reshape(-1)
         if patches is None:
             return cls(torch.nonzero(~flat).squeeze(1), torch.nonzero(flat).squeeze(1))
-        order = torch.argsort(
-            flat.to(torch.uint8), stable=True
-        )  # text positions, then patches, each in order
+        # text positions first, then patches, each in their order
+        order = torch.argsort(flat.to(torch.uint8), stable=True)
         split = flat.shape[0] - patches
         return cls(order[:split], order[split:])
 

@@ -192,10 +192,10 @@ class Transfusion(nn.Module):
     def image_outputs(self, h: Tensor, patch_mask: Tensor, ctx: Any, num_images: int) -> Tensor:
         """Hidden states at patch positions -> latent-shaped predictions (N, C, H, W)."""
         n = self.cfg.patches_per_image
-        # the patch positions in order, from a stable sort with the count the host knows: ``h[patch_mask]``
+        # the patch positions in order, with the count the host knows (``Route.of``): ``h[patch_mask]``
         # would be a nonzero, whose output size the host waits for
-        order = torch.argsort(patch_mask.reshape(-1).to(torch.uint8), stable=True, descending=True)
-        hp = h.reshape(-1, h.shape[-1])[order[: num_images * n]].view(num_images, n, -1)  # (N, n, D)
+        at = Route.of(patch_mask, num_images * n).image
+        hp = h.reshape(-1, h.shape[-1])[at].view(num_images, n, -1)  # (N, n, D)
         return self.patcher.decode(hp, ctx)
 
     # --- the training / scoring forward ----------------------------------------------------------

@@ -242,7 +242,7 @@ class Pipeline:
         given = [self.prompt_text(t, relation_wording) for t in texts for _ in range(n)]
         gen = self.settings(steps=steps, guidance=guidance, guidance_max_t=guidance_max_t, sampler=sampler,
                             force_image=True, stop_after_image=True)  # fmt: skip
-        with _bar(progress, len(given) * gen.steps, "denoising") as bar:
+        with progress_bar(progress, len(given) * gen.steps, "denoising") as bar:
             outs = self.run([[t] for t in given], gen, [seed + i for i in range(len(given))], bar)
         latents = [out[0] for out in outs]
         return latents if output_type == "latent" else self.to_pil(latents)
@@ -300,7 +300,7 @@ class Pipeline:
                             top_k=top_k, top_p=top_p, steps=steps, guidance=guidance, guidance_max_t=guidance_max_t,
                             sampler=sampler, force_image=force_image, stop_after_image=False)  # fmt: skip
         count = 1 if n is None else n
-        with _bar(progress, None, "decoding") as bar:
+        with progress_bar(progress, None, "decoding") as bar:
             outs = [
                 self.as_pil(out)
                 for out in self.run([prompt] * count, gen, [seed + i for i in range(count)], bar)
@@ -367,7 +367,7 @@ def find_metrics(path: Path | None) -> dict[str, Any] | None:
     return None
 
 
-class _bar:
+class progress_bar:
     """A tqdm progress bar opened at the first update (an early error prints alone), or nothing."""
 
     def __init__(self, on: bool, total: int | None, desc: str):

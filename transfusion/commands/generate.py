@@ -135,7 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transfusion.pipeline import Pipeline
+    from transfusion.pipeline import Pipeline, progress_bar
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     n = args.num_images
     seeds = [args.seed + i for i in range(n)]
     total = None if args.text else n * gen.steps  # rows x steps when every output is one forced image
-    with progress_bar(total, "denoising") as progress:
+    with progress_bar(True, total, "denoising") as progress:
         outputs = pipe.run([prompt] * n, gen, seeds, progress)
     out.mkdir(parents=True, exist_ok=True)
     title = " ".join(
@@ -188,13 +188,6 @@ def run(args: argparse.Namespace) -> int:
     why = f" ({pipe.missing_vae()}: images saved as latents, .safetensors)" if pipe.vae is None else ""
     print(f"wrote {n} output(s) to {out}{why}")
     return 0
-
-
-def progress_bar(total: int | None, desc: str):  # noqa: ANN201
-    """A tqdm bar opened at the first step (an early error prints alone): ``pipeline``'s own."""
-    from transfusion.pipeline import _bar
-
-    return _bar(True, total, desc)
 
 
 def save_image(latent: torch.Tensor, stem: Path, pipe: Any) -> str:

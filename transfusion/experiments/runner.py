@@ -272,7 +272,6 @@ def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> d
     from transfusion.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(run, "cpu")
-    loaded, vae = pipe, pipe.vae
     main = exp.eval_cfg if exp.eval_cfg in exp.cfg_scales or len(exp.cfg_scales) == 1 else exp.cfg_scales[0]
     metrics, details = evaluate(pipe, d, settings.prompts_per_kind, settings.captions, settings.sample_steps, None,
                                 main, 0, None, fd_cache=d.parent.parent / "shared")  # fmt: skip
@@ -284,7 +283,7 @@ def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> d
         from transfusion.data.sources import TextFiles
 
         docs = TextFiles(DataConfig(val_fraction=0.02), "val", fortunes_path()).docs[:300]
-        fortune = text_scores(loaded.model, loaded.tokenizer, docs)
+        fortune = text_scores(pipe.model, pipe.tokenizer, docs)
         metrics["fortune_bits_per_byte"] = fortune["text_bits_per_byte"]
     by_cfg = {f"{main:g}": metrics}
     dec = pipe.decoder
@@ -292,9 +291,9 @@ def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> d
         if f"{scale:g}" in by_cfg:
             continue
         gen = pipe.settings(steps=settings.sample_steps, guidance=scale)
-        by_cfg[f"{scale:g}"] = image_reading(dec, vae, gen, d, settings)
+        by_cfg[f"{scale:g}"] = image_reading(dec, pipe.vae, gen, d, settings)
     if exp.interval_reading is not None:
-        metrics.update(interval_reading(exp.interval_reading, dec, vae, main, d, settings, metrics))
+        metrics.update(interval_reading(exp.interval_reading, dec, pipe.vae, main, d, settings, metrics))
     return {**metrics, "by_cfg": by_cfg}
 
 

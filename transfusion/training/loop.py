@@ -354,9 +354,8 @@ def draw_sample_grid(model: Any, tokenizer: Any, cfg: Config, vae: Any, path: Pa
     from transfusion.generate import Decoder, GenerationConfig, text_to_image
     from transfusion.vae import decode_latents
 
-    rank, world = (
-        (torch.distributed.get_rank(), torch.distributed.get_world_size()) if D.is_initialized() else (0, 1)
-    )
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(prompts), world))
     drawn: list[tuple[int, Any]] = []
     if mine:

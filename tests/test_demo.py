@@ -16,7 +16,21 @@ from helpers import PixelVAE
 def test_demo_small_budget(tmp_path):
     out = tmp_path / "demo"
     assert (
-        cli.main(["demo", "--out", str(out), "--minutes", "1", "--prompts-per-kind", "2", "--captions", "6"])
+        cli.main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--minutes",
+                "1",
+                "--prompts-per-kind",
+                "2",
+                "--captions",
+                "6",
+                "--edit",
+                "0.2",
+            ]
+        )  # fmt: skip
         == 0
     )
     metrics = json.loads((out / "metrics.json").read_text())
@@ -43,6 +57,10 @@ def test_demo_small_budget(tmp_path):
     page = (out / "report.html").read_text()
     assert "<svg" in page and "data:image/png;base64," in page and "blank images" in page
     assert f"{metrics['geneval_overall']:.2f}" in page  # the report shows this run's numbers
+    # --edit: the model fine-tuned on edits (LoRA), its edits judged in the report beside the baselines
+    assert 0 <= metrics["edit_edit"] <= 1 and 0 <= metrics["edit_kept"] <= 1 and metrics["edit_steps"] >= 10
+    assert (out / "edit" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "<h2>Editing</h2>" in page and "input unchanged" in page and "held-out combination" in page
 
 
 def test_demo_help_and_bad_budget(tmp_path, capsys):

@@ -18,7 +18,7 @@ LAYERS = {
     "errors": 0, "io": 0, "config": 0,
     "tokenizer": 1, "sequence": 1, "masks": 1, "layers": 1, "patching": 1, "unet": 1, "diffusion": 1,
     "distributed": 1, "vae": 1, "vq": 1, "autoencoders": 1, "data.base": 1, "data.shapes": 1,
-    "model": 2, "losses": 2, "flops": 2, "checkpoint": 2, "model_directory": 2, "data": 2, "pretrained": 2,
+    "model": 2, "lora": 2, "losses": 2, "flops": 2, "checkpoint": 2, "model_directory": 2, "data": 2, "pretrained": 2,
     "generate": 3, "decoding": 3, "pipeline": 3, "recipe": 3, "training": 3, "evaluation": 3,
     "demo": 4, "bench": 4, "experiments": 4, "serve": 4,
     "commands": 5, "cli": 5, "__main__": 5, "__init__": 5,  # the package's face: Pipeline

@@ -95,7 +95,7 @@ def test_settings_and_wording_have_one_home(checkpoint):
     assert pipe.prompt_text("a red circle below a blue square") == "a red circle below a blue square"  # auto
     with pytest.raises(Exception, match="relation_wording 'sideways'"):
         pipe.prompt_text("x", "sideways")
-    with pytest.raises(Exception, match="adapters"):
+    with pytest.raises(FileNotFoundError, match="lora is not an adapter directory"):
         Pipeline.from_pretrained(checkpoint, device="cpu", adapters=["lora"])
     with pytest.raises(ValueError, match="the prompt is empty"):
         pipe.generate([])

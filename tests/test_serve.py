@@ -3,6 +3,7 @@
 answers 503; bad input is a 4xx and the next request succeeds; the key is checked."""
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -246,21 +247,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def real_server(checkpoint):
-    """The app behind uvicorn on a free localhost port, in a thread."""
+@contextlib.contextmanager
+def on_socket(app):
+    """``app`` behind uvicorn on a free localhost port, in a thread; yields its URL."""
     import uvicorn
 
-    loop, app = start(checkpoint, max_batch=4)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    yield loop, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def real_server(checkpoint):
+    """The app behind uvicorn on a free localhost port, in a thread."""
+    loop, app = start(checkpoint, max_batch=4)
+    with on_socket(app) as url:
+        yield loop, url
     loop.stop()
 
 

@@ -1,5 +1,6 @@
 """The playground page in a real browser (headless Chromium from Debian, driven by Playwright): the
-page loads, a prompt is submitted, the progress bar moves, the image appears; an upload is captioned."""
+page loads, a prompt is submitted, the progress bar moves, the image appears; an upload is captioned;
+an upload is edited."""
 
 import shutil
 
@@ -51,6 +52,19 @@ def test_the_page_draws_and_captions(real_server, tmp_path):  # noqa: F811
         files = {"file": ("red.png", (tmp_path / "red.png").read_bytes(), "image/png")}
         want = httpx.post(f"{url}/v1/caption", files=files, timeout=60).json()["caption"]
         assert caption.locator(".text").text_content() == want  # what the API answers for that upload
+        # an edit: the input shown beside the edited images, which arrive as they denoise
+        page.set_input_files("#edit-upload", str(tmp_path / "red.png"))
+        page.fill("#instruction", "make the red square blue")
+        page.fill("#edit-n", "2")
+        page.fill("#edit-steps", "40")
+        page.click("#edit-button")
+        page.wait_for_function("document.querySelectorAll('#history .card.done').length == 3", timeout=60_000)
+        edit = page.locator("#history .card").first
+        assert "make the red square blue" in edit.locator(".title").text_content()
+        assert not edit.locator(".text.error").count()
+        pictures = edit.locator(".pictures img")
+        assert pictures.count() == 3 and "input" in pictures.first.get_attribute("class")
+        assert all("preview" not in (pictures.nth(k).get_attribute("class") or "") for k in (1, 2))
         browser.close()
 
 
@@ -80,7 +94,7 @@ def test_the_api_reference_renders_offline(real_server):  # noqa: F811
             ".opblock-summary-path", "els => els.map(e => e.textContent.trim())"
         )
         browser.close()
-    assert {"/v1/images", "/v1/caption", "/v1/generate", "/v1/images/generations"} <= {
+    assert {"/v1/images", "/v1/caption", "/v1/generate", "/v1/images/generations", "/v1/images/edits"} <= {
         p.replace("\u200b", "") for p in paths
     }
     assert not refused, refused

@@ -111,9 +111,9 @@ def test_nan_and_inf_steps_are_skipped_counted_then_stop(tmp_path, monkeypatch):
         out = real_text(logits, targets)
         return out * float("nan") if calls["text"] == 3 else out
 
-    def flaky_image(pred, target):
+    def flaky_image(pred, target, conditions=None):
         calls["image"] += 1
-        out = real_image(pred, target)
+        out = real_image(pred, target, conditions)
         return out * float("inf") if calls["image"] == 4 else out
 
     monkeypatch.setattr(losses_mod, "text_loss", flaky_text)

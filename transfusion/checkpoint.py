@@ -143,9 +143,23 @@ class Loaded:
     path: Path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> Loaded:
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    use_ema: bool = True,
+    adapters: list[str | Path] | None = None,
+    merge: bool = True,
+) -> Loaded:
     """Load a checkpoint (or a run's latest, or an exported model directory) for inference. Prefers EMA
-    weights when present (an exported directory holds the weights it was exported with)."""
+    weights when present (an exported directory holds the weights it was exported with).
+
+    A LoRA run's checkpoint holds adapters: its base (``train.init_checkpoint``, its inference weights)
+    is loaded and the adapter applied. ``adapters``: adapter directories (``lora``) applied on top, each
+    checked against the weights it was trained on. Applied adapters are merged into the weights
+    (``merge``; one plain GEMM per layer, as without them), or kept apart as ``default``, ``adapter1``...
+    (per-row adapters, ``lora.rows_using``)."""
+    from transfusion import lora
+
     if is_model_directory(path):
         meta, config, state = read_model_directory(path, device)
         ckpt, weights = Path(path), Path(path)
@@ -153,6 +167,51 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
         ckpt = resolve_checkpoint(path)
         meta, config = read_meta(ckpt)
         weights, state = read_weights(ckpt, meta, use_ema, device)
+    if config.train.lora_rank and "lora" in meta:
+        loaded = _load_lora_run(ckpt, meta, config, state, device)
+    else:
+        loaded = _load_whole(ckpt, weights, meta, config, state, device)
+    for i, directory in enumerate(adapters or []):
+        lora.load_adapter(loaded.model, directory, name=f"adapter{i}" if i else "default")
+    if merge:
+        lora.merge(loaded.model)
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _load_lora_run(
+    ckpt: Path, meta: dict[str, Any], config: Config, state: dict[str, torch.Tensor], device: Any
+) -> Loaded:
+    """A LoRA run's checkpoint: its base loaded (inference weights), checked, and its adapter added."""
+    from transfusion import lora
+
+    info = meta["lora"]
+    base_path = Path(info["base"]["path"])
+    if not base_path.exists():
+        raise FileNotFoundError(
+            f"{ckpt} adapts {base_path}, which is not there; give the base with --checkpoint BASE --adapter "
+            f"{ckpt.parent.parent / 'adapter'}"
+        )
+    loaded = load_model(base_path, device, use_ema=True, merge=False)
+    lora.check_base({"transfusion_base": info["base"]}, loaded.model, str(ckpt))
+    lora.add_adapter(
+        loaded.model, "default", int(info["rank"]), float(info["alpha"]), modules=info["modules"]
+    )
+    missing, unexpected = loaded.model.load_state_dict(state, strict=False)
+    wanted = [k for k in missing if lora.is_adapter_key(k)]
+    if wanted or unexpected:
+        raise ValueError(f"{ckpt} does not fit its base: missing {wanted[:3]}, unexpected {unexpected[:3]}")
+    return Loaded(model=loaded.model, config=config, tokenizer=loaded.tokenizer, meta=meta, path=ckpt)
+
+
+def _load_whole(
+    ckpt: Path,
+    weights: Path,
+    meta: dict[str, Any],
+    config: Config,
+    state: dict[str, torch.Tensor],
+    device: Any,
+) -> Loaded:
     tokenizer = tokenizer_from_dict(meta.get("tokenizer"), base=ckpt)
     with torch.device("meta"):
         model = Transfusion(config.model)
@@ -210,13 +269,18 @@ def vae_directory(loaded: Loaded) -> Path | None:
 
 
 def load_for_inference(
-    checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
+    checkpoint: str | Path,
+    device: str | torch.device = "cpu",
+    use_ema: bool = True,
+    adapters: list[str | Path] | None = None,
+    merge: bool = True,
 ) -> tuple[Loaded, Any | None]:
-    """(``Loaded``, VAE or None) from a checkpoint, run or model directory. The VAE is the directory
-    meta.json (config.json) names under "vae" (relative to it); None if there is none."""
+    """(``Loaded``, VAE or None) from a checkpoint, run or model directory (and ``adapters``, see
+    ``load_model``). The VAE is the directory meta.json (config.json) names under "vae" (relative to
+    it); None if there is none."""
     from transfusion.autoencoders import load_vae
 
-    loaded = load_model(checkpoint, device, use_ema)
+    loaded = load_model(checkpoint, device, use_ema, adapters, merge)
     vae_dir = vae_directory(loaded)
     return loaded, (load_vae(vae_dir, device) if vae_dir is not None and vae_dir.is_dir() else None)
 

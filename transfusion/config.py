@@ -285,8 +285,8 @@ class DataConfig:
     """Where samples come from and how image-caption pairs are laid out (PAPER.md: 80/20)."""
 
     source: str = "shapes"
-    """'shapes' (built-in scenes), 'fashion_mnist', 'folder', 'jsonl', 'text', 'webdataset' or 'latents'
-    (a dataset pre-encoded by ``transfusion encode``)."""
+    """'shapes' (built-in scenes), 'shape-edits' (edits of them: image, instruction, image), 'fashion_mnist',
+    'folder', 'jsonl', 'text', 'webdataset' or 'latents' (a dataset pre-encoded by ``transfusion encode``)."""
     path: str | None = None
     """The files of a file-based source: a folder, a JSONL manifest, a .txt file or folder, tar shards,
     a latent store."""
@@ -334,6 +334,9 @@ class DataConfig:
     length: int | None = None
     """Distinct scenes the shapes source cycles through (None: a million); a finite pool is what
     ``latent_cache`` encodes once. Pairing, conditioning dropout and noise still differ every pass."""
+    scene_share: float = 0.0
+    """shape-edits: the share of items that are captioned shape scenes (with this section's caption
+    knobs) instead of edits: the base's data replayed while fine-tuning."""
     seed: int = 0
     """Seeds the shapes scenes and every sample's pairing, dropout and noise."""
     val_fraction: float = 0.02
@@ -357,7 +360,7 @@ class DataConfig:
         _choice(
             "source",
             self.source,
-            ("shapes", "fashion_mnist", "folder", "jsonl", "text", "webdataset", "latents"),
+            ("shapes", "shape-edits", "fashion_mnist", "folder", "jsonl", "text", "webdataset", "latents"),
         )
         if self.num_workers < 0 or self.prefetch < 1:
             raise ValueError(
@@ -370,6 +373,7 @@ class DataConfig:
             "cond_dropout",
             "descriptive_captions",
             "canonical_relations",
+            "scene_share",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -462,6 +466,21 @@ class TrainConfig:
     """Train only the image side (plus ``train_layers`` and the new BOI/EOI rows); needs init_from."""
     train_layers: list[int] | None = None
     """With freeze_text: trunk layers that still train (negative indices count from the end)."""
+    init_checkpoint: str | None = None
+    """A Transfusion checkpoint (a run directory, a one-process or sharded checkpoint, or a model
+    directory) whose weights and EMA start this run, with a fresh optimizer and schedule; its model
+    config, tokenizer and VAE come with it (fine-tuning)."""
+    lora_rank: int = 0
+    """With init_checkpoint: train low-rank adapters of this rank on the frozen base (0: full fine-tuning)."""
+    lora_alpha: float | None = None
+    """LoRA's alpha: the adapters' output is scaled by alpha / rank (None: alpha = rank)."""
+    lora_targets: list[str] | None = None
+    """The block linears that get adapters (None: wq, wk, wv, wo, gate, up, down)."""
+    lora_modality: str = "both"
+    """Under modality-specific weights (MoT, LMFusion): adapters on the 'text' copies, the 'image'
+    copies or 'both'."""
+    lora_patcher: bool = False
+    """With lora_rank: the patcher (image in and out, timestep MLP) trains too, saved with the adapter."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "keep_last", "log_every",
@@ -484,6 +503,21 @@ class TrainConfig:
             raise ValueError(
                 "train.tokenizer and train.init_from both name a tokenizer; a pretrained LLM brings its own"
             )
+        if self.init_checkpoint and (self.init_from or self.tokenizer):
+            raise ValueError(
+                "train.init_checkpoint brings the model, its tokenizer and its VAE; drop train.init_from / train.tokenizer"
+            )
+        if self.lora_rank < 0:
+            raise ValueError(f"train.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+        if self.lora_rank and not self.init_checkpoint:
+            raise ValueError(
+                "train.lora_rank adapts a trained model: give train.init_checkpoint (--init-checkpoint)"
+            )
+        if self.lora_patcher and not self.lora_rank:
+            raise ValueError(
+                "train.lora_patcher applies with train.lora_rank (full fine-tuning trains the patcher)"
+            )
+        _choice("lora_modality", self.lora_modality, ("both", "text", "image"))
         if self.train_layers and not self.freeze_text:
             raise ValueError(
                 "train.train_layers only applies with train.freeze_text (every layer trains otherwise)"

@@ -256,22 +256,31 @@ def set_optimizer_tensors(
 
 
 def load_state(
-    model: nn.Module, opt: torch.optim.Optimizer, weights: dict[str, torch.Tensor], opt_state: dict[str, Any]
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    opt_state: dict[str, Any],
+    strict: bool = True,
 ) -> None:
     """Whole weights and optimizer state (a one-process checkpoint) into a model that may be wrapped
     (DDP) or sharded (FSDP2). Sharded, every rank keeps its part of each whole tensor: the optimizer
     state, which ``torch.optim`` keys by the parameters' order, is renamed to the parameters' names
-    (``optimizer_tensors``' layout) and sharded like them."""
+    (``optimizer_tensors``' layout) and sharded like them. ``strict=False``: ``weights`` may be a part
+    of the model's (a LoRA run's adapters)."""
     if dist.is_initialized() and is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=strict)
         set_model_state_dict(model, weights, options=opts)
         targets = optimizer_tensors(model, opt)
         load_full_tensors(targets, named_optimizer_state(model, opt, opt_state))
         set_optimizer_tensors(model, opt, targets)
         return
-    unwrap(model).load_state_dict(weights)
+    missing, unexpected = unwrap(model).load_state_dict(weights, strict=False)
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     opt.load_state_dict(opt_state)
 
 

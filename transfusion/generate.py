@@ -32,6 +32,7 @@ from transfusion.decoding.engine import Engine
 from transfusion.decoding.modes import GenerationConfig, Row, Segment, sample_token
 from transfusion.decoding.steps import CachedSteps
 from transfusion.diffusion import default_sampler, make_schedule, sampler_for
+from transfusion.lora import lora_layers
 from transfusion.model import Transfusion
 from transfusion.sequence import Image, Sample, Specials, Text, images_as_tokens, sample_length
 
@@ -73,6 +74,8 @@ class Decoder:
         self.discrete, self.code_offset = cfg.discrete, cfg.vocab_size
         cuda = self.device.type == "cuda"
         self.graphs = cuda if graphs is None else graphs
+        if lora_layers(model):  # rows pick adapters per call: the row groups would be baked into a graph
+            self.graphs = False
         self.static = cuda if static is None else (static or self.graphs)
         # the model's cached calls; with static steps they keep their caches (and the graphs captured
         # over them) between calls, so a later call of the same batch shape replays instead of capturing
@@ -106,9 +109,11 @@ class Decoder:
         events: Callable[[str, dict[str, Any]], None] | None = None,
         preview_every: int = 0,
         name: str = "prompt",
+        adapter: str | None = None,
     ) -> Row:
         """A request for an engine: ``prompt`` continued with the settings ``gen`` (filled in by
-        ``settings``) and a generator seeded by ``seed``; its events go to ``events``."""
+        ``settings``) and a generator seeded by ``seed``; its events go to ``events``; ``adapter`` the
+        LoRA adapter it decodes with (None: the base weights)."""
         sample = self.prompt_sample(prompt, force_image)
         limit = self.model.cfg.max_seq_len
         length = sample_length(sample, self.n)
@@ -119,7 +124,7 @@ class Decoder:
             )
         sampler = sampler_for(self.dcfg, self.schedule, gen.sampler, gen.steps) if not self.discrete else None
         generator = torch.Generator().manual_seed(int(seed))
-        return Row(sample, gen, sampler, generator, force_image, events, preview_every)
+        return Row(sample, gen, sampler, generator, force_image, events, preview_every, adapter)
 
     @torch.no_grad()
     def generate(
@@ -129,12 +134,14 @@ class Decoder:
         seeds: list[int] | None = None,
         force_image: list[bool] | None = None,
         progress: Callable[[int], None] | None = None,
+        adapters: list[str | None] | None = None,
     ) -> list[list[Segment]]:
         """Continue every prompt; returns each row's output segments (text, and image latents on the CPU).
 
         ``seeds`` gives each row its own generator (default 0, 1, ...); ``force_image`` overrides
         ``gen.force_image`` per row, so one batch can mix captioning and text-to-image rows;
-        ``progress(k)`` is called after each denoising tick with the k rows it advanced."""
+        ``progress(k)`` is called after each denoising tick with the k rows it advanced; ``adapters``
+        names each row's LoRA adapter (None: the base weights; the model must hold them unmerged)."""
         gen = self.settings(gen)
         B = len(prompts)
         force = [gen.force_image] * B if force_image is None else [bool(f) for f in force_image]
@@ -143,9 +150,12 @@ class Decoder:
             raise ValueError(f"give one seed and one force_image flag per prompt ({B} prompts)")
         if B == 0:
             return []
+        names = [None] * B if adapters is None else list(adapters)
+        if len(names) != B:
+            raise ValueError(f"give one adapter (or None) per prompt ({B} prompts)")
         rows = [
-            self.row(p, gen, s, f, name=f"prompt {i}")
-            for i, (p, f, s) in enumerate(zip(prompts, force, seeds))
+            self.row(p, gen, s, f, name=f"prompt {i}", adapter=a)
+            for i, (p, f, s, a) in enumerate(zip(prompts, force, seeds, names))
         ]
         # every row fits: its prompt, its text (the last token is never fed) and its images
         images = max(gen.max_images, int(any(force)))

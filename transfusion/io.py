@@ -51,12 +51,15 @@ def atomic_write_with(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A safetensors file written atomically; shared storage (tied weights) is cloned apart first."""
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """A safetensors file written atomically (with ``metadata`` in its header); shared storage (tied
+    weights) is cloned apart first."""
     from safetensors.torch import save_file
 
     cpu = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
-    atomic_write_with(path, lambda tmp: save_file(cpu, tmp))
+    atomic_write_with(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -54,11 +54,17 @@ def per_image_mse(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-def image_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error per image (over C, H, W), then averaged over images; 0 without images."""
+def image_loss(pred: Tensor, target: Tensor, conditions: Tensor | None = None) -> Tensor:
+    """Mean squared error per image (over C, H, W), then averaged over images; 0 without images.
+    ``conditions`` (N,) marks inputs that carry no loss (``Image.condition``): the mean is over the
+    others (0 when there are none), without a host sync."""
     if pred.shape[0] == 0:
         return pred.sum() * 0.0
-    return per_image_mse(pred, target).mean()
+    mse = per_image_mse(pred, target)
+    if conditions is None:
+        return mse.mean()
+    scored = (~conditions.to(mse.device)).float()
+    return (mse * scored).sum() / scored.sum().clamp(min=1)
 
 
 def combine(text: Tensor, image: Tensor, loss_weight: float) -> Tensor:
@@ -100,6 +106,8 @@ def noised(
     t, noise = draw_noise(batch, cfg, generator)
     t, noise = t.to(device), noise.to(device=device, dtype=batch.latents.dtype)
     x_t, target = diffusion.training_target(cfg.objective, batch.latents, noise, t, schedule)
+    if batch.conditions is not None:  # inputs stay clean (at t = 0, as decoding reads a prompt image)
+        x_t = torch.where(batch.conditions.to(device)[:, None, None, None], batch.latents, x_t)
     return batch.replace(latents=x_t, timesteps=t), target
 
 
@@ -113,7 +121,7 @@ def training_loss(
     """Noise every image at a sampled timestep, run the model, return both losses.
 
     Images with a fixed ``t`` keep it; the others draw t uniformly, up to the noise limit for
-    images placed before their caption.
+    images placed before their caption. Condition images (an edit's input) stay clean, without a loss.
     """
     N = batch.num_images
     if N:
@@ -121,5 +129,5 @@ def training_loss(
     out = model(batch)
     lt = text_loss(out.logits, batch.text_targets)
     count = (batch.text_targets != IGNORE).sum()
-    li = image_loss(out.image_pred, target) if N else out.image_pred.sum() * 0.0
+    li = image_loss(out.image_pred, target, batch.conditions) if N else out.image_pred.sum() * 0.0
     return Losses(total=combine(lt, li, cfg.loss_weight), text=lt, image=li, text_tokens=count, images=N)

@@ -17,7 +17,7 @@ and returns outputs of text and latents, for callers that keep images as latents
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ ImageInput = PILImage.Image | str | Path | torch.Tensor
 already scaled for diffusion (as ``encode`` returns it)."""
 
 RELATION_WORDINGS = ("auto", "as-written", "reading-order")
+EDIT_GUIDANCE = 1.0
+"""Classifier-free guidance weight of an edit by default: none (see ``Pipeline.edit``)."""
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -78,15 +80,26 @@ class Pipeline:
         path: str | Path,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype | None = None,
-        adapters: Sequence[str | Path] | None = None,
+        adapters: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
         use_ema: bool = True,
+        merge_adapters: bool | None = None,
     ) -> Pipeline:
         """Load a run directory (its latest checkpoint), a checkpoint, or an exported model directory,
-        with the VAE it names. ``dtype`` ('bf16', 'fp32' or a torch dtype) casts the weights (bf16 pays
-        on a GPU; on a CPU it is far slower than fp32). ``adapters``: none exist in this version yet."""
-        if adapters:
-            raise UserError("adapters: this version loads no adapters yet (LoRA is not part of it)")
-        loaded, vae = load_for_inference(path, resolve_device(device), use_ema=use_ema)
+        with the VAE it names (a LoRA run's checkpoint: its base with the adapter). ``dtype`` ('bf16',
+        'fp32' or a torch dtype) casts the weights (bf16 pays on a GPU; on a CPU it is far slower than
+        fp32). ``adapters``: LoRA adapter directories, each checked against the base it was trained on. A
+        list is merged into the weights (decoding as fast as without them); a mapping {name: directory}
+        keeps them apart, for requests that pick one by name (``run(..., adapters=[name, None, ...])``)."""
+        named = isinstance(adapters, Mapping)
+        merge = not named if merge_adapters is None else merge_adapters
+        loaded, vae = load_for_inference(path, resolve_device(device), use_ema=use_ema,
+                                         adapters=None if named else list(adapters or []), merge=merge)  # fmt: skip
+        if named:
+            from transfusion import lora
+
+            lora.merge(loaded.model)  # a LoRA run's own adapter into its base; the named ones stay apart
+            for name, directory in adapters.items():
+                lora.load_adapter(loaded.model, directory, name=name)
         model = loaded.model
         if dtype is not None:
             dtypes = {
@@ -133,7 +146,17 @@ class Pipeline:
         if relation_wording == "auto":
             from transfusion.data.shapes import trained_in_reading_order
 
-            return trained_in_reading_order(self.config.data)
+            config = self.config
+            while not trained_in_reading_order(config.data) and config.train.init_checkpoint:
+                from transfusion.training.setup import (
+                    checkpoint_config,
+                )  # a fine-tuned model: its base's data
+
+                try:
+                    config = checkpoint_config(config.train.init_checkpoint)[0]
+                except (OSError, ValueError):
+                    break
+            return trained_in_reading_order(config.data)
         return relation_wording == "reading-order"
 
     def prompt_text(self, text: str, relation_wording: str = "auto") -> str:
@@ -214,10 +237,13 @@ class Pipeline:
         gen: GenerationConfig,
         seeds: Sequence[int],
         progress: Callable[[int], None] | None = None,
+        adapters: Sequence[str | None] | None = None,
     ) -> list[list[Segment]]:
-        """Prompts of text and latents, one output per prompt (prompt i seeded ``seeds[i]``): text and
-        latents, in order. The decoding every method below goes through."""
-        return self.decoder.generate([list(p) for p in prompts], gen, list(seeds), progress=progress)
+        """Prompts of text and latents, one output per prompt (prompt i seeded ``seeds[i]``, decoded with
+        adapter ``adapters[i]``, None for the base weights): text and latents, in order. The decoding
+        every method below goes through."""
+        return self.decoder.generate([list(p) for p in prompts], gen, list(seeds), progress=progress,
+                                     adapters=None if adapters is None else list(adapters))  # fmt: skip
 
     def text_to_image(
         self,
@@ -246,6 +272,51 @@ class Pipeline:
             outs = self.run([[t] for t in given], gen, [seed + i for i in range(len(given))], bar)
         latents = [out[0] for out in outs]
         return latents if output_type == "latent" else self.to_pil(latents)
+
+    def edit(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        instruction: str | Sequence[str],
+        n: int = 1,
+        *,
+        steps: int | None = None,
+        guidance: float | None = EDIT_GUIDANCE,
+        guidance_max_t: int | None = -1,
+        sampler: str | None = None,
+        seed: int = 0,
+        resize: bool = False,
+        adapter: str | None = None,
+        progress: bool = True,
+        output_type: str = "pil",
+    ) -> list[Any]:
+        """``n`` edits of each image following its instruction (image-major order; edit i seeded ``seed +
+        i``): the paper's section 4.4 sequence, the image, the instruction, then an image drawn after a
+        forced BOI, by the same interleaved decoding as every other output. One instruction may serve
+        every image. ``guidance`` defaults to none (``EDIT_GUIDANCE``): the unconditional twin holds BOS
+        BOI, without the input image, so guiding would pull the output away from the input."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        single = isinstance(image, (PILImage.Image, str, Path)) or (
+            isinstance(image, torch.Tensor) and image.dim() == 3
+        )
+        images = [image] if single else list(image)
+        texts = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
+        if len(texts) != len(images):
+            raise ValueError(
+                f"give one instruction, or one per image ({len(images)} images, {len(texts)} instructions)"
+            )
+        if not all(t.strip() for t in texts):
+            raise ValueError("an edit needs an instruction (the text saying what to change)")
+        latents = self.encode(images, resize)
+        prompts = [[z, t] for z, t in zip(latents, texts) for _ in range(n)]
+        gen = self.settings(steps=steps, guidance=guidance, guidance_max_t=guidance_max_t, sampler=sampler,
+                            force_image=True, stop_after_image=True)  # fmt: skip
+        with progress_bar(progress, len(prompts) * gen.steps, "editing") as bar:
+            outs = self.run(
+                prompts, gen, [seed + i for i in range(len(prompts))], bar, [adapter] * len(prompts)
+            )
+        out = [o[-1] for o in outs]
+        return out if output_type == "latent" else self.to_pil(out)
 
     def caption(
         self,

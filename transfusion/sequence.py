@@ -51,15 +51,26 @@ class Image:
     seed: int | None = None
     """Seeds this image's timestep and noise in training, so they depend on the sample, not on the
     batch or process it lands in (exact resume, and DDP equal to one process)."""
+    condition: bool = False
+    """An input the model reads but is not trained to make (the image an edit starts from): training
+    keeps it clean at t = 0 and puts no loss on it."""
+
+    def __post_init__(self) -> None:
+        if self.condition and self.t not in (None, 0):
+            raise ValueError(f"a condition image is clean (t = 0), got t={self.t}")
+        if self.condition:
+            self.t = 0
 
 
 @dataclass
 class Sample:
-    """An ordered list of segments. ``bos``/``eos``: whether to open with BOS and close with EOS."""
+    """An ordered list of segments. ``bos``/``eos``: whether to open with BOS and close with EOS;
+    ``text_loss``: whether its text is trained on (an edit trains on its output image only)."""
 
     segments: list[Text | Image]
     bos: bool = True
     eos: bool = True
+    text_loss: bool = True
 
     def __post_init__(self) -> None:
         for seg in self.segments:
@@ -96,6 +107,7 @@ class MixedBatch:
     timesteps: Tensor  # (N,) long: the diffusion step of each image, -1 = to be sampled
     noise_limited: Tensor  # (N,) bool: image-first images (t <= noise limit)
     noise_seeds: Tensor | None = None  # (N,) long: per-image seed for t and noise, -1 = none
+    conditions: Tensor | None = None  # (N,) bool: clean inputs without a loss (``Image.condition``)
     stats: dict[str, int] = field(default_factory=dict)
     host: MixedBatch | None = field(default=None, repr=False, compare=False)
     """The CPU batch this one was moved from (``to``), so that drawing the noise reads its timesteps,
@@ -151,7 +163,7 @@ def images_as_tokens(sample: Sample, specials: Specials, code_offset: int) -> Sa
             segs.append(Text([specials.boi, *(code_offset + codes).tolist(), specials.eoi]))
         else:
             segs.append(seg)
-    return Sample(segs, bos=sample.bos, eos=sample.eos)
+    return Sample(segs, bos=sample.bos, eos=sample.eos, text_loss=sample.text_loss)
 
 
 def truncate(sample: Sample, max_len: int, patches_per_image: int) -> Sample:
@@ -173,7 +185,7 @@ def truncate(sample: Sample, max_len: int, patches_per_image: int) -> Sample:
                 break
             out.append(seg)
             used += patches_per_image + 2
-    return Sample(out, bos=sample.bos, eos=False)
+    return Sample(out, bos=sample.bos, eos=False, text_loss=sample.text_loss)
 
 
 def layout(
@@ -296,6 +308,7 @@ def _fill_rows(
     lengths: list[int] = []  # pieces: every sample of a row, then the row's padding
     docs: list[int] = []  # each piece's sample number in its row
     offsets: list[int] = []  # images of the row before each piece
+    scored: list[bool] = []  # whether each piece's text has a loss
     images: list[Image] = []
     for row in rows:
         p, k = 0, 0
@@ -306,6 +319,7 @@ def _fill_rows(
             lengths.append(len(row_ids))
             docs.append(d)
             offsets.append(k)
+            scored.append(samples[si].text_loss)
             p, k = p + len(row_ids), k + len(row_images)
             images += row_images
         # padding is a sample of its own so that its rows of the mask are never empty
@@ -314,6 +328,7 @@ def _fill_rows(
         lengths.append(L - p)
         docs.append(len(row))
         offsets.append(0)
+        scored.append(True)
     n = np.array(lengths)
     img = np.array(img_l, dtype=np.int64)
     starts = np.repeat(np.cumsum(n) - n, n)
@@ -321,7 +336,8 @@ def _fill_rows(
     image_index = torch.from_numpy(np.where(img > 0, img + np.repeat(offsets, n), 0)).view(B, L)
     doc_ids = torch.from_numpy(np.repeat(np.array(docs, dtype=np.int64), n)).view(B, L)
     positions = torch.from_numpy(np.arange(B * L, dtype=np.int64) - starts).view(B, L)
-    is_token = torch.from_numpy(img == 0).view(B, L)  # text positions that belong to a sample (not padding)
+    # text positions that belong to a sample (not padding) and carry the text loss
+    is_token = torch.from_numpy((img == 0) & np.repeat(np.array(scored, dtype=bool), n)).view(B, L)
     return MixedBatch(
         ids=ids,
         image_index=image_index,
@@ -334,6 +350,9 @@ def _fill_rows(
         noise_seeds=torch.tensor(
             [-1 if seg.seed is None else int(seg.seed) for seg in images], dtype=torch.long
         ),
+        conditions=torch.tensor([seg.condition for seg in images], dtype=torch.bool)
+        if any(seg.condition for seg in images)
+        else None,
     )
 
 

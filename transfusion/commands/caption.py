@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     for name in args.images:
         if not Path(name).is_file():
             raise FileNotFoundError(f"no such image file: {name}")
-    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device))
+    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device), adapters=args.adapter)
     notes: list[str] = []
     latents = pipe.encode(args.images, args.resize, notes)
     for line in notes:

@@ -23,6 +23,13 @@ from transfusion.errors import UserError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_option(p)
     p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a LoRA adapter directory merged into the weights before evaluating (repeatable)",
+    )
+    p.add_argument(
         "--out", default=None, help="where to write metrics.json (default: the checkpoint directory)"
     )
     p.add_argument(
@@ -52,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--prompts-per-kind and --captions must be >= 1")
     from transfusion.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device))
+    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device), adapters=args.adapter)
     if pipe.vae is None:
         raise UserError(f"{args.checkpoint}: evaluation needs a VAE to see images, and {pipe.missing_vae()}")
     out = out_dir(args.out) if args.out else Path(pipe.path)

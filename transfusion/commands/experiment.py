@@ -5,6 +5,10 @@ training-FLOP budgets and seeds, evaluates every point the same way, and writes 
 experiment.html and a verdict per finding (reproduced, not reproduced, or inconclusive at this
 budget). The budget (``--minutes``) is shared out and the plan is shown before any point trains;
 ``--resume`` continues a stopped experiment without training finished points again.
+
+``edit`` is of another kind: it fine-tunes a trained model (the demo's, or ``--from CKPT``) on
+shape-scene edits, full fine-tuning against LoRA ranks 4 and 32 at equal steps, and judges the edits
+(``transfusion.experiments.edit``).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from transfusion.experiments import EXPERIMENTS, Settings, run_experiment
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     lines = [f"  {name:<13} {e.title} ({e.minutes:g} min)" for name, e in EXPERIMENTS.items()]
+    lines.append(
+        f"  {'edit':<13} fine-tuning on image edits: full vs LoRA rank 4 and 32 (section 4.4; about 90 min)"
+    )
     p.epilog = "experiments:\n" + "\n".join(lines)
     p.add_argument(
-        "name", choices=sorted(EXPERIMENTS), metavar="NAME", help="which experiment (listed below)"
+        "name", choices=sorted([*EXPERIMENTS, "edit"]), metavar="NAME", help="which experiment (listed below)"
     )
     p.add_argument(
         "--minutes",
@@ -41,7 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--captions", type=int, default=50, help="held-out images to caption per point (default 50)"
     )
     p.add_argument(
-        "--sample-steps", type=int, default=None, help="denoising steps when evaluating (default 250)"
+        "--sample-steps",
+        type=int,
+        default=None,
+        help="denoising steps when evaluating (default 250; edit: 100)",
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="change every arm's configuration, e.g. --set model.dim=64 (repeatable)")  # fmt: skip
@@ -49,9 +59,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", default=None, help="experiment directory (default runs/experiment-NAME-<date>-<time>)"
     )
     p.add_argument("--resume", action="store_true", help="continue the experiment in --out where it stopped")
+    edit = p.add_argument_group("edit")
+    edit.add_argument("--from", dest="base", default=None,
+                      help="edit: the model to fine-tune (default runs/demo/model, the newest demo's)")  # fmt: skip
+    edit.add_argument("--examples", type=int, nargs="+", default=[8000, 1000],
+                      help="edit: training edits per run (default 8000 1000)")  # fmt: skip
+    edit.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                      help="edit: full, lora4, lora32 (the default three), lora32-replay (half the items the base's own scenes)")  # fmt: skip
+    edit.add_argument("--steps", type=int, default=900, help="edit: optimizer steps per run (default 900)")
+    edit.add_argument(
+        "--edits-per-kind", type=int, default=20, help="edit: held-out edits per kind (default 20)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.name == "edit":
+        return run_edit(args)
     exp = EXPERIMENTS[args.name]
     minutes = args.minutes if args.minutes is not None else exp.minutes
     if minutes <= 0 or args.seeds < 1 or args.prompts_per_kind < 1 or args.captions < 1:
@@ -74,4 +97,36 @@ def run(args: argparse.Namespace) -> int:
     for line in results.get("guidance", []):
         print(line)
     note(f"wrote {out / 'results.json'} and {out / 'experiment.html'}")
+    return 0
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    from transfusion.experiments.edit import (
+        ARMS,
+        DEFAULT_ARMS,
+        EditSettings,
+        resolve_base,
+        run_edit_experiment,
+    )
+
+    arms = args.arms or list(DEFAULT_ARMS)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise UserError(f"--arms {unknown[0]!r}: choose from {', '.join(ARMS)}")
+    if args.steps < 1 or args.seeds < 1 or args.edits_per_kind < 2 or any(n < 1 for n in args.examples):
+        raise UserError("--steps, --seeds and --examples must be positive, --edits-per-kind at least 2")
+    Config().override(args.set)
+    base = resolve_base(args.base)
+    if args.resume:
+        if not args.out or not Path(args.out).is_dir():
+            raise UserError("--resume needs --out naming the directory of the experiment to continue")
+        out = out_dir(args.out)
+    else:
+        out = new_out_dir(args.out or time.strftime("runs/experiment-edit-%Y%m%d-%H%M%S"))
+    settings = EditSettings(str(base), list(args.examples), arms, args.seeds, args.steps, args.edits_per_kind,
+                            args.sample_steps or 100, args.captions, list(args.set))  # fmt: skip
+    summary = run_edit_experiment(out, settings, resume=args.resume)
+    for t in summary["targets"]:
+        print(f"{'met' if t['met'] else 'NOT met'}: {t['target']}: {t['worst']:.3f} ({t['goal']})")
+    note(f"wrote {out / 'results.json'} and {out / 'edit.html'}")
     return 0

@@ -9,7 +9,8 @@ uploaded to a model hub as it is, and ``Pipeline.from_pretrained`` and every ``-
 ``--format hf``: ``AutoModelForCausalLM.from_pretrained(OUT)`` then gives the same text logits; the image
 side is not part of that export. ``--consolidate`` turns a checkpoint written by several processes into
 the one-process layout (``model.safetensors``, ``ema.safetensors``, ``meta.json``); the optimizer state
-stays behind.
+stays behind. ``--merge-adapter DIR`` folds a LoRA adapter (``train --lora-rank``'s ``adapter/``) into the
+weights first; a LoRA run's own checkpoint is exported merged with its base.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even when EMA weights exist")
     p.add_argument(
+        "--merge-adapter", action="append", default=[], metavar="DIR",
+        help="fold this LoRA adapter directory into the weights before exporting (repeatable; each is "
+        "checked against the weights it was trained on)",
+    )  # fmt: skip
+    p.add_argument(
         "--max-shard-gb",
         type=float,
         default=2.0,
@@ -52,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export a trained checkpoint (or consolidate it)."""
     if args.consolidate:
+        if args.merge_adapter:
+            raise ValueError(
+                "--consolidate keeps the checkpoint's own weights; export with --merge-adapter instead"
+            )
         out = consolidate(args.checkpoint, out_dir(args.out))
         print(
             f"wrote {out}: one-process checkpoint (weights{', EMA' if (out / 'ema.safetensors').is_file() else ''})"
@@ -64,14 +74,16 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "model":
         from transfusion.pipeline import Pipeline
 
-        pipe = Pipeline.from_pretrained(args.checkpoint, "cpu", use_ema=not args.no_ema)
+        pipe = Pipeline.from_pretrained(
+            args.checkpoint, "cpu", use_ema=not args.no_ema, adapters=args.merge_adapter
+        )
         out = pipe.save_pretrained(out_dir(args.out), max_shard_bytes=int(args.max_shard_gb * 1e9))
         evaluated = "metrics" in json.loads((out / "config.json").read_text())
         card = "with the evaluation of its run" if evaluated else "no evaluation found beside the checkpoint"
         print(f"wrote {out}: a model directory (config.json, weights, tokenizer, {'vae/, ' if pipe.vae is not None else ''}"
               f"README.md model card, {card}); Pipeline.from_pretrained and --checkpoint read it")  # fmt: skip
         return 0
-    loaded = load_model(args.checkpoint, use_ema=not args.no_ema)
+    loaded = load_model(args.checkpoint, use_ema=not args.no_ema, adapters=args.merge_adapter)
     if not isinstance(loaded.tokenizer, HFTokenizer):
         raise ValueError(
             f"{loaded.path} uses the byte tokenizer, which has no tokenizer.json to export; --format hf works "

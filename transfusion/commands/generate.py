@@ -6,6 +6,12 @@ output. By default BOI is forced after the prompt (text-to-image); ``--text`` le
 when to draw. Example::
 
     transfusion generate --checkpoint runs/demo/model --prompt "a red circle" --num-images 4
+
+An image before the prompt and a forced BOI after it is an edit (the paper's section 4.4 sequence: image,
+instruction, image), decoded the same way; guidance is then off unless ``--cfg`` says otherwise
+(``pipeline.EDIT_GUIDANCE``)::
+
+    transfusion generate --checkpoint runs/edit --image in.png --prompt "make the circle blue"
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ from transfusion.generate import GenerationConfig
 def add_generation_options(p: argparse.ArgumentParser, images: bool = True) -> None:
     """Options shared by ``generate`` and ``caption`` (which draws no images: no diffusion options)."""
     add_checkpoint_option(p)
+    p.add_argument(
+        "--adapter", action="append", default=[], metavar="DIR",
+        help="a LoRA adapter directory (train --lora-rank writes RUN/adapter) merged into the weights "
+        "(repeatable; checked against the weights it was trained on)",
+    )  # fmt: skip
     if images:
         p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's, 250)")
         p.add_argument(
@@ -37,7 +48,8 @@ def add_generation_options(p: argparse.ArgumentParser, images: bool = True) -> N
             "--cfg",
             type=float,
             default=None,
-            help="classifier-free guidance weight (default: the config's, 3; 1 = off)",
+            help="classifier-free guidance weight (default: the config's, 3; 1 = off; off for an edit: "
+            "--image before the prompt, BOI forced)",
         )
         add_guidance_interval_option(p)
     p.add_argument(
@@ -140,11 +152,19 @@ def run(args: argparse.Namespace) -> int:
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     out = out_dir(args.out)
-    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device))
-    gen = generation_config(args, pipe, max_images=args.max_images, force_image=not args.text,
-                            stop_after_image=not args.text)  # fmt: skip
     if not args.prompt and not args.image:
         raise ValueError("give a --prompt, an --image, or both")
+    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device), adapters=args.adapter)
+    editing = bool(args.image) and not args.text and args.cfg is None
+    if editing:
+        from transfusion.pipeline import EDIT_GUIDANCE
+
+        args.cfg = EDIT_GUIDANCE  # the twin (BOS BOI) does not hold the input image: guiding would leave it
+        note(
+            f"note: an edit (image, then text, then an image): guidance {EDIT_GUIDANCE} unless --cfg says otherwise"
+        )
+    gen = generation_config(args, pipe, max_images=args.max_images, force_image=not args.text,
+                            stop_after_image=not args.text)  # fmt: skip
     notes: list[str] = []
     images = [Path(f) for f in args.image]  # in a prompt a str is text: files go in as paths
     prompt = pipe.prompt(

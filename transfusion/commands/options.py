@@ -10,7 +10,7 @@ from pathlib import Path
 from transfusion.errors import UserError
 from transfusion.io import output_directory
 
-DATA_SOURCES = ("shapes", "fashion_mnist", "folder", "jsonl", "text", "webdataset", "latents")
+DATA_SOURCES = ("shapes", "shape-edits", "fashion_mnist", "folder", "jsonl", "text", "webdataset", "latents")
 
 
 def note(message: str) -> None:
@@ -23,7 +23,7 @@ def add_data_options(
 ) -> None:
     """``--data`` and ``--data-path``, described the same way by every command."""
     text = (
-        "data source: shapes (the built-in scenes), fashion_mnist (Debian's dataset-fashion-mnist), folder "
+        "data source: shapes (the built-in scenes), shape-edits (edits of them: image, instruction, image), fashion_mnist (Debian's dataset-fashion-mnist), folder "
         "(images with .txt captions), jsonl (a manifest), text (.txt documents), webdataset (tar shards), "
         "latents (made by transfusion encode)"
     )

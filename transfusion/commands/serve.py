@@ -19,6 +19,11 @@ from transfusion.errors import UserError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_option(p)
     p.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=DIR",
+        help="load a LoRA adapter directory under NAME (repeatable); a request picks it with \"model\": "
+        "NAME, and rows with different adapters (and none) decode in the same batch",
+    )  # fmt: skip
+    p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -76,7 +81,15 @@ def run(args: argparse.Namespace) -> int:
     from transfusion.pipeline import Pipeline
     from transfusion.serve.worker import EngineLoop
 
-    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device))
+    adapters = {}
+    for item in args.adapter:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise UserError(f"--adapter {item!r}: give NAME=DIR")
+        if name in adapters or name in ("base", "transfusion"):
+            raise UserError(f"--adapter {item!r}: the name {name!r} is taken")
+        adapters[name] = directory
+    pipe = Pipeline.from_pretrained(args.checkpoint, pick_device(args.device), adapters=adapters)
     loop = EngineLoop(pipe, args.max_batch, args.max_queue).start()
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                          max_images=args.max_images, preview_every=args.preview_every, api_key=args.api_key)  # fmt: skip

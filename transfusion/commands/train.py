@@ -35,6 +35,14 @@ def build_config(args: argparse.Namespace) -> Config:
         overrides.append(f"train.tokenizer={json.dumps(str(Path(args.tokenizer).resolve()))}")
     if args.init_from:
         overrides.append(f"train.init_from={json.dumps(args.init_from)}")
+    if args.init_checkpoint:
+        if args.preset:
+            raise ValueError("--init-checkpoint brings its model; drop --preset")
+        if not Path(args.init_checkpoint).exists():
+            raise FileNotFoundError(f"--init-checkpoint {args.init_checkpoint} does not exist")
+        overrides.append(f"train.init_checkpoint={json.dumps(str(Path(args.init_checkpoint).resolve()))}")
+    if args.lora_rank is not None:
+        overrides.append(f"train.lora_rank={args.lora_rank}")
     if args.freeze_text:
         overrides.append("train.freeze_text=true")
     if args.train_layers:
@@ -82,6 +90,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--init-from", default=None, help="start from a local Hugging Face Llama / Qwen2 directory"
     )
+    p.add_argument(
+        "--init-checkpoint",
+        default=None,
+        help="fine-tune a Transfusion checkpoint (a run directory, a checkpoint or a model directory): its "
+        "weights, EMA, model config, tokenizer and VAE start a new run with a fresh optimizer and schedule",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="with --init-checkpoint: train rank-R adapters on the frozen model (train.lora_rank; "
+        "train.lora_alpha, train.lora_targets, train.lora_modality, train.lora_patcher refine it)",
+    )
     p.add_argument("--freeze-text", action="store_true", help="with --init-from: train only the image side")
     p.add_argument(
         "--train-layers", default=None, help="with --freeze-text: layers that still train, e.g. 10,11 or -1"
@@ -99,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and stored.is_file():
         # a resumed run continues with the configuration it ran with; --steps and --set may change it
         fixed = [
-            n for n in ("preset", "config", "data", "data_path", "tokenizer", "init_from") if getattr(args, n)
+            n
+            for n in ("preset", "config", "data", "data_path", "tokenizer", "init_from", "init_checkpoint")
+            if getattr(args, n)
         ]
-        if fixed or args.freeze_text or args.train_layers:
+        if fixed or args.freeze_text or args.train_layers or args.lora_rank is not None:
             flags = ", ".join("--" + n.replace("_", "-") for n in fixed) or "--freeze-text/--train-layers"
             raise ValueError(
                 f"--resume continues with {stored}; drop {flags} (change single fields with --set)"

@@ -11,7 +11,8 @@ from torch import Tensor
 
 @dataclass
 class Record:
-    """One item of a dataset: an RGB image, a text, or both (an image-caption pair).
+    """One item of a dataset: an RGB image, a text, or both (an image-caption pair); or an edit: the
+    image, an instruction as ``text`` and the ``target`` the instruction makes of the image.
 
     ``meta`` carries what evaluation needs to check answers exactly (for the synthetic scenes: the
     scene description) and where the item came from (``{"source": "file.png"}``). An item of a
@@ -22,6 +23,7 @@ class Record:
     text: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     latent: Tensor | None = None
+    target: Image.Image | None = None
 
     @property
     def has_image(self) -> bool:

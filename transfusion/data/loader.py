@@ -53,7 +53,7 @@ class Read:
     sample: Sample | None
     """The paired sample (its images' latents still to fill), or None: the item was skipped."""
     pixels: Tensor | None = None
-    """The image as uint8 pixels (S, S, 3), for the encoder."""
+    """The sample's images as uint8 pixels (K, S, S, 3), in the order of its image segments, for the encoder."""
     latent: Tensor | None = None
     """The image already encoded (a latent store)."""
     where: str = ""
@@ -150,8 +150,11 @@ class SampleReader:
         rng = random.Random(f"{self._seed_tag}-{i}")
         sample = pair(record, self.tok.encode, self.cfg.data, rng)
         pixels = None
+        images = [record.image] + ([record.target] if record.target is not None else [])
         if record.image is not None and any(isinstance(s, Image) for s in sample.segments):
-            pixels = torch.from_numpy(np.asarray(record.image.convert("RGB"), dtype=np.uint8).copy())
+            pixels = torch.from_numpy(
+                np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+            )
         latent = record.latent if any(isinstance(s, Image) for s in sample.segments) else None
         where = (getattr(record, "meta", None) or {}).get("source", f"item {i}")
         return Read(i, sample, pixels, latent, where, item=self.item(i))
@@ -249,13 +252,13 @@ class BatchLoader:
 
     def _fill_latents(self, chosen: list[Read]) -> None:
         """Every image's latent: read from a latent store, or the batch's pixels encoded together."""
-        todo = [(r, seg) for r in chosen for seg in r.sample.segments if isinstance(seg, Image)]
-        to_encode = [(r, seg) for r, seg in todo if r.latent is None]
+        todo = [(r, seg, k) for r in chosen for k, seg in enumerate(s for s in r.sample.segments if isinstance(s, Image))]  # fmt: skip
+        to_encode = [(r, seg, k) for r, seg, k in todo if r.latent is None]
         if to_encode:
             with torch.no_grad():
-                latents = self.encode(torch.stack([r.pixels for r, _ in to_encode])).float().cpu()
-            for (_, seg), z in zip(to_encode, latents):
+                latents = self.encode(torch.stack([r.pixels[k] for r, _, k in to_encode])).float().cpu()
+            for (_, seg, _), z in zip(to_encode, latents):
                 seg.latent = z
-        for r, seg in todo:
+        for r, seg, _ in todo:
             if r.latent is not None:
                 seg.latent = r.latent.float()

@@ -7,6 +7,9 @@
   left object first (``shapes.reading_order``); caption-first captions keep their wording.
 - With probability ``cond_dropout`` (0.1) the caption of a caption-first pair is dropped, leaving the
   image alone after BOS: the unconditional branch classifier-free guidance needs.
+- An edit (a record with a ``target``) is the paper's section 4.4 sequence: the input image, clean and
+  without a loss (``Image.condition``), the instruction, then the output image, trained as any image;
+  the loss is on the output image only (no text loss on the instruction).
 - ``image_only_ratio`` of captioned records are used as an image alone; ``text_only_ratio`` of them as
   their caption alone, unless ``text_path`` names a text corpus: then the loader mixes that corpus's
   documents in at ``text_only_ratio`` instead.
@@ -31,7 +34,11 @@ PLACEHOLDER = torch.empty(0)
 
 
 def pair(record: Record, tokenize: Callable[[str], list[int]], cfg: DataConfig, rng: random.Random) -> Sample:
-    """A Sample whose Image segments hold ``PLACEHOLDER`` latents, in the order of ``record.image``."""
+    """A Sample whose Image segments hold ``PLACEHOLDER`` latents: ``record.image`` (and, for an edit,
+    ``record.target`` after it)."""
+    if record.target is not None:
+        return Sample([Image(PLACEHOLDER, condition=True), Text(tokenize(record.text or "")),
+                       Image(PLACEHOLDER, seed=rng.getrandbits(62))], text_loss=False)  # fmt: skip
     has_image, has_text = record.has_image, bool(record.text)
     if has_image and has_text:
         u = rng.random()

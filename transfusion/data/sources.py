@@ -1,6 +1,7 @@
 """Data sources: each yields ``Record``s (image, text, or both). ``make_source(cfg, split)`` picks one.
 
 - ``shapes``: the built-in synthetic scenes (``data/shapes.py``), rendered on the fly.
+- ``shape-edits``: edits of those scenes, (input, instruction, output) triples (``data/edits.py``).
 - ``fashion_mnist``: Debian's ``dataset-fashion-mnist`` package, captions from class names.
 - ``folder``: images with captions in ``.txt`` files of the same stem.
 - ``jsonl``: a manifest, one ``{"image": path, "caption": text}`` per line (paths relative to it).
@@ -503,6 +504,12 @@ def make_source(cfg: DataConfig, split: str = "train") -> Any:
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if cfg.source == "shapes":
         return ShapesSource(cfg, split)
+    if cfg.source == "shape-edits":
+        from transfusion.data.edits import ShapeEditsDataset
+
+        scenes = ShapesSource(cfg, split).ds if cfg.scene_share else None  # the scenes' own knobs apply
+        return ShapeEditsDataset(cfg.image_size, cfg.seed, cfg.length, "train" if split == "train" else "test",
+                                 scenes, cfg.scene_share)  # fmt: skip
     if cfg.source == "fashion_mnist":
         return FashionMNIST(cfg, split)
     if cfg.source in ("folder", "jsonl"):

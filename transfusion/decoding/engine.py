@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 
 from transfusion.decoding.cache import KVCache
 from transfusion.decoding.modes import CodeMode, DiffusionMode, Row, TextMode
 from transfusion.decoding.steps import CachedSteps
+from transfusion.lora import lora_layers, rows_using
 from transfusion.model import Transfusion
 from transfusion.sequence import Specials, sample_length
 
@@ -52,7 +55,8 @@ class Engine:
         self.pending: deque[Row] = deque()
         self.text_mode = TextMode()
         self.image_mode = CodeMode() if cfg.discrete else DiffusionMode()
-        self._uncond: KVCache | None = None
+        self._uncond: dict[str | None, KVCache] = {}
+        self.lora = bool(lora_layers(model))  # unmerged adapters: every call says which row uses which
         self._twins: KVCache | None = None
 
     # --- rows joining and leaving -----------------------------------------------------------------
@@ -108,9 +112,10 @@ class Engine:
             joining.append(row)
         if not joining:
             return
-        logits = self.steps.prefill(
-            self.cache, torch.tensor([r.slot for r in joining]), [r.sample for r in joining]
-        )
+        with self.adapters([r.adapter for r in joining]):
+            logits = self.steps.prefill(
+                self.cache, torch.tensor([r.slot for r in joining]), [r.sample for r in joining]
+            )
         for j, row in enumerate(joining):
             row.logits = logits[j]
             row.emit("start", slot=row.slot)
@@ -135,11 +140,21 @@ class Engine:
             row.out.append(self.tok.decode(row.tokens))
             row.tokens = []
 
-    def unconditional(self) -> KVCache:
-        """The one cached BOS BOI every guidance twin reads, made when first needed."""
-        if self._uncond is None:
-            self._uncond = self.steps.unconditional_prefix()
-        return self._uncond
+    def unconditional(self, adapter: str | None = None) -> KVCache:
+        """The one cached BOS BOI every guidance twin (of rows using ``adapter``) reads, made when first needed."""
+        if adapter not in self._uncond:
+            with self.adapters([adapter]):
+                self._uncond[adapter] = self.steps.unconditional_prefix()
+        return self._uncond[adapter]
+
+    def adapters(self, names: list[str | None]) -> Any:
+        """Batch row i of the calls inside uses adapter ``names[i]`` (``lora.rows_using``); nothing to
+        do for a model without unmerged adapters."""
+        if not self.lora:
+            if any(n is not None for n in names):
+                raise KeyError(f"no adapter called {next(n for n in names if n)!r} is loaded (loaded: none)")
+            return nullcontext()
+        return rows_using(self.model, names)
 
     def twin_cache(self) -> KVCache:
         """Discrete images: a row per cache row for the twins (BOS BOI and the codes so far)."""

@@ -119,6 +119,8 @@ class Row:
     ('image', {'latent': ...}), ('done', {'out': ...})."""
     preview_every: int = 0
     """Denoising steps between previews of the clean image (0: none)."""
+    adapter: str | None = None
+    """The LoRA adapter this row decodes with (``lora.rows_using``); None: the base weights."""
     slot: int = -1
     """Its row of the engine's caches, while it decodes."""
     out: list[Segment] = field(default_factory=list)
@@ -173,7 +175,11 @@ class Driver(Protocol):
 
     def flush_text(self, row: Row) -> None: ...
 
-    def unconditional(self) -> Any: ...
+    def unconditional(self, adapter: str | None = None) -> Any: ...
+
+    def adapters(self, names: list[str | None]) -> Any:
+        """A context in which batch row i of the model's calls uses adapter ``names[i]``."""
+        ...
 
     def twin_cache(self) -> Any: ...
 
@@ -208,7 +214,8 @@ class TextMode:
             feed.append((row, token))
         if not feed:
             return
-        logits = e.steps.text(e.cache, torch.tensor([r.slot for r, _ in feed]), [t for _, t in feed])
+        with e.adapters([r.adapter for r, _ in feed]):
+            logits = e.steps.text(e.cache, torch.tensor([r.slot for r, _ in feed]), [t for _, t in feed])
         for j, (row, token) in enumerate(feed):
             row.logits = logits[j]
             if token == e.sp.boi:
@@ -230,14 +237,21 @@ class DiffusionMode:
         the same batch. The step's result overwrites the row's image."""
         if not rows:
             return
+        if len({row.adapter for row in rows}) > 1 and any(row.guided for row in rows):
+            # the guidance twins of one batch share one unconditional prefix, which depends on the
+            # adapter: rows of each adapter step as their own batch
+            for name in dict.fromkeys(row.adapter for row in rows):
+                self.tick(e, [row for row in rows if row.adapter == name])
+            return
         x = torch.stack([row.image for row in rows])  # (R, C, H, W)
         t = torch.tensor([row.sampler.timesteps[row.step] for row in rows])  # (R,)
         scales = [
             guidance_scale(row.gen.cfg_scale, tt, row.gen.guidance_max_t) for row, tt in zip(rows, t.tolist())
         ]
         twins = [j for j, s in enumerate(scales) if s != 1.0]
-        uncond = e.unconditional() if twins else None
-        pred = e.steps.image_guided(e.cache, uncond, torch.tensor([r.slot for r in rows]), x, t, twins)
+        uncond = e.unconditional(rows[0].adapter) if twins else None
+        with e.adapters([r.adapter for r in rows] + [rows[j].adapter for j in twins]):
+            pred = e.steps.image_guided(e.cache, uncond, torch.tensor([r.slot for r in rows]), x, t, twins)
         for k, j in enumerate(twins):  # (R + len(twins), C, H, W): conditional predictions first
             pred[j] = guided(pred[j], pred[len(rows) + k], scales[j])
         for j, row in enumerate(rows):
@@ -271,8 +285,9 @@ class DiffusionMode:
             return
         idx = torch.tensor([row.slot for row in go_on])
         clean = torch.stack([row.image for row in go_on])  # (R, C, H, W)
-        e.steps.image(e.cache, idx, clean, torch.zeros(len(go_on), dtype=torch.long), commit=True)
-        logits = e.steps.text(e.cache, idx, [e.sp.eoi] * len(go_on))  # (R, V)
+        with e.adapters([r.adapter for r in go_on]):
+            e.steps.image(e.cache, idx, clean, torch.zeros(len(go_on), dtype=torch.long), commit=True)
+            logits = e.steps.text(e.cache, idx, [e.sp.eoi] * len(go_on))  # (R, V)
         for j, row in enumerate(go_on):
             row.image, row.logits = None, logits[j]
 
@@ -290,7 +305,8 @@ class CodeMode:
             twins = e.twin_cache()
             twins.lens[row.slot] = 0
             prompt = [Sample([Text([e.sp.boi])], eos=False)]
-            row.twin_logits = e.steps.prefill(twins, torch.tensor([row.slot]), prompt)[0]
+            with e.adapters([row.adapter]):
+                row.twin_logits = e.steps.prefill(twins, torch.tensor([row.slot]), prompt)[0]
 
     def tick(self, e: Driver, rows: list[Row]) -> None:
         if not rows:
@@ -318,21 +334,26 @@ class CodeMode:
                 row.done, row.codes, row.twin_logits = True, None, None
         feed = [row for row in rows if not row.done]
         if feed:
-            logits = e.steps.text(
-                e.cache, torch.tensor([r.slot for r in feed]), [lo + r.codes[-1] for r in feed]
-            )
+            with e.adapters([r.adapter for r in feed]):
+                logits = e.steps.text(
+                    e.cache, torch.tensor([r.slot for r in feed]), [lo + r.codes[-1] for r in feed]
+                )
             going = [r for r in feed if len(r.codes) < e.n and r.twin_logits is not None]
             if going:
-                twin = e.steps.text(
-                    e.twin_cache(), torch.tensor([r.slot for r in going]), [lo + r.codes[-1] for r in going]
-                )
+                with e.adapters([r.adapter for r in going]):
+                    twin = e.steps.text(
+                        e.twin_cache(),
+                        torch.tensor([r.slot for r in going]),
+                        [lo + r.codes[-1] for r in going],
+                    )
                 for k, row in enumerate(going):
                     row.twin_logits = twin[k]
             for j, row in enumerate(feed):
                 row.logits = logits[j]
         ended = [row for row in done if not row.done]
         if ended:  # the image is in the cache: EOI, and back to text
-            logits = e.steps.text(e.cache, torch.tensor([r.slot for r in ended]), [e.sp.eoi] * len(ended))
+            with e.adapters([r.adapter for r in ended]):
+                logits = e.steps.text(e.cache, torch.tensor([r.slot for r in ended]), [e.sp.eoi] * len(ended))
             for j, row in enumerate(ended):
                 row.codes, row.twin_logits, row.logits = None, None, logits[j]
         if e.progress is not None:

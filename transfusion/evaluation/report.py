@@ -228,6 +228,7 @@ def write_report(
     times = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v:.0f} s</td></tr>" for k, v in (timings or {}).items()
     )
+    edits = edit_section(details)
     note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes or [])
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
@@ -244,6 +245,7 @@ loss on VAE latents. Green borders: the detector judged the image right for its 
 <h2>Images generated for held-out prompts</h2>{_cells(generated)}
 <h2>Captions of held-out images</h2>
 <table><tr><th>image</th><th>model's caption</th><th>truth</th><th></th></tr>{captions}</table>
+{edits}
 <h2>Time spent</h2><table>{times}</table>
 <h2>Configuration</h2><pre>{html.escape(config)}</pre>
 </body></html>
@@ -251,3 +253,28 @@ loss on VAE latents. Green borders: the detector judged the image right for its 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(page, encoding="utf-8")
     return out_path
+
+
+def edit_section(details: dict[str, Any]) -> str:
+    """The editing stage (``demo --edit``): scores per kind beside the baselines, then every held-out
+    edit as input, instruction, output and the judge's reading."""
+    if not details.get("edits"):
+        return ""
+    scores = details["edit_scores"]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in scores["model"])
+    body = "".join(
+        f"<tr><td>{html.escape(who)}</td>"
+        + "".join(f"<td>{v['edit']:.2f} / {v['kept']:.2f}</td>" for v in per.values())
+        + "</tr>"
+        for who, per in scores.items()
+    )
+    pic = "<img src='{}' width='64' height='64' style='image-rendering:pixelated'>"
+    rows = "".join(
+        f"<tr><td>{pic.format(png_data_uri(r['input']))}</td><td>{html.escape(r['text'])}</td>"
+        f"<td>{pic.format(png_data_uri(r['output']))}</td><td>edit {'✓' if r['edit'] else '✗'}, "
+        f"kept {'✓' if r['kept'] else '✗'}{' (held-out combination)' if r['held_out'] else ''}</td></tr>"
+        for r in details["edits"][:40]
+    )
+    return (f"<h2>Editing</h2><p class='muted'>{html.escape(details.get('edit_note', ''))}</p>"
+            f"<table><tr><th>edit / kept</th>{head}</tr>{body}</table>"
+            f"<table><tr><th>input</th><th>instruction</th><th>output</th><th>judged</th></tr>{rows}</table>")  # fmt: skip

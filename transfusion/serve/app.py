@@ -10,7 +10,13 @@ Routes (``/docs`` and ``/openapi.json`` describe them):
 - ``POST /v1/generate``: interleaved generation: text and images in (images as base64), text and
   images out, in order;
 - ``POST /v1/images/generations``: OpenAI's images API (``prompt``, ``n``, ``response_format=b64_json``,
-  plus ``seed``, ``num_inference_steps``, ``guidance_scale``), so existing clients work unchanged.
+  plus ``seed``, ``num_inference_steps``, ``guidance_scale``), so existing clients work unchanged;
+- ``POST /v1/images/edits``: OpenAI's image edits (multipart ``image``, ``prompt``, ``n``,
+  ``response_format=b64_json``, ``seed``, ...): the image, the instruction, then an image drawn, as
+  ``Pipeline.edit`` (guidance off unless ``guidance_scale`` is given).
+
+With adapters loaded (``serve --adapter NAME=DIR``), a request picks one with ``model`` (the base:
+``model`` left out, ``base`` or ``transfusion``); rows with different adapters decode in the same tick.
 
 With ``"stream": true`` (or ``stream=true`` in the form) the answer is a stream of server-sent events:
 ``queued``, ``started``, ``step`` (denoising step i of T, a preview PNG every few steps), ``text`` (the
@@ -39,6 +45,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from transfusion.generate import GenerationConfig
+from transfusion.lora import adapter_names
 from transfusion.serve.images import DEFAULT_MAX_PIXELS, BadImage, read_upload
 from transfusion.serve.worker import Busy, EngineLoop, Job
 
@@ -67,6 +74,9 @@ class Sampling(BaseModel):
 
 class ImagesRequest(Sampling):
     prompt: str = Field(..., max_length=20_000)
+    model: str | None = Field(
+        None, description="a LoRA adapter loaded with serve --adapter (default: the base)"
+    )
     n: int = Field(1, ge=1, le=64, description="images, one batch row each")
 
 
@@ -77,6 +87,9 @@ class Segment(BaseModel):
 
 class GenerateRequest(Sampling):
     segments: list[Segment] = Field(..., min_length=1, max_length=64)
+    model: str | None = Field(
+        None, description="a LoRA adapter loaded with serve --adapter (default: the base)"
+    )
     n: int = Field(1, ge=1, le=64)
     max_new_tokens: int = Field(64, ge=0, le=65_536)
     max_images: int = Field(1, ge=0, le=64)
@@ -122,6 +135,7 @@ def make_app(loop: EngineLoop, limits: ServeLimits, relation_wording: str = "aut
     app.add_api_route("/v1/caption", service.caption, methods=["POST"], dependencies=api)
     app.add_api_route("/v1/generate", service.generate, methods=["POST"], dependencies=api)
     app.add_api_route("/v1/images/generations", service.openai_images, methods=["POST"], dependencies=api)
+    app.add_api_route("/v1/images/edits", service.openai_edits, methods=["POST"], dependencies=api)
     return app
 
 
@@ -153,7 +167,8 @@ class Service:
         return {"image_size": self.image_size, "max_seq_len": self.cfg.max_seq_len, "discrete_images": self.cfg.discrete,
                 "defaults": {"steps": d.steps, "guidance": d.cfg_scale, "sampler": d.sampler, "guidance_max_t": d.guidance_max_t},
                 "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_image_pixels": self.limits.max_image_pixels},
-                "auth": self.limits.api_key is not None, "load": self.loop.load}  # fmt: skip
+                "auth": self.limits.api_key is not None, "load": self.loop.load,
+                "adapters": adapter_names(self.decoder.model)}  # fmt: skip
 
     async def images(self, body: ImagesRequest, request: Request) -> Response:
         """Text to image: ``n`` images (output i seeded ``seed + i``), PNGs as base64."""
@@ -161,7 +176,8 @@ class Service:
             raise HTTPException(422, f"n={body.n}: at most {self.limits.max_images} images a request")
         gen = self.settings(body, force_image=True, stop_after_image=True, max_images=1)
         prompt = self.worded(body.prompt)
-        j = self.job("images", [[prompt]] * body.n, gen, body.seed, force=True, stream=body.stream)
+        j = self.job("images", [[prompt]] * body.n, gen, body.seed, force=True, stream=body.stream,
+                     adapter=self.adapter(body.model))  # fmt: skip
         return await self.answer(j, request, body.stream, lambda out: {
             "images": [{"png": first_image(o), "seed": body.seed + i} for i, o in enumerate(out)], "settings": public(gen),
             "prompt_given": prompt})  # fmt: skip
@@ -202,7 +218,8 @@ class Service:
             notes += note
         gen = self.settings(body, max_new_tokens=body.max_new_tokens, max_images=body.max_images,
                             temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)  # fmt: skip
-        j = self.job("generate", [prompt] * body.n, gen, body.seed, force=False, stream=body.stream)
+        j = self.job("generate", [prompt] * body.n, gen, body.seed, force=False, stream=body.stream,
+                     adapter=self.adapter(body.model))  # fmt: skip
         return await self.answer(
             j, request, body.stream, lambda out: {"outputs": out, "notes": notes, "settings": public(gen)}
         )
@@ -223,9 +240,63 @@ class Service:
         gen = self.settings(sampling, force_image=True, stop_after_image=True, max_images=1)
         prompt = self.worded(body.prompt)
         revised = prompt if prompt != body.prompt else None
-        j = self.job("images", [[prompt]] * body.n, gen, body.seed, force=True, stream=False)
+        j = self.job("images", [[prompt]] * body.n, gen, body.seed, force=True, stream=False,
+                     adapter=self.adapter(body.model))  # fmt: skip
         return await self.answer(j, request, False, lambda out: {
             "created": int(time.time()), "data": [{"b64_json": first_image(o), "revised_prompt": revised} for o in out]})  # fmt: skip
+
+    async def openai_edits(
+        self,
+        request: Request,
+        prompt: Annotated[str, Form(max_length=20_000, description="the instruction: what to change")],
+        image: Annotated[
+            UploadFile | None, File(description="the image to edit (PNG, JPEG, WebP, ...)")
+        ] = None,
+        images: Annotated[
+            list[UploadFile] | None, File(alias="image[]", description="the image, as a list of one")
+        ] = None,
+        n: Annotated[int, Form(ge=1, le=64)] = 1,
+        response_format: Annotated[str, Form()] = "b64_json",
+        size: Annotated[str | None, Form()] = None,
+        model: Annotated[str | None, Form()] = None,
+        user: Annotated[str | None, Form()] = None,
+        seed: Annotated[int, Form(ge=0, le=2**62)] = 0,
+        num_inference_steps: Annotated[int | None, Form(ge=1, le=1000)] = None,
+        guidance_scale: Annotated[float | None, Form(ge=0, le=50)] = None,
+        guidance_max_t: Annotated[int | None, Form(ge=-1, le=999)] = -1,
+        sampler: Annotated[Literal["ddpm", "ddim", "flow"] | None, Form()] = None,
+        stream: Annotated[bool, Form()] = False,
+    ) -> Response:
+        """OpenAI's ``images.edit``: the uploaded image, the instruction, and an image drawn after them
+        (the paper's editing sequence), ``{"created", "data": [{"b64_json"}]}`` (edit i seeded ``seed + i``).
+        Guidance is off unless ``guidance_scale`` says otherwise (``pipeline.EDIT_GUIDANCE``). With
+        ``stream=true``: server-sent events, previews while it denoises."""
+        from transfusion.pipeline import EDIT_GUIDANCE
+
+        uploads = [image] if image is not None else list(images or [])
+        if len(uploads) != 1:
+            raise HTTPException(400, f"give one image to edit ({len(uploads)} given)")
+        if response_format != "b64_json":
+            raise HTTPException(
+                400, f"response_format={response_format!r}: this server answers b64_json only"
+            )
+        if size is not None and size != f"{self.image_size}x{self.image_size}":
+            raise HTTPException(
+                400, f"size={size!r}: this model draws {self.image_size}x{self.image_size} images"
+            )
+        if n > self.limits.max_images:
+            raise HTTPException(400, f"n={n}: at most {self.limits.max_images} images a request")
+        if not prompt.strip():
+            raise HTTPException(422, "prompt: an edit needs an instruction")
+        adapter = self.adapter(model)
+        latent, notes = await self.encode(await uploads[0].read(), uploads[0].filename or "image")
+        sampling = Sampling(steps=num_inference_steps, seed=seed, sampler=sampler, guidance_max_t=guidance_max_t,
+                            guidance=EDIT_GUIDANCE if guidance_scale is None else guidance_scale)  # fmt: skip
+        gen = self.settings(sampling, force_image=True, stop_after_image=True, max_images=1)
+        j = self.job("edits", [[latent, prompt]] * n, gen, seed, force=True, stream=stream, adapter=adapter)
+        return await self.answer(j, request, stream, lambda out: {
+            "created": int(time.time()), "data": [{"b64_json": first_image(o)} for o in out], "notes": notes,
+            "settings": public(gen)})  # fmt: skip
 
     # --- shared --------------------------------------------------------------------------------------
     def worded(self, text: str) -> str:
@@ -240,14 +311,33 @@ class Service:
             raise HTTPException(422, str(e)) from None
         return self.decoder.settings(gen)
 
+    def adapter(self, model: str | None) -> str | None:
+        """The adapter a request's ``model`` names: None for the base (left out, 'base', 'transfusion',
+        or any name when the server holds no adapters, as before adapters existed)."""
+        loaded = adapter_names(self.decoder.model)
+        if model in loaded:
+            return model
+        if model in (None, "", "base", "transfusion") or not loaded:
+            return None
+        raise HTTPException(
+            400, f"model={model!r}: this server has 'base' and the adapters {', '.join(map(repr, loaded))}"
+        )
+
     def job(
-        self, kind: str, prompts: list[list[Any]], gen: GenerationConfig, seed: int, force: bool, stream: bool
+        self,
+        kind: str,
+        prompts: list[list[Any]],
+        gen: GenerationConfig,
+        seed: int,
+        force: bool,
+        stream: bool,
+        adapter: str | None = None,
     ) -> Job:
         j = Job(kind, asyncio.get_running_loop())
         previews = self.limits.preview_every if stream else 0  # nobody sees them otherwise
         try:
             j.rows = [
-                self.decoder.row(p, gen, seed + i, force, preview_every=previews)
+                self.decoder.row(p, gen, seed + i, force, preview_every=previews, adapter=adapter)
                 for i, p in enumerate(prompts)
             ]
         except ValueError as e:

@@ -41,8 +41,12 @@ class _InFlight:
 
 
 class Checkpointer:
-    def __init__(self, out: Path, cfg: Config, tokenizer: Any, info: D.DistInfo, streams: int):
+    def __init__(self, out: Path, cfg: Config, tokenizer: Any, info: D.DistInfo, streams: int,
+                 saved: set[str] | None = None, extra: dict[str, Any] | None = None):  # fmt: skip
+        """``saved``: the weights a checkpoint holds (None: all; a LoRA run: its adapters, whose frozen
+        base is never written again); ``extra``: more for meta.json (a LoRA run's base)."""
         self.out, self.cfg, self.tokenizer, self.info, self.streams = out, cfg, tokenizer, info, streams
+        self.saved, self.meta = saved, extra or {}
         self.background = cfg.train.async_checkpoint
         self.group = D.cpu_group() if self.background and info.enabled else None
         self.in_flight: _InFlight | None = None
@@ -61,7 +65,8 @@ class Checkpointer:
         self.wait()
         streams = [s for states in D.all_gather_object(loader_states) for s in states]
         rng = D.all_gather_object(ckpt.rng_state())
-        extra = {"data_streams": self.streams, "world_size": self.info.world_size, "has_ema": ema is not None}
+        extra = {"data_streams": self.streams, "world_size": self.info.world_size, "has_ema": ema is not None,
+                 **self.meta}  # fmt: skip
         if not self.info.enabled:
             self._save_single(
                 step, model, optimizer, ema, ckpt.TrainingState(step, streams, dict(counters), rng), extra
@@ -69,7 +74,7 @@ class Checkpointer:
             return
         tmp = ckpt.begin_checkpoint(self.out, step) if self.info.is_main else None
         tmp = Path(D.all_gather_object(str(tmp))[0])  # rank 0 made it: every rank writes into it
-        tensors = {f"model.{k}": v for k, v in D.model_tensors(model).items()}
+        tensors = {f"model.{k}": v for k, v in self._kept(D.model_tensors(model)).items()}
         tensors |= {f"ema.{k}": v for k, v in (ema or {}).items()}
         tensors |= {f"optim.{k}": v for k, v in D.optimizer_tensors(model, optimizer).items()}
         extra |= {"format": "sharded", "shapes": {k: list(v.shape) for k, v in tensors.items()},
@@ -82,7 +87,7 @@ class Checkpointer:
     def _save_single(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                      ema: dict[str, torch.Tensor] | None, state: ckpt.TrainingState, extra: dict[str, Any]) -> None:  # fmt: skip
         """One process: copies on the CPU now (the staging), files written here or in a thread."""
-        weights = _to_cpu(D.unwrap(model).state_dict())
+        weights = _to_cpu(self._kept(D.unwrap(model).state_dict()))
         state.optimizer = _to_cpu(optimizer.state_dict())
         ema = _to_cpu(ema) if ema is not None else None
         tmp = ckpt.begin_checkpoint(self.out, step)
@@ -102,6 +107,9 @@ class Checkpointer:
 
         threading.Thread(target=write, name="checkpoint-writer", daemon=True).start()
         self.in_flight = _InFlight(future, tmp, state, extra)
+
+    def _kept(self, state: dict[str, Any]) -> dict[str, Any]:
+        return state if self.saved is None else {k: v for k, v in state.items() if k in self.saved}
 
     def poll(self) -> None:
         """Finish a background save whose writes are done (call between steps; cheap otherwise)."""
@@ -140,7 +148,7 @@ class Checkpointer:
         by any number of processes; returns the rest of its state."""
         state = ckpt.read_training_state(path)
         if ckpt.is_sharded(path):
-            targets = {f"model.{k}": v for k, v in D.model_tensors(model).items()}
+            targets = {f"model.{k}": v for k, v in self._kept(D.model_tensors(model)).items()}
             targets |= {f"optim.{k}": v for k, v in D.optimizer_tensors(model, optimizer).items()}
             meta, _ = ckpt.read_meta(path)
             if ema is not None and meta.get("has_ema"):
@@ -152,7 +160,7 @@ class Checkpointer:
             )
         else:
             weights = ckpt.load_tensors(path / ckpt.MODEL_FILE)
-            D.load_state(model, optimizer, weights, state.optimizer)
+            D.load_state(model, optimizer, weights, state.optimizer, strict=self.saved is None)
             if ema is not None and (path / ckpt.EMA_FILE).is_file():
                 D.load_full_tensors(ema, ckpt.load_tensors(path / ckpt.EMA_FILE))
         if state.rng:  # a rank the saving run did not have takes a saved rank's states
@@ -172,6 +180,7 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def _set_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(D.unwrap(model), tensors)
+    # strict=False: a LoRA run's checkpoint holds its adapters only (the base comes from its own checkpoint)
+    set_model_state_dict(D.unwrap(model), tensors, options=StateDictOptions(strict=False))

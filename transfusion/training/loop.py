@@ -46,6 +46,7 @@ from transfusion.training.setup import (
     check_consistency,
     load_or_make_vae,
     make_loaders,
+    read_start,
     resolve_text_side,
 )
 from transfusion.training.step import BadSteps, StepResult, lr_at, make_optimizer, train_step
@@ -133,6 +134,8 @@ def train(
     if last_saved != run.step:
         save(run)
     run.checkpointer.wait()
+    if run.cfg.train.lora_rank:
+        write_adapter(run)
     D.cleanup()
     return {"step": run.step, "out": str(run.out), "interrupted": interrupted, **run.counters}
 
@@ -152,8 +155,9 @@ def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -
     D.check_shared_directory(out, "the run directory (--out)")  # node-local disks: an error in seconds
     if resume and latest is None:
         D.print0(f"note: {out} holds no checkpoint yet; starting from step 0")
+    start = read_start(tc.init_checkpoint) if tc.init_checkpoint else None  # fine-tuning
     # the VAE first: the run's config records the autoencoder it actually trains with
-    vae_model = load_or_make_vae(vae, cfg, out, info.is_main, resume)
+    vae_model = load_or_make_vae(vae, cfg, out, info.is_main, resume, start.vae_dir if start else None)
     cfg.vae = dataclasses.replace(vae_model.config, path=None)
     check_consistency(cfg)
     torch.manual_seed(tc.seed)
@@ -161,15 +165,25 @@ def start_run(cfg: Config, out_dir: str | Path, vae: str | None, resume: bool) -
     if info.is_main:
         atomic_write_text(out / "config.json", cfg.to_json())
 
-    model, tokenizer, freeze = build_model(cfg)
+    model, tokenizer, freeze = build_model(cfg, start)
+    saved = trained_keys(model) if tc.lora_rank else None  # a LoRA run writes its adapters, never the base
     parallel = parallelize(model.to(info.device).train(), cfg, info)
     optimizer = make_optimizer(parallel.model, tc)
     if freeze is not None:
         freeze.attach(optimizer)  # frozen rows out of weight decay, before any optimizer state is loaded
     # under FSDP2 the state dict holds this rank's shards: the EMA is sharded like the weights
-    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if tc.ema_decay > 0 else None
+    ema = None
+    if tc.ema_decay > 0:
+        ema = {
+            k: v.detach().clone().float()
+            for k, v in model.state_dict().items()
+            if saved is None or k in saved
+        }
+        if start is not None and start.ema is not None and saved is None:  # full fine-tuning: the EMA goes on
+            D.load_full_tensors(ema, {k: start.ema[k] for k in ema if k in start.ema})
     loaders, val_loader = make_loaders(cfg, tokenizer, vae_model, info, streams)
-    checkpointer = Checkpointer(out, cfg, tokenizer, info, streams)
+    extra = {"lora": lora_meta(model, cfg, start)} if tc.lora_rank else {}
+    checkpointer = Checkpointer(out, cfg, tokenizer, info, streams, saved, extra)
     run = Run(
         cfg, out, info, vae_model, parallel, optimizer, tokenizer, loaders, val_loader, ema, checkpointer
     )
@@ -225,8 +239,47 @@ def save(run: Run) -> None:
 
 @torch.no_grad()
 def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
-    for k, v in model.state_dict().items():
-        ema[k].lerp_(v.float(), 1 - decay)
+    state = model.state_dict()
+    for k, v in ema.items():  # every weight, or a LoRA run's trained ones
+        v.lerp_(state[k].float(), 1 - decay)
+
+
+def write_adapter(run: Run) -> Path:
+    """``out/adapter``: the run's adapter (its EMA when kept) as a PEFT-format directory that ``load_model(...,
+    adapters=[DIR])``, ``serve --adapter`` and ``export --merge-adapter`` read. Every rank takes part (under
+    FSDP2 the adapter's shards are gathered); rank 0 writes."""
+    from torch.distributed.tensor import DTensor
+
+    from transfusion import lora
+
+    info = run.checkpointer.meta["lora"]
+    state = run.ema if run.ema is not None else D.model_tensors(run.parallel.model)
+    state = {k: v for k, v in state.items() if k in run.checkpointer.saved}
+    full = {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in sorted(state.items())
+    }
+    directory = run.out / "adapter"
+    if run.info.is_main:
+        extra = {k: v for k, v in full.items() if k.startswith("patcher.")}
+        lora.save_adapter(directory, full, rank=info["rank"], alpha=info["alpha"], modules=info["modules"],
+                          base=info["base"], extra=extra)  # fmt: skip
+    return directory
+
+
+def trained_keys(model: torch.nn.Module) -> set[str]:
+    """The state-dict names of the parameters that train (a LoRA run's adapters, and the patcher with
+    ``train.lora_patcher``): what its checkpoints and EMA hold."""
+    return {k for k, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_meta(model: torch.nn.Module, cfg: Config, start: Any) -> dict[str, Any]:
+    """What a LoRA run's checkpoints record of their adapter: the base's identity and the adapted modules."""
+    from transfusion import lora
+
+    tc = cfg.train
+    modules = sorted(lora.lora_layers(model))
+    return {"base": start.base, "modules": modules, "rank": tc.lora_rank,
+            "alpha": float(tc.lora_alpha or tc.lora_rank), "patcher": tc.lora_patcher}  # fmt: skip
 
 
 @torch.no_grad()

@@ -4,14 +4,16 @@ image encoder and the data loaders, and the checks that these pieces agree."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from transfusion import distributed as D
-from transfusion.config import Config, ModelConfig
+from transfusion.config import Config, DataConfig, ModelConfig
 from transfusion.data.loader import BatchLoader
 from transfusion.io import copy_dir_atomic
 from transfusion.model import Transfusion
@@ -42,20 +44,123 @@ def model_config_for_init(model: ModelConfig, init_from: str) -> ModelConfig:
     return pretrained_config(init_from, overrides)[0]
 
 
+@dataclass
+class Start:
+    """What a fine-tuning run starts from (``train.init_checkpoint``): the checkpoint's weights, its EMA
+    (None without one), tokenizer, VAE directory and configuration, and the identity of the weights a
+    LoRA base is (``base``: path, step, ``lora.weights_hash``)."""
+
+    config: Config
+    tokenizer: Any
+    vae_dir: Path | None
+    weights: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    base: dict[str, Any]
+
+    @property
+    def inference_weights(self) -> dict[str, torch.Tensor]:
+        """The weights inference loads (the EMA when there is one): a LoRA run's frozen base."""
+        return self.ema if self.ema is not None else self.weights
+
+
+def checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The configuration and description of a checkpoint, run or model directory, without its weights."""
+    from transfusion import checkpoint as ckpt
+    from transfusion.model_directory import CONFIG_FILE, is_model_directory
+
+    if is_model_directory(path):
+        meta = json.loads((Path(path) / CONFIG_FILE).read_text())
+        return Config.from_dict(meta["config"]), meta
+    meta, config = ckpt.read_meta(ckpt.resolve_checkpoint(path))
+    return config, meta
+
+
+def read_start(path: str | Path, with_weights: bool = True) -> Start:
+    """``Start`` from a run directory, a one-process or sharded checkpoint, or a model directory."""
+    from transfusion import checkpoint as ckpt
+    from transfusion.lora import weights_hash
+    from transfusion.model_directory import is_model_directory, read_model_directory
+    from transfusion.tokenizer import tokenizer_from_dict
+
+    if is_model_directory(path):
+        meta, config, weights = read_model_directory(path, "cpu")
+        where, ema = Path(path).resolve(), None
+    else:
+        where = ckpt.resolve_checkpoint(path).resolve()
+        meta, config = ckpt.read_meta(where)
+        weights = ckpt.read_weights(where, meta, use_ema=False)[1]
+        has_ema = meta.get("has_ema") if ckpt.is_sharded(where) else (where / ckpt.EMA_FILE).is_file()
+        ema = ckpt.read_weights(where, meta, use_ema=True)[1] if has_ema else None
+    if "lora" in meta:
+        raise ValueError(
+            f"{where} is a LoRA run (its weights are adapters); fine-tune its merged model instead: "
+            f"transfusion export --checkpoint {path} --out DIR, then --init-checkpoint DIR"
+        )
+    vae = (where / meta["vae"]).resolve() if meta.get("vae") else None
+    start = Start(config, tokenizer_from_dict(meta.get("tokenizer"), base=where), vae, weights, ema, {})
+    start.base = {"path": str(where), "step": meta.get("step"), "weights_hash": weights_hash(start.inference_weights),
+                  "ema": ema is not None}  # fmt: skip
+    return start
+
+
+def model_config_for_checkpoint(cfg: Config) -> ModelConfig:
+    """The model config of a fine-tuning run: the checkpoint's. A field the run's config sets away from
+    the default to another value than the checkpoint's (``--set model.X``, a preset) would change the
+    architecture: a one-line error (the attention backend, which holds no weights, may change)."""
+    saved, _ = checkpoint_config(cfg.train.init_checkpoint)
+    default, ours = dataclasses.asdict(ModelConfig()), dataclasses.asdict(cfg.model)
+    changed = [k for k, v in ours.items()
+               if k != "attention" and v != default[k] and v != getattr(saved.model, k)]  # fmt: skip
+    if changed:
+        k = changed[0]
+        raise ValueError(
+            f"model.{k}={ours[k]!r} would change the architecture of {cfg.train.init_checkpoint} "
+            f"(model.{k}={getattr(saved.model, k)!r}); the model comes from the checkpoint: drop that setting"
+        )
+    return dataclasses.replace(saved.model, attention=cfg.model.attention)
+
+
 def resolve_text_side(cfg: Config) -> Config:
     """Fix what the text side's source dictates: a pretrained LLM its whole text config, a tokenizer
-    file the vocabulary size."""
-    if cfg.train.init_from:
+    file the vocabulary size, a Transfusion checkpoint (fine-tuning) the whole model config."""
+    if cfg.train.init_checkpoint:
+        cfg.model = model_config_for_checkpoint(cfg)
+        if cfg.data.image_size == DataConfig().image_size:  # the images its VAE reads
+            cfg.data.image_size = checkpoint_config(cfg.train.init_checkpoint)[0].vae.image_size
+    elif cfg.train.init_from:
         cfg.model = model_config_for_init(cfg.model, cfg.train.init_from)
     elif cfg.train.tokenizer:
         cfg.model.vocab_size = load_tokenizer(cfg.train.tokenizer).vocab_size
     return cfg
 
 
-def build_model(cfg: Config) -> tuple[Transfusion, Any, Any]:
+def build_model(cfg: Config, start: Start | None = None) -> tuple[Transfusion, Any, Any]:
     """(model, tokenizer, freeze or None). With ``train.init_from`` the text side and the tokenizer
-    come from a local Llama / Qwen2 directory; ``train.freeze_text`` then trains the image side only."""
+    come from a local Llama / Qwen2 directory; ``train.freeze_text`` then trains the image side only.
+    With ``start`` (``train.init_checkpoint``) the model holds the checkpoint's weights; with
+    ``train.lora_rank`` its inference weights (the EMA) are the frozen base of new adapters."""
     tc = cfg.train
+    if start is not None:
+        from transfusion import lora
+
+        model = Transfusion(cfg.model)
+        weights = start.inference_weights if tc.lora_rank else start.weights
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(
+                f"{start.base['path']} does not match its config: {missing[:3]} {unexpected[:3]}"
+            )
+        if tc.lora_rank:
+            targets = tuple(tc.lora_targets or lora.DEFAULT_TARGETS)
+            modules = lora.add_adapter(
+                model, "default", tc.lora_rank, tc.lora_alpha, targets, tc.lora_modality
+            )
+            trained = lora.freeze_all_but_adapters(model, ("patcher",) if tc.lora_patcher else ())
+            total = sum(p.numel() for p in model.parameters())
+            D.print0(f"LoRA rank {tc.lora_rank} on {len(modules)} linear layers: {trained:,} of {total:,} "
+                     f"parameters train ({100 * trained / total:.2f}%)")  # fmt: skip
+        return model, start.tokenizer, None
     if not tc.init_from:
         return Transfusion(cfg.model), load_tokenizer(tc.tokenizer), None
     from transfusion.pretrained import freeze_text, load_pretrained, trainable_parameters_summary
@@ -96,13 +201,19 @@ def check_consistency(cfg: Config) -> None:
         raise ValueError(f"train.seq_len {cfg.train.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
 
 
-def load_or_make_vae(vae_arg: str | None, cfg: Config, out: Path, is_main: bool, resume: bool) -> Any:
-    """The run's VAE: ``out/vae`` when resuming, a trained directory, or 'random' (tests only)."""
+def load_or_make_vae(vae_arg: str | None, cfg: Config, out: Path, is_main: bool, resume: bool,
+                     start_vae: Path | None = None) -> Any:  # fmt: skip
+    """The run's VAE: ``out/vae`` when resuming, a trained directory, 'random' (tests only), or the
+    fine-tuned checkpoint's (``start_vae``) when none is given."""
     from transfusion.autoencoders import load_vae
     from transfusion.vae import KLVAE, save_vae
 
     if (out / "vae").is_dir() and (resume or vae_arg is None):
         return load_vae(out / "vae")
+    if vae_arg is None and start_vae is not None:
+        if not start_vae.is_dir():
+            raise ValueError(f"the checkpoint's VAE {start_vae} is missing; give --vae DIR")
+        vae_arg = str(start_vae)
     if vae_arg == "random":
         torch.manual_seed(cfg.train.seed)
         vae = KLVAE(cfg.vae).eval()
@@ -138,6 +249,10 @@ def open_latent_cache(cfg: Config, vae: Any, encode: Any, info: D.DistInfo) -> A
 
     if cfg.data.source == "latents":
         raise ValueError("data.latent_cache encodes a source of images; --data latents is encoded already")
+    if cfg.data.source == "shape-edits":
+        raise ValueError(
+            "data.latent_cache holds one image per item; shape-edits items hold two: drop data.latent_cache"
+        )
     source = make_source(cfg.data, "train")
     if cfg.data.source == "shapes" and cfg.data.length is None or not hasattr(source, "__len__"):
         raise ValueError(

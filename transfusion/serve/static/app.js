@@ -17,6 +17,12 @@ async function loadInfo() {
   info = await r.json();
   const d = info.defaults;
   $("status").textContent = `${info.image_size}x${info.image_size} images · ${d.sampler} ${d.steps} steps · guidance ${d.guidance}`;
+  const select = $("adapter");
+  (info.adapters || []).forEach((name) => {
+    if ([...select.options].some((o) => o.value === name)) return;
+    const o = document.createElement("option"); o.value = o.textContent = name; select.appendChild(o);
+  });
+  $("adapter-panel").hidden = !(info.adapters || []).length;
 }
 
 function card(title) {
@@ -76,6 +82,7 @@ function follow(node, outputs) {
       node.classList.add("done");
       if (e.caption !== undefined) node.querySelector(".text").textContent = e.caption;
       if (e.images) e.images.forEach((im, k) => picture(node, k, im.png, false));
+      if (e.data) e.data.forEach((im, k) => picture(node, k, im.b64_json, false));
     }
   };
 }
@@ -87,6 +94,7 @@ $("draw").addEventListener("submit", async (ev) => {
   if ($("guidance").value) body.guidance = +$("guidance").value;
   if ($("gmax").value !== "") body.guidance_max_t = +$("gmax").value;
   if ($("sampler").value) body.sampler = $("sampler").value;
+  if ($("adapter").value) body.model = $("adapter").value;
   const node = card(`"${body.prompt}" · seed ${body.seed}`);
   $("draw-button").disabled = true;
   try {
@@ -112,6 +120,33 @@ $("describe").addEventListener("submit", async (ev) => {
   } catch (err) {
     node.querySelector(".text").textContent = err.message; node.querySelector(".text").classList.add("error"); node.classList.add("done");
   } finally { $("caption-button").disabled = false; }
+});
+
+const asBase64 = (file) => new Promise((ok) => { const r = new FileReader(); r.onload = () => ok(r.result.split(",")[1]); r.readAsDataURL(file); });
+
+// an edit: the input on the left of the card, the edited images (previews while they denoise) beside it
+$("edit").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const file = $("edit-upload").files[0];
+  if (!file) return;
+  const n = +$("edit-n").value;
+  const node = card(`"${$("instruction").value}" on ${file.name} · seed ${$("edit-seed").value}`);
+  picture(node, "input", await asBase64(file), false);
+  node.querySelector('img[data-output="input"]').classList.add("input");
+  const form = new FormData();
+  form.append("image", file);
+  form.append("prompt", $("instruction").value);
+  form.append("n", String(n));
+  form.append("seed", $("edit-seed").value);
+  form.append("stream", "true");
+  if ($("edit-steps").value) form.append("num_inference_steps", $("edit-steps").value);
+  if ($("adapter").value) form.append("model", $("adapter").value);
+  $("edit-button").disabled = true;
+  try {
+    await stream("/v1/images/edits", { method: "POST", headers: headers(), body: form }, follow(node, n));
+  } catch (err) {
+    node.querySelector(".text").textContent = err.message; node.querySelector(".text").classList.add("error"); node.classList.add("done");
+  } finally { $("edit-button").disabled = false; }
 });
 
 $("key").addEventListener("change", loadInfo);

@@ -357,9 +357,8 @@ def edit_stage(out: Path, seed: int, minutes: float) -> tuple[dict, dict]:
     for its share of ``minutes`` (steps at the reference machine's speed), then asked to make held-out
     edits: per kind, the share whose named object changed as instructed (edit) and whose other objects
     stayed (kept), beside the input returned unchanged and the model before fine-tuning."""
-    from transfusion.data.edits import edit_eval_items, judge_edit
-    from transfusion.evaluation.scenes import detect_scene
-    from transfusion.experiments.edit import judge_outputs, per_kind
+    from transfusion.data.edits import edit_eval_items
+    from transfusion.experiments.edit import judge_images, judge_outputs, per_kind
     from transfusion.pipeline import Pipeline
     from transfusion.training import train
 
@@ -377,8 +376,7 @@ def edit_stage(out: Path, seed: int, minutes: float) -> tuple[dict, dict]:
     items = edit_eval_items(EDIT_PER_KIND, image_size=pipe.image_size)
     rows = judge_outputs(pipe, items, seed, 250)
     before = judge_outputs(base, items, seed, 250)
-    unchanged = [{"kind": r.meta["kind"], "held_out": r.meta["held_out"], **judge_edit(detect_scene(r.image), r.meta)}
-                 for r in items]  # fmt: skip
+    unchanged = judge_images(items, [r.image for r in items])
     scores = {
         "model": per_kind(rows),
         "before fine-tuning": per_kind(before),

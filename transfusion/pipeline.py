@@ -296,10 +296,7 @@ class Pipeline:
         BOI, without the input image, so guiding would pull the output away from the input."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        single = isinstance(image, (PILImage.Image, str, Path)) or (
-            isinstance(image, torch.Tensor) and image.dim() == 3
-        )
-        images = [image] if single else list(image)
+        images = image_list(image)
         texts = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
         if len(texts) != len(images):
             raise ValueError(
@@ -332,10 +329,7 @@ class Pipeline:
         """One caption per image (greedy by default; image i seeded ``seed + i``)."""
         from transfusion.generate import caption
 
-        single = isinstance(image, (PILImage.Image, str, Path)) or (
-            isinstance(image, torch.Tensor) and image.dim() == 3
-        )
-        images = [image] if single else list(image)
+        images = image_list(image)
         gen = self.settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         return caption(
             self.decoder, self.encode(images, resize), gen, seeds=[seed + i for i in range(len(images))]
@@ -420,6 +414,14 @@ class Pipeline:
         metrics = self.meta.get("metrics") or find_metrics(self.path)
         return write_model_directory(directory, self.model.state_dict(), self.config, self.tokenizer, vae_dir,
                                      facts, metrics, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)  # fmt: skip
+
+
+def image_list(image: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """One image (PIL, a file, a (C, H, W) latent) as a list of one; a sequence of them as a list."""
+    single = isinstance(image, (PILImage.Image, str, Path)) or (
+        isinstance(image, torch.Tensor) and image.dim() == 3
+    )
+    return [image] if single else list(image)
 
 
 def find_metrics(path: Path | None) -> dict[str, Any] | None:

@@ -16,19 +16,19 @@ from transfusion.commands.generate import (
     add_relation_wording_option,
     guidance_max_t,
 )
-from transfusion.commands.options import add_checkpoint_option, add_device_option, out_dir, pick_device
+from transfusion.commands.options import (
+    add_adapter_option,
+    add_checkpoint_option,
+    add_device_option,
+    out_dir,
+    pick_device,
+)
 from transfusion.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_option(p)
-    p.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="a LoRA adapter directory merged into the weights before evaluating (repeatable)",
-    )
+    add_adapter_option(p)
     p.add_argument(
         "--out", default=None, help="where to write metrics.json (default: the checkpoint directory)"
     )

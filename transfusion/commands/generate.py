@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from transfusion.commands.options import add_checkpoint_option, add_device_option, note, out_dir, pick_device
+from transfusion.commands.options import (
+    add_adapter_option,
+    add_checkpoint_option,
+    add_device_option,
+    note,
+    out_dir,
+    pick_device,
+)
 from transfusion.errors import UserError
 from transfusion.generate import GenerationConfig
 
@@ -31,11 +38,7 @@ from transfusion.generate import GenerationConfig
 def add_generation_options(p: argparse.ArgumentParser, images: bool = True) -> None:
     """Options shared by ``generate`` and ``caption`` (which draws no images: no diffusion options)."""
     add_checkpoint_option(p)
-    p.add_argument(
-        "--adapter", action="append", default=[], metavar="DIR",
-        help="a LoRA adapter directory (train --lora-rank writes RUN/adapter) merged into the weights "
-        "(repeatable; checked against the weights it was trained on)",
-    )  # fmt: skip
+    add_adapter_option(p)
     if images:
         p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's, 250)")
         p.add_argument(

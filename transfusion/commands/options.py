@@ -35,6 +35,16 @@ def add_data_options(
     )
 
 
+def add_adapter_option(p: argparse.ArgumentParser) -> None:
+    """``--adapter DIR`` (repeatable): LoRA adapters merged into the --checkpoint's weights
+    (``Pipeline.from_pretrained(adapters=...)``)."""
+    p.add_argument(
+        "--adapter", action="append", default=[], metavar="DIR",
+        help="a LoRA adapter directory (train --lora-rank writes RUN/adapter) merged into the weights "
+        "(repeatable; checked against the weights it was trained on)",
+    )  # fmt: skip
+
+
 def add_device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default="auto", help="cpu, cuda (or cuda:N), or auto: CUDA when available (default)"

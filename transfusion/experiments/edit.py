@@ -141,18 +141,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def judge_outputs(pipe: Any, items: list, seed: int, steps: int, adapter: str | None = None) -> list[dict]:
-    """Every held-out edit drawn (edit i seeded ``seed + i``) and judged."""
+def judge_images(items: list, images: list) -> list[dict]:
+    """Each held-out edit's image (an output, the input itself, a baseline's) read and judged against it."""
     from transfusion.data.edits import judge_edit
     from transfusion.evaluation.scenes import detect_scene
 
+    return [{"kind": r.meta["kind"], "held_out": r.meta["held_out"], "text": r.text, "image": im,
+             **judge_edit(detect_scene(im), r.meta)} for r, im in zip(items, images)]  # fmt: skip
+
+
+def judge_outputs(pipe: Any, items: list, seed: int, steps: int, adapter: str | None = None) -> list[dict]:
+    """Every held-out edit drawn (edit i seeded ``seed + i``) and judged."""
     images = pipe.edit([r.image for r in items], [r.text for r in items], steps=steps, seed=seed, progress=False,
                        adapter=adapter)  # fmt: skip
-    rows = []
-    for r, out in zip(items, images):
-        rows.append({"kind": r.meta["kind"], "held_out": r.meta["held_out"], "text": r.text, "image": out,
-                     **judge_edit(detect_scene(out), r.meta)})  # fmt: skip
-    return rows
+    return judge_images(items, images)
 
 
 def per_kind(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -224,8 +226,6 @@ def run_edit_experiment(out: Path, s: EditSettings, resume: bool = False) -> dic
 def _run_edit_experiment(out: Path, s: EditSettings, resume: bool) -> dict[str, Any]:
 
     from transfusion.data.edits import edit_eval_items, target_caption
-    from transfusion.data.edits import judge_edit as judge
-    from transfusion.evaluation.scenes import detect_scene
     from transfusion.pipeline import Pipeline
 
     out.mkdir(parents=True, exist_ok=True)
@@ -246,13 +246,11 @@ def _run_edit_experiment(out: Path, s: EditSettings, resume: bool) -> dict[str, 
     done: dict[str, Any] = json.loads(results_file.read_text()) if resume and results_file.is_file() else {}
     if "base" not in done:
         note("[base] baselines and the base model's text and captions")
-        unchanged = [{"kind": r.meta["kind"], "held_out": r.meta["held_out"], **judge(detect_scene(r.image), r.meta)}
-                     for r in items]  # fmt: skip
+        unchanged = judge_images(items, [r.image for r in items])
         drawn = base_pipe.text_to_image(
             [target_caption(r.meta) for r in items], steps=s.sample_steps, progress=False
         )
-        t2i = [{"kind": r.meta["kind"], "held_out": r.meta["held_out"], **judge(detect_scene(im), r.meta)}
-               for r, im in zip(items, drawn)]  # fmt: skip
+        t2i = judge_images(items, drawn)
         before = judge_outputs(base_pipe, items, 0, s.sample_steps)
         done["base"] = {"unchanged": per_kind(unchanged), "text_to_image": per_kind(t2i), "base_edit": per_kind(before),
                         **forgetting(base_pipe, texts, size, s.captions)}  # fmt: skip

@@ -2,12 +2,13 @@
 and (slow) a whole experiment at a tiny budget writing results.json and its page, then resumed."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from transfusion import cli
 from transfusion.experiments import EXPERIMENTS, Finding
-from transfusion.experiments.definitions import BESIDE_FD
+from transfusion.experiments.definitions import BESIDE_FD, DENOISING, FASHION_METRICS, for_dataset
 from transfusion.experiments.page import judge, parity_ratio, plot_svg, summarise
 from transfusion.experiments.runner import loop_speed
 
@@ -129,7 +130,9 @@ def test_every_experiment_names_real_arms_and_metrics():
     for exp in EXPERIMENTS.values():
         names = {a.name for a in exp.arms}
         for f in exp.findings:
-            beside = {m + f.metric.removeprefix(m) for m, _ in BESIDE_FD}  # read beside an FD finding
+            beside = {m + f.metric.removeprefix(m) for m, _ in BESIDE_FD} | set(
+                DENOISING
+            )  # beside an FD finding
             assert f.better in names and f.worse in names and (f.metric in exp.metrics or f.metric in beside)
         fd = [f for f in exp.findings if f.metric.startswith("fd_")]
         for f in fd:  # every FD finding has precision, recall and well-formedness beside it, same arms
@@ -226,3 +229,163 @@ def test_the_interval_reading_draws_again_with_guidance_only_below_max_t(monkeyp
     first = {"geneval_overall": 0.3, "fd_project_classifier": 9.0, "caption_accuracy": 1.0}
     got = runner.interval_reading(700, Dec("discrete"), vae, 5.0, d, settings, first)
     assert got == {"geneval_overall_interval": 0.3, "fd_project_classifier_interval": 9.0} and len(seen) == 1
+
+
+def test_the_denoising_loss_is_read_beside_every_fd_finding_between_diffusion_arms():
+    attention = EXPERIMENTS["attention"]
+    got = {(f.metric, f.better, f.worse, f.higher_is_better) for f in attention.findings}
+    assert {("image_val_loss", "bidirectional", "causal", False),
+            ("image_val_loss_early", "bidirectional", "causal", False)} <= got  # fmt: skip
+    assert "image_val_loss" in attention.metrics
+    chameleon = EXPERIMENTS["vs-chameleon"]  # VQ codes have no denoising loss: no finding on it
+    assert not any(f.metric in DENOISING for f in chameleon.findings)
+    patcher = {(f.metric, f.better, f.worse) for f in EXPERIMENTS["patcher"].findings}
+    assert ("image_val_loss_early", "unet-causal", "linear-causal") in patcher
+
+
+def test_on_fashion_mnist_every_finding_reads_the_judge():
+    """The same arms and budgets; FD, precision and recall in the judge's features, composition as
+    its class accuracy, CIDEr as caption accuracy (kept once); nothing of the scenes' own left."""
+    for name, shapes in EXPERIMENTS.items():
+        exp = for_dataset(shapes, "fashion_mnist")
+        assert exp.arms == shapes.arms and exp.budgets == shapes.budgets and exp.dataset == "fashion_mnist"
+        assert exp.interval_reading is None and exp.title.endswith("on Fashion-MNIST")
+        for f in exp.findings:
+            assert f.metric in set(FASHION_METRICS.values()), (name, f.metric)
+        keys = [(f.metric, f.better, f.worse) for f in exp.findings]
+        assert len(keys) == len(set(keys))
+        assert all(m in set(FASHION_METRICS.values()) for m in exp.metrics)
+        assert all(
+            "geneval" not in m and "project_classifier" not in m and "cider" not in m for m in exp.metrics
+        )
+    chameleon = for_dataset(EXPERIMENTS["vs-chameleon"], "fashion_mnist")
+    found = {(f.metric, f.better) for f in chameleon.findings}
+    assert {("fd_judge", "transfusion"), ("class_accuracy", "transfusion"), ("caption_accuracy", "transfusion"),
+            ("fortune_bits_per_byte", "transfusion"), ("precision_judge", "transfusion")} <= found  # fmt: skip
+    attention = for_dataset(EXPERIMENTS["attention"], "fashion_mnist")
+    assert [f.metric for f in attention.findings].count("caption_accuracy") == 1
+    assert for_dataset(EXPERIMENTS["attention"], "shapes") is EXPERIMENTS["attention"]
+    with pytest.raises(ValueError, match="fashion_mnist"):
+        for_dataset(EXPERIMENTS["attention"], "mnist")
+
+
+def test_the_page_plots_the_denoising_loss_by_timestep_and_patch(tmp_path):
+    from transfusion.experiments.page import write_results
+
+    exp, out = EXPERIMENTS["attention"], tmp_path / "e"
+    for arm, shift in (("bidirectional", 0.0), ("causal", 0.1)):
+        for seed in range(2):
+            for budget in (1.0, 2.0):
+                d = out / "points" / f"{arm}-b{budget:g}-s{seed}"
+                d.mkdir(parents=True)
+                by_patch = [0.3 + shift * (1 - i / 15) + 0.01 * seed + 0.1 / budget for i in range(16)]
+                metrics = {"fd_project_classifier": 100.0, "loss_t_mids": [50, 150], "loss_by_t": [0.5 + shift, 0.2],
+                           "loss_by_patch": by_patch, "image_val_loss": sum(by_patch) / 16,
+                           "image_val_loss_early": sum(by_patch[:4]) / 4, "by_cfg": {}}  # fmt: skip
+                (d / "point.json").write_text(json.dumps({"id": d.name, "arm": arm, "budget": budget, "seed": seed,
+                                                          "flops": budget * 1e12, "metrics": metrics}))  # fmt: skip
+    results = write_results(exp, out, {"points": [], "shared_seconds": 1.0, "speeds": {}})
+    prof = results["denoising"]
+    assert prof["causal"]["budget"] == 2.0 and prof["causal"]["t"] == [50, 150]
+    assert prof["bidirectional"]["by_patch"][0]["min"] == pytest.approx(0.35)  # seed 0 at x2
+    assert prof["bidirectional"]["by_patch"][0]["max"] == pytest.approx(0.36)
+    early = next(v for v in results["verdicts"] if v["finding"]["metric"] == "image_val_loss_early")
+    assert early["verdict"] == "reproduced"  # bidirectional's first patches lower at both budgets
+    page = (out / "experiment.html").read_text()
+    assert "Denoising loss on held-out images" in page and page.count("denoising loss by") == 2
+
+
+def test_resuming_on_another_dataset_is_refused(tmp_path, capsys):
+    out = tmp_path / "e"
+    out.mkdir()
+    settings = {"minutes": 5, "seeds": 1, "budgets": [1.0], "prompts_per_kind": 1, "captions": 1, "overrides": [],
+                "sample_steps": None, "dataset": "fashion_mnist"}  # fmt: skip
+    (out / "plan.json").write_text(json.dumps({"settings": settings, "points": []}))
+    assert cli.main(["experiment", "attention", "--resume", "--out", str(out)]) == 2
+    assert "resume it with --dataset fashion_mnist" in capsys.readouterr().err
+    assert cli.main(["experiment", "edit", "--dataset", "fashion_mnist", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_a_tiny_experiment_on_fashion_mnist_reads_the_judge_and_the_denoising_loss(tmp_path, monkeypatch):
+    """The attention experiment on Fashion-MNIST end to end at a tiny budget (a judge of 100 steps):
+    every point has the judge's metrics, the caption accuracy and the loss profile, and the page the
+    verdicts on them."""
+    from transfusion.data.sources import FASHION_DIRS
+    from transfusion.experiments import runner
+
+    if not any(Path(d).is_dir() for d in FASHION_DIRS):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    monkeypatch.setattr(runner, "JUDGE_STEPS", 100)
+    out = tmp_path / "e"
+    args = ["experiment", "attention", "--dataset", "fashion_mnist", "--minutes", "4", "--seeds", "1", "--budgets", "1",
+            "--prompts-per-kind", "2", "--captions", "4", "--sample-steps", "5", "--set", "model.dim=32",
+            "--set", "model.n_layers=1", "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "plan.json").read_text())["settings"]["dataset"] == "fashion_mnist"
+    for p in results["points"]:
+        m = p["metrics"]
+        assert 0 <= m["class_accuracy"] <= 1 and m["fd_judge"] > 0 and 0 <= m["caption_accuracy"] <= 1
+        assert len(m["loss_by_t"]) == 10 and len(m["loss_by_patch"]) == 16 and m["image_val_loss"] > 0
+        assert "geneval_overall" not in m
+    assert {v["finding"]["metric"] for v in results["verdicts"]} >= {"fd_judge", "image_val_loss_early"}
+    assert set(results["denoising"]) == {"bidirectional", "causal"}
+    for arm in ("bidirectional", "causal"):  # each arm's model samples with its own mask (Pipeline reads it)
+        from transfusion.pipeline import Pipeline
+
+        assert (
+            Pipeline.from_pretrained(
+                out / "points" / f"{arm}-b1-s0" / "model", "cpu"
+            ).model.cfg.image_attention
+            == arm
+        )
+    assert "Denoising loss on held-out images" in (out / "experiment.html").read_text()
+
+
+def test_a_resumed_plan_takes_a_larger_budget_and_a_seed_without_touching_its_points(monkeypatch):
+    """``--resume --budgets 1 2 4 --seeds 3`` on a plan of budgets 1 2 and 2 seeds: the new points are
+    sized with the plan's own FLOP unit and measured speeds, the old ones stay as they were."""
+    from transfusion.experiments import runner
+    from transfusion.experiments.runner import Settings, extend_plan, make_plan
+
+    exp = EXPERIMENTS["attention"]
+    settings = Settings(30, 2, [1.0, 2.0], 10, 50, [])
+    speeds = {"bidirectional": (10.0, 0.1), "causal": (12.0, 0.12)}  # GFLOP, seconds per step
+    monkeypatch.setattr(runner, "measure_arm", lambda e, arm, shared, s: speeds[arm.name])
+    plan = make_plan(exp, Path("unused"), settings, spent=60.0)
+    grown = extend_plan(exp, plan, [4.0], 3)
+    old = {r["id"]: r for r in plan["points"]}
+    new = {r["id"]: r for r in grown["points"]}
+    assert len(old) == 8 and len(new) == 18  # (2 budgets x 2 seeds -> 3 budgets x 3 seeds) x 2 arms
+    assert all(new[k] == v for k, v in old.items())
+    unit = plan["unit_gflop"]
+    assert new["causal-b4-s0"]["steps"] == round(4 * unit / 12.0)
+    assert new["bidirectional-b2-s2"]["steps"] == old["bidirectional-b2-s0"]["steps"]
+    assert grown["settings"]["budgets"] == [1.0, 2.0, 4.0] and grown["settings"]["seeds"] == 3
+    assert [r["budget"] for r in grown["points"]] == sorted(
+        r["budget"] for r in grown["points"]
+    )  # cheap first
+
+
+def test_the_attention_diagnosis_tables_read_the_caption_gain_and_guidance():
+    """benchmarks/attention_diagnosis.py: what the caption is worth (unconditional minus conditional
+    loss) and the metrics by guidance weight, mean [range] over seeds per arm."""
+    from helpers import load_benchmark
+
+    diag = load_benchmark("attention_diagnosis")
+    point = {"t": [50, 950], "trajectory": [{"t": 999, "x_std": 1.0, "eps_std": 1.0},
+                                                                {"t": 0, "x_std": 1.5, "eps_std": 0.25}]}  # fmt: skip
+    points = {}
+    for arm, gain in (("bidirectional", 0.01), ("causal", 0.03)):
+        for seed in range(2):
+            points[f"{arm}-s{seed}"] = {**point, "arm": arm, "seed": seed, "loss_by_t": [0.1, 0.7],
+                                        "uncond_by_t": [0.1 + gain / 2, 0.7 + gain * 2], "image_val_loss": 0.4,
+                                        "uncond_val_loss": 0.4 + gain + 0.01 * seed,
+                                        "readings": {"guidance 1, clip 4": {"class_accuracy": 0.2 + seed / 10}}}  # fmt: skip
+    text = diag.tables({"experiment": "attention", "dataset": "fashion_mnist", "budget": 4.0, "steps": 250,
+                        "real_latent_std": 1.0, "points": points})  # fmt: skip
+    assert "causal           0.400 [0.400-0.400]  0.435 [0.430-0.440]  0.035 [0.030-0.040]" in text
+    assert "bidirectional     0.0050  0.0200" in text and "causal            0.0150  0.0600" in text
+    assert "guidance 1, clip 4" in text and "causal 0.250 [0.200-0.300]" in text  # over the two seeds
+    assert "std of x_t at t" in text and "  causal            1.000  1.500" in text

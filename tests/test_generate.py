@@ -181,7 +181,7 @@ def reference_decode(
 @pytest.mark.parametrize(
     "patcher, objective, image_attention",
     [("linear", "ddpm", "bidirectional"), ("linear", "flow", "bidirectional"), ("unet", "flow", "bidirectional"),
-     ("linear", "flow", "causal"), ("linear", "flow", "rope_2d"), ("unet", "flow", "mot"),
+     ("linear", "flow", "causal"), ("linear", "ddpm", "causal"), ("linear", "flow", "rope_2d"), ("unet", "flow", "mot"),
      ("unet", "flow", "image_pos")],
 )  # fmt: skip
 def test_generate_equals_uncached_reference(patcher, objective, image_attention):

@@ -45,6 +45,18 @@ class FashionClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.contiguous(memory_format=torch.channels_last))
 
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, chunk: int = 1000) -> np.ndarray:
+        """The 128-d penultimate activations (after the hidden layer's ReLU) of images in [-1, 1]:
+        the space FD and precision/recall are read in, as FID reads Inception's pool features."""
+        body = self.net[:-1]
+        return torch.cat(
+            [
+                body(x[i : i + chunk].contiguous(memory_format=torch.channels_last))
+                for i in range(0, len(x), chunk)
+            ]
+        ).numpy()
+
 
 def _real_images(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of a Fashion-MNIST split as (N, 3, S, S) uint8 (a quarter of the memory of floats;
@@ -103,6 +115,99 @@ def train_fashion_classifier(
     return clf, (pred == ty).float().mean().item()
 
 
+def load_judge(cache: Path, data_cfg: Any, steps: int = 2200) -> tuple[FashionClassifier, float]:
+    """The judge trained once (``steps`` of ``train_fashion_classifier``) and kept in ``cache`` (a
+    safetensors file, its test accuracy inside): every point of an experiment is judged by the same
+    network."""
+    from transfusion.io import load_tensors, save_tensors
+
+    clf = FashionClassifier()
+    if cache.is_file():
+        state = load_tensors(cache)
+        acc = float(state.pop("test_accuracy").item())
+        clf.load_state_dict(state)
+        return clf.eval(), acc
+    clf, acc = train_fashion_classifier(data_cfg, steps)
+    save_tensors(cache, {**clf.state_dict(), "test_accuracy": torch.tensor(acc)})
+    return clf, acc
+
+
+BLANK_STD = 0.05
+"""A generated image is blank when its grey levels (0-1) vary less than this (standard deviation):
+every one of the 10,000 real test images varies more (the least 0.071, the 1st percentile 0.14)."""
+PRECISION_RECALL_REAL = 2000
+"""Real test images (the first ones, 200 a class) that precision and recall read the real manifold from."""
+
+
+def real_test_features(judge: FashionClassifier, data_cfg: Any) -> np.ndarray:
+    """The judge's features of the 10,000 real test images (FD's reference)."""
+    from transfusion.data.sources import FashionMNIST
+
+    x, _ = _real_images(FashionMNIST(data_cfg, "test"))
+    return judge.features(_unit(x))
+
+
+def judged_images(
+    decoder: Any,
+    vae: Any,
+    gen: GenerationConfig,
+    per_class: int,
+    judge: FashionClassifier,
+    real: np.ndarray,
+    seed: int = 100,
+) -> tuple[dict[str, float], list]:
+    """Images for "a photo of {class}" (``per_class`` each, image i with seed ``seed + i``) read by
+    the judge (``judge_images``), with the standard deviation of the sampled latents (``latent_std``).
+    Returns (metrics, [(prompt, image)])."""
+    from transfusion.data.sources import FASHION_CLASSES, with_article
+
+    prompts = [(c, f"a photo of {with_article(name)}") for c, name in enumerate(FASHION_CLASSES) for _ in range(per_class)]  # fmt: skip
+    seeds = [seed + i for i in range(len(prompts))]
+    latents = torch.stack(text_to_image(decoder, [p for _, p in prompts], gen, seeds=seeds))
+    images = decode_latents(vae, latents)
+    metrics = judge_images(images, [c for c, _ in prompts], judge, real)
+    # the spread of what the sampler ends on (the VAE's latents are scaled to about 1 for diffusion):
+    # samples that leave the data's distribution show it here before any judge reads them
+    metrics["latent_std"] = float(latents.std())
+    return metrics, [(_Prompt(p), im) for (_, p), im in zip(prompts, images)]
+
+
+def judge_images(
+    images: list, classes: list[int], judge: FashionClassifier, real: np.ndarray
+) -> dict[str, float]:
+    """What the judge reads of ``images`` meant to show ``classes``: the share of the asked class
+    (``class_accuracy``, the CLIP-score analogue), FD against the real test images in its features
+    (``fd_judge``, the FID analogue; ``real`` from ``real_test_features``), precision and recall
+    against the real manifold (its first ``PRECISION_RECALL_REAL`` images), and the blank share."""
+    x = pil_to_tensor(images)
+    with torch.no_grad():
+        predicted = judge(x).argmax(1).tolist()
+    fake = judge.features(x)
+    precision, recall = M.precision_recall(real[:PRECISION_RECALL_REAL], fake)
+    grey = (x.mean(1) + 1) / 2  # (N, S, S) in 0..1
+    return {
+        "class_accuracy": M.accuracy([p == c for p, c in zip(predicted, classes)]),
+        "fd_judge": M.frechet_distance(real, fake),
+        "precision_judge": precision,
+        "recall_judge": recall,
+        "blank_rate": float((grey.flatten(1).std(1) < BLANK_STD).float().mean()),
+    }
+
+
+def caption_accuracy(decoder: Any, vae: Any, data_cfg: Any, n: int) -> tuple[float, list]:
+    """Greedy captions of the first ``n`` real test images: the share that names the right class."""
+    from transfusion.data.sources import FashionMNIST
+
+    test = FashionMNIST(data_cfg, "test")
+    records = [test[i] for i in range(n)]
+    lat = encode_images(vae, [r.image for r in records])
+    texts = caption(decoder, list(lat), GenerationConfig(max_new_tokens=32, temperature=0.0))
+    ok = [class_named(t) == r.meta["label"] for t, r in zip(texts, records)]
+    return M.accuracy(ok), [
+        {"caption": t, "truth": r.text, "correct": c, "image": r.image} for t, r, c in zip(texts, records, ok)
+    ]
+
+
 def class_named(text: str) -> int | None:
     """The Fashion-MNIST class a caption names (the longest class name found in it), or None."""
     from transfusion.data.sources import FASHION_CLASSES
@@ -121,7 +226,7 @@ def evaluate_fashion(
     and caption accuracy (the caption names the right class) on held-out test images. Images are
     sampled with the checkpoint's settings unless ``sampler``, ``steps`` or ``cfg_scale`` say
     otherwise; image i uses seed ``seed + i``."""
-    from transfusion.data.sources import FASHION_CLASSES, FashionMNIST, with_article
+    from transfusion.data.sources import FASHION_CLASSES, with_article
 
     start = time.time()
     vae, config = pipe.vae, pipe.config
@@ -139,14 +244,10 @@ def evaluate_fashion(
     with torch.no_grad():
         predicted = clf(pil_to_tensor(images)).argmax(1).tolist()
     gen_ok = [p == c for p, (c, _) in zip(predicted, prompts)]
-    test = FashionMNIST(config.data, "test")
-    records = [test[i] for i in range(n_captions)]
-    lat = encode_images(vae, [r.image for r in records])
-    texts = caption(decoder, list(lat), GenerationConfig(max_new_tokens=32, temperature=0.0))
-    cap_ok = [class_named(t) == r.meta["label"] for t, r in zip(texts, records)]
+    cap_acc, cap_rows = caption_accuracy(decoder, vae, config.data, n_captions)
     metrics = {
         "fashion_generation_accuracy": M.accuracy(gen_ok),
-        "fashion_caption_accuracy": M.accuracy(cap_ok),
+        "fashion_caption_accuracy": cap_acc,
         "fashion_classifier_test_accuracy": clf_acc,
         "eval_sampler": gen.sampler,
         "eval_steps": gen.steps,
@@ -158,7 +259,7 @@ def evaluate_fashion(
     details = {
         "pairs": [(_Prompt(p), im) for (_, p), im in zip(prompts, images)],
         "composition": [{"prompt": p, "kind": FASHION_CLASSES[c], "correct": ok} for (c, p), ok in zip(prompts, gen_ok)],
-        "captions": [{"caption": t, "truth": r.text, "correct": ok, "image": r.image} for t, r, ok in zip(texts, records, cap_ok)],
+        "captions": cap_rows,
     }  # fmt: skip
     return metrics, details
 

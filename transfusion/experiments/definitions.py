@@ -97,6 +97,9 @@ class Experiment:
     t <= this (vs-chameleon reads 700, the demo's interval before it moved to 850) and read as
     ``<metric>_interval``; VQ-code arms have no timesteps, so their second reading is their first."""
     about: str = ""
+    dataset: str = "shapes"
+    """What every point trains and is judged on: 'shapes' (the built-in scenes) or 'fashion_mnist'
+    (``for_dataset``)."""
 
 
 BESIDE_FD = (("precision_project_classifier", True), ("recall_project_classifier", True),
@@ -105,16 +108,70 @@ BESIDE_FD = (("precision_project_classifier", True), ("recall_project_classifier
 features (on the real manifold? covering it?) and the share of well-formed objects."""
 
 
+DENOISING = ("image_val_loss", "image_val_loss_early")
+"""The denoising loss on held-out pairs (``evaluation.denoising``): over every band of t and patch,
+and over the first quarter of the patches in raster order (where causal attention sees least)."""
+
+
 def beside_fd(exp: Experiment) -> Experiment:
-    """``exp`` with a finding on each of ``BESIDE_FD`` next to every finding on FD (same arms)."""
+    """``exp`` with a finding on each of ``BESIDE_FD`` next to every finding on FD (same arms), and,
+    where both arms diffuse, one on each of ``DENOISING`` (lower is better)."""
     out: list[Finding] = []
+    arms = {a.name: a for a in exp.arms}
     for f in exp.findings:
         out.append(f)
         if f.metric.startswith("fd_project_classifier"):
             suffix = f.metric.removeprefix("fd_project_classifier")
             paper = "not in the paper (it reports FID only); read beside the FD finding above"
             out += [Finding(m + suffix, f.better, f.worse, up, paper) for m, up in BESIDE_FD]
-    return dataclasses.replace(exp, findings=tuple(out))
+            if not suffix and not (arms[f.better].discrete or arms[f.worse].discrete):
+                paper = "not in the paper: the training loss on held-out images, free of sampler and judge"
+                out += [Finding(m, f.better, f.worse, False, paper) for m in DENOISING]
+    metrics = exp.metrics
+    if not all(a.discrete for a in exp.arms) and "image_val_loss" not in metrics:
+        metrics = (*metrics, "image_val_loss")
+    return dataclasses.replace(exp, findings=tuple(out), metrics=metrics)
+
+
+DATASETS = ("shapes", "fashion_mnist")
+FASHION_METRICS = {
+    "fd_project_classifier": "fd_judge",
+    "precision_project_classifier": "precision_judge",
+    "recall_project_classifier": "recall_judge",
+    "geneval_overall": "class_accuracy",
+    "geneval_blank_rate": "blank_rate",
+    "caption_cider_d": "caption_accuracy",
+    **{m: m for m in ("caption_accuracy", "fortune_bits_per_byte", "sample_seconds_per_image", *DENOISING)},
+}
+"""What each shape-scene metric reads on Fashion-MNIST (``evaluation.fashion.judged_images``): FD and
+precision/recall in the judge's penultimate features against the real test images (the FID analogue,
+as FID on MNIST is read in a LeNet's features), the judge's class accuracy of generated images (the
+CLIP-score analogue), caption accuracy (the class named; captions are one template and a class name,
+so CIDEr-D says nothing more). Well-formed objects and the guidance-interval reading are the scenes'
+own: they have no counterpart."""
+
+
+def for_dataset(exp: Experiment, dataset: str) -> Experiment:
+    """``exp`` trained and judged on ``dataset``: the same arms and plans, its metrics and findings
+    read through ``FASHION_METRICS`` on Fashion-MNIST (a finding without a counterpart dropped, one
+    that maps onto another kept once)."""
+    if dataset == "shapes":
+        return exp
+    if dataset != "fashion_mnist":
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    findings: list[Finding] = []
+    for f in exp.findings:
+        metric = FASHION_METRICS.get(f.metric)
+        g = dataclasses.replace(f, metric=metric) if metric else None
+        if g and all((g.metric, g.better, g.worse) != (h.metric, h.better, h.worse) for h in findings):
+            findings.append(g)
+    metrics = dict.fromkeys(FASHION_METRICS[m] for m in exp.metrics if m in FASHION_METRICS)
+    if exp.arms and not all(a.discrete for a in exp.arms):
+        metrics |= dict.fromkeys(("class_accuracy", "fd_judge"))
+    return dataclasses.replace(
+        exp, findings=tuple(findings), metrics=tuple(metrics), interval_reading=None, dataset=dataset,
+        title=f"{exp.title}, on Fashion-MNIST",
+    )  # fmt: skip
 
 
 EXPERIMENTS: dict[str, Experiment] = {

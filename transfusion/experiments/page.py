@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transfusion.evaluation.report import CSS
-from transfusion.experiments.definitions import Experiment, Finding
+from transfusion.experiments.definitions import FASHION_METRICS, Experiment, Finding
 from transfusion.io import atomic_write_text
 
 LOWER_IS_BETTER = ("fd_", "bits_per_byte", "perplexity", "blank_rate", "seconds")
@@ -152,13 +152,18 @@ def parity_ratio(
     return out
 
 
-def guidance_text(summary: dict[str, Any]) -> list[str]:
+SWEPT = ("geneval_overall", "fd_project_classifier", "geneval_blank_rate")
+"""What the guidance sweep reports the best weight of (on Fashion-MNIST: their ``FASHION_METRICS``)."""
+
+
+def guidance_text(summary: dict[str, Any], dataset: str = "shapes") -> list[str]:
     """What the guidance sweep shows: the best weight per metric and budget, with the numbers."""
+    swept = [FASHION_METRICS[m] for m in SWEPT] if dataset == "fashion_mnist" else SWEPT
     lines = []
     for arm, budgets in summary.items():
         for b, cell in budgets.items():
             by = cell.get("by_cfg", {})
-            for m in ("geneval_overall", "fd_project_classifier", "geneval_blank_rate"):
+            for m in swept:
                 vals = {s: v[m]["mean"] for s, v in by.items() if m in v}
                 if not vals:
                     continue
@@ -271,14 +276,62 @@ def write_results(exp: Experiment, out: Path, plan: dict[str, Any]) -> dict[str,
         "verdicts": [{**j, "text": verdict_text(exp, j)} for j in judged],
     }  # fmt: skip
     if exp.name == "vs-chameleon":
-        results["parity_flop_ratio"] = {
-            m: parity_ratio(summary, m) for m in ("fd_project_classifier", "geneval_overall")
-        }
+        fd, comp = (
+            ("fd_judge", "class_accuracy")
+            if exp.dataset == "fashion_mnist"
+            else ("fd_project_classifier", "geneval_overall")
+        )
+        results["parity_flop_ratio"] = {m: parity_ratio(summary, m) for m in (fd, comp)}
+    profiles = denoising_profiles(exp, pts)
+    if profiles:
+        results["denoising"] = profiles
     if len(exp.cfg_scales) > 1:
-        results["guidance"] = guidance_text(summary)
+        results["guidance"] = guidance_text(summary, exp.dataset)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     atomic_write_text(out / "experiment.html", page(exp, out, results))
     return results
+
+
+def denoising_profiles(exp: Experiment, pts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per diffusion arm at its largest budget: the loss by timestep band and by patch position,
+    each as mean, min and max over seeds ({arm: {"budget", "t", "by_t", "by_patch"}})."""
+    out: dict[str, Any] = {}
+    for arm in exp.arms:
+        mine = [p for p in pts if p["arm"] == arm.name and "loss_by_t" in p["metrics"]]
+        if not mine:
+            continue
+        top = max(p["budget"] for p in mine)
+
+        at_top = [p["metrics"] for p in mine if p["budget"] == top]
+        out[arm.name] = {"budget": top, "t": at_top[0]["loss_t_mids"], "by_t": _per_index(at_top, "loss_by_t"),
+                         "by_patch": _per_index(at_top, "loss_by_patch")}  # fmt: skip
+    return out
+
+
+def _per_index(metrics: list[dict[str, Any]], key: str) -> list[dict[str, float]]:
+    """Spread over seeds of each entry of a list-valued metric."""
+    return [spread(list(vals)) for vals in zip(*(m[key] for m in metrics))]
+
+
+def denoising_section(exp: Experiment, out: Path, profiles: dict[str, Any]) -> str:
+    """Two plots: the held-out denoising loss by timestep band, and by patch position in raster order
+    (as a share of the image, so that patch sizes compare)."""
+    titles = {a.name: a.title() for a in exp.arms}
+    by_t = [(titles[a], [(t, s["mean"], s["min"], s["max"]) for t, s in zip(p["t"], p["by_t"])])
+            for a, p in profiles.items()]  # fmt: skip
+    by_patch = [(titles[a], [((i + 0.5) / len(p["by_patch"]), s["mean"], s["min"], s["max"])
+                             for i, s in enumerate(p["by_patch"])]) for a, p in profiles.items()]  # fmt: skip
+    budget = ", ".join(f"{titles[a]} x{p['budget']:g}" for a, p in profiles.items())
+    return (
+        "<h2>Denoising loss on held-out images</h2><p class='muted'>The training loss (mean squared error "
+        "of the predicted noise) on held-out caption-then-image pairs, at the middle of each tenth of t "
+        f"with the same noise in every band; largest budget ({html.escape(budget)}); mean over seeds, "
+        "bars from the lowest to the highest. By patch: raster order, as a share of the image (the first "
+        "patches see nothing of their own image under causal attention).</p><div class='curves'>"
+        + _plot(out, "loss_by_t", "denoising loss by timestep", "timestep t", by_t, False)
+        + _plot(out, "loss_by_patch", "denoising loss by patch position", "patch position (share of the image, raster order)", by_patch, False)
+        + "</div>"
+    )  # fmt: skip
 
 
 def _figure(exp: Experiment, out: Path, summary: dict[str, Any], metric: str) -> str:
@@ -417,6 +470,8 @@ def page(exp: Experiment, out: Path, results: dict[str, Any]) -> str:
     extra = ""
     if "parity_flop_ratio" in results:
         extra += parity_section(out, summary, results["parity_flop_ratio"])
+    if "denoising" in results:
+        extra += denoising_section(exp, out, results["denoising"])
     if "guidance" in results:
         extra += (
             "<h2>Guidance sweep</h2><ul>"

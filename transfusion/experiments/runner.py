@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from transfusion.config import Config
+from transfusion.errors import UserError
 from transfusion.experiments.definitions import EXPERIMENT_MODEL, Arm, Experiment
 from transfusion.io import atomic_write_text
 from transfusion.recipe import POOL, TOKENIZER_VOCAB, VAE_GRAD_CLIP, VAE_LR, demo_config, note
@@ -59,6 +60,8 @@ class Settings:
     captions: int
     overrides: list[str]
     sample_steps: int | None = None
+    dataset: str = "shapes"
+    """'shapes' or 'fashion_mnist' (``definitions.for_dataset``)."""
 
 
 def points(exp: Experiment, settings: Settings) -> list[Point]:
@@ -79,7 +82,7 @@ def point_config(
     overrides = [*EXPERIMENT_MODEL, *exp.base, *codes, *arm.overrides, *text, *settings.overrides]
     cache = latent_dir(shared, arm.discrete, seed)
     cfg = demo_config(
-        steps, seed, "shapes", str(shared / "tokenizer" / "tokenizer.json"), str(cache), overrides
+        steps, seed, exp.dataset, str(shared / "tokenizer" / "tokenizer.json"), str(cache), overrides
     )
     cfg.vae = dataclasses.replace(vae.config, path=None)
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(1, steps // 10))
@@ -110,7 +113,7 @@ def prepare_shared(exp: Experiment, shared: Path, settings: Settings, vae_steps:
     from transfusion.vae import vae_hash
 
     shared.mkdir(parents=True, exist_ok=True)
-    data = DataConfig(source="shapes", image_size=32, length=POOL)
+    data = dataset_config(exp.dataset)
     if not (shared / "tokenizer" / "tokenizer.json").is_file():
         texts = source_texts(data, POOL)
         if exp.text_corpus:
@@ -138,7 +141,35 @@ def prepare_shared(exp: Experiment, shared: Path, settings: Settings, vae_steps:
         for seed in range(settings.seeds):
             pool = dataclasses.replace(data, seed=seed)
             cache = latent_dir(shared, kind == "vq", seed)
-            build_latents(make_source(pool, "train"), image_encoder(vae, "cpu"), vae_hash(vae), cache, POOL)
+            # Fashion-MNIST: its whole training split, as training reads it
+            count = POOL if exp.dataset == "shapes" else None
+            build_latents(make_source(pool, "train"), image_encoder(vae, "cpu"), vae_hash(vae), cache, count)
+    if exp.dataset == "fashion_mnist" and not judge_path(shared).is_file():
+        from transfusion.evaluation.fashion import load_judge
+
+        _, acc = load_judge(judge_path(shared), data, JUDGE_STEPS)
+        note(
+            f"shared: the judge (a CNN trained on the 55,000 real training images), {acc:.3f} on the 10,000 test images"
+        )
+
+
+def dataset_config(dataset: str) -> Any:
+    """The data every shared asset is made from: the scene pool, or Fashion-MNIST at 32 pixels."""
+    from transfusion.config import DataConfig
+
+    if dataset == "fashion_mnist":
+        return DataConfig(source="fashion_mnist", image_size=32)
+    return DataConfig(source="shapes", image_size=32, length=POOL)
+
+
+JUDGE_STEPS = 2200
+"""Training steps of Fashion-MNIST's judge (``evaluation.fashion.train_fashion_classifier``: 0.915 on
+the real test images in about 100 s)."""
+
+
+def judge_path(shared: Path) -> Path:
+    """Fashion-MNIST's judge, trained once per experiment (``evaluation.fashion.load_judge``)."""
+    return shared / "judge-fashion.safetensors"
 
 
 def autoencoder_dir(shared: Path, discrete: bool) -> Path:
@@ -190,9 +221,11 @@ def loop_speed(rows: list[dict[str, Any]]) -> tuple[float, float]:
 def eval_seconds(exp: Experiment, arm: Arm, settings: Settings) -> float:
     """What one point's evaluation costs here, roughly (measured on 2 CPU cores at the experiment's
     size): per image 0.12 s with 250 denoising steps and guidance (0.05 s for 64 codes), per caption
-    0.05 s, 15 s of fixed costs; every extra guidance weight samples the images again."""
+    0.05 s, 15 s of fixed costs; every extra guidance weight samples the images again. Prompts are
+    per GenEval kind (6) on the scenes, per class (10) on Fashion-MNIST."""
     readings = len(exp.cfg_scales) + (exp.interval_reading is not None and not arm.discrete)
-    images = 6 * settings.prompts_per_kind * readings
+    kinds = 10 if exp.dataset == "fashion_mnist" else 6
+    images = kinds * settings.prompts_per_kind * readings
     per_image = 0.05 if arm.discrete else 0.12 * (settings.sample_steps or 250) / 250
     return images * per_image + settings.captions * 0.05 + 15
 
@@ -211,13 +244,7 @@ def make_plan(exp: Experiment, shared: Path, settings: Settings, spent: float) -
         )
     # seconds of point p = budget_p * unit / (GFLOP/s of its arm): solve for the unit
     unit = left / sum(p.budget * speeds[p.arm.name][1] / speeds[p.arm.name][0] for p in pts)
-    rows = []
-    for p in pts:
-        gflop, sec = speeds[p.arm.name]
-        steps = max(10, round(p.budget * unit / gflop))
-        rows.append({"id": p.id, "arm": p.arm.name, "budget": p.budget, "seed": p.seed, "steps": steps,
-                     "gflop": steps * gflop, "train_seconds_est": steps * sec,
-                     "eval_seconds_est": eval_seconds(exp, p.arm, settings)})  # fmt: skip
+    rows = [plan_row(exp, p, unit, speeds[p.arm.name], settings) for p in pts]
     return {
         "experiment": exp.name,
         "settings": dataclasses.asdict(settings),
@@ -228,6 +255,33 @@ def make_plan(exp: Experiment, shared: Path, settings: Settings, spent: float) -
         "shared_seconds": spent,
         "points": rows,
     }
+
+
+def plan_row(
+    exp: Experiment, p: Point, unit: float, speed: tuple[float, float], settings: Settings
+) -> dict[str, Any]:
+    """One point of the plan: its steps at ``unit`` GFLOP a budget and its arm's (GFLOP, seconds) a step."""
+    gflop, sec = speed
+    steps = max(10, round(p.budget * unit / gflop))
+    return {"id": p.id, "arm": p.arm.name, "budget": p.budget, "seed": p.seed, "steps": steps,
+            "gflop": steps * gflop, "train_seconds_est": steps * sec,
+            "eval_seconds_est": eval_seconds(exp, p.arm, settings)}  # fmt: skip
+
+
+def extend_plan(exp: Experiment, plan: dict[str, Any], budgets: list[float], seeds: int) -> dict[str, Any]:
+    """``plan`` with points for budgets and seeds it does not hold yet, sized with its own FLOP unit and
+    measured speeds (so that a later sitting adds a larger budget or a seed to an experiment without
+    changing the points already run)."""
+    settings = Settings(**plan["settings"])
+    settings.budgets = sorted(set(settings.budgets) | set(budgets))
+    settings.seeds = max(settings.seeds, seeds)
+    have = {r["id"] for r in plan["points"]}
+    speeds = {k: (v["gflop_per_step"], v["seconds_per_step"]) for k, v in plan["speeds"].items()}
+    new = [plan_row(exp, p, plan["unit_gflop"], speeds[p.arm.name], settings)
+           for p in points(exp, settings) if p.id not in have]  # fmt: skip
+    order = {p.id: i for i, p in enumerate(points(exp, settings))}
+    rows = sorted([*plan["points"], *new], key=lambda r: order[r["id"]])
+    return {**plan, "settings": dataclasses.asdict(settings), "points": rows}
 
 
 def plan_table(plan: dict[str, Any]) -> str:
@@ -264,18 +318,26 @@ def run_point(
 
 
 def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> dict[str, Any]:
-    """The shapes evaluation at the experiment's main guidance weight (plus, for a sweep, composition
-    and FD at every other weight); held-out fortunes' bits per byte when text is mixed in; a grid of
-    the first generated images."""
-    from transfusion.evaluation.shapes import evaluate
+    """The dataset's evaluation at the experiment's main guidance weight (plus, for a sweep, the image
+    metrics at every other weight); held-out fortunes' bits per byte when text is mixed in; the
+    denoising loss by timestep band and patch position (diffusion arms); a grid of the first
+    generated images."""
     from transfusion.evaluation.text import text_scores
     from transfusion.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(run, "cpu")
     main = exp.eval_cfg if exp.eval_cfg in exp.cfg_scales or len(exp.cfg_scales) == 1 else exp.cfg_scales[0]
-    metrics, details = evaluate(pipe, d, settings.prompts_per_kind, settings.captions, settings.sample_steps, None,
-                                main, 0, None, fd_cache=d.parent.parent / "shared")  # fmt: skip
-    shown = details["pairs"][:: max(1, settings.prompts_per_kind)][:12]  # one prompt of each kind first
+    if exp.dataset == "fashion_mnist":
+        metrics, pairs = fashion_evaluation(pipe, main, d, settings)
+    else:
+        from transfusion.evaluation.shapes import evaluate
+
+        metrics, details = evaluate(pipe, d, settings.prompts_per_kind, settings.captions, settings.sample_steps,
+                                    None, main, 0, None, fd_cache=d.parent.parent / "shared")  # fmt: skip
+        pairs = details["pairs"]
+    if pipe.model.cfg.image_tokens == "continuous":
+        metrics.update(denoising(pipe, exp))
+    shown = pairs[:: max(1, settings.prompts_per_kind)][:12]  # one prompt of each kind first
     save_grid([im for _, im in shown], d / "samples.png")
     atomic_write_text(d / "samples.json", json.dumps([p.text for p, _ in shown]))
     if exp.text_corpus:
@@ -291,10 +353,63 @@ def evaluate_point(exp: Experiment, run: Path, d: Path, settings: Settings) -> d
         if f"{scale:g}" in by_cfg:
             continue
         gen = pipe.settings(steps=settings.sample_steps, guidance=scale)
-        by_cfg[f"{scale:g}"] = image_reading(dec, pipe.vae, gen, d, settings)
+        if exp.dataset == "fashion_mnist":
+            by_cfg[f"{scale:g}"] = fashion_images(pipe, gen, d, settings)[0]
+        else:
+            by_cfg[f"{scale:g}"] = image_reading(dec, pipe.vae, gen, d, settings)
     if exp.interval_reading is not None:
         metrics.update(interval_reading(exp.interval_reading, dec, pipe.vae, main, d, settings, metrics))
     return {**metrics, "by_cfg": by_cfg}
+
+
+HELD_OUT_PAIRS = 256
+"""Held-out image-caption pairs the denoising loss is read on (each at 10 timesteps)."""
+
+
+def denoising(pipe: Any, exp: Experiment, caption: bool = True) -> dict[str, Any]:
+    """``evaluation.denoising`` on held-out pairs: Fashion-MNIST's first test images, or scenes
+    rendered from the seed the shapes evaluation holds out for text (300); without their captions
+    with ``caption=False``."""
+    from transfusion.data.sources import make_source
+    from transfusion.evaluation.denoising import denoising_profile
+
+    source = make_source(
+        dataclasses.replace(dataset_config(exp.dataset), seed=300),
+        "test" if exp.dataset == "fashion_mnist" else "val",
+    )
+    return denoising_profile(pipe, [source[i] for i in range(HELD_OUT_PAIRS)], caption=caption)
+
+
+def fashion_images(pipe: Any, gen: Any, d: Path, settings: Settings) -> tuple[dict[str, Any], list]:
+    """Fashion-MNIST's image metrics (``evaluation.fashion.judged_images``) of the images ``gen``
+    draws, by the experiment's judge, with the wall seconds per image."""
+    from transfusion.evaluation.fashion import judged_images, load_judge, real_test_features
+
+    data = dataset_config("fashion_mnist")
+    judge, acc = load_judge(judge_path(d.parent.parent / "shared"), data)
+    real = real_test_features(judge, data)
+    t0 = time.time()
+    read, pairs = judged_images(pipe.decoder, pipe.vae, gen, settings.prompts_per_kind, judge, real)
+    read["sample_seconds_per_image"] = (time.time() - t0) / len(pairs)
+    read["judge_test_accuracy"] = acc
+    return read, pairs
+
+
+def fashion_evaluation(pipe: Any, scale: float, d: Path, settings: Settings) -> tuple[dict[str, Any], list]:
+    """Images at guidance ``scale`` judged (``fashion_images``) and captions of held-out test images
+    (the class named); writes metrics.json beside the point."""
+    from transfusion.evaluation.fashion import caption_accuracy
+
+    t0 = time.time()
+    gen = pipe.settings(steps=settings.sample_steps, guidance=scale)
+    metrics, pairs = fashion_images(pipe, gen, d, settings)
+    metrics["caption_accuracy"], _ = caption_accuracy(
+        pipe.decoder, pipe.vae, dataset_config("fashion_mnist"), settings.captions
+    )
+    metrics.update({"eval_sampler": gen.sampler, "eval_steps": gen.steps, "eval_cfg": gen.cfg_scale,
+                    "eval_seconds": time.time() - t0})  # fmt: skip
+    atomic_write_text(d / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics, pairs
 
 
 INTERVAL_METRICS = ("geneval_overall", "geneval_blank_rate", "geneval_well_formed", "fd_project_classifier",
@@ -337,16 +452,29 @@ def save_grid(images: list, path: Path, cell: int = 64) -> None:
 
 
 # --- the whole experiment --------------------------------------------------------------------------------
-def run_experiment(exp: Experiment, out: Path, settings: Settings, resume: bool = False) -> dict[str, Any]:
+def run_experiment(
+    exp: Experiment, out: Path, settings: Settings, resume: bool = False, extend: bool = False
+) -> dict[str, Any]:
     """Shared assets, the plan (shown before any point trains), every point not yet done, then
-    results.json and the page. Returns the results."""
+    results.json and the page. Returns the results. With ``resume`` and ``extend``, ``settings``'
+    budgets and seeds are added to the plan's (``extend_plan``)."""
+    from transfusion.experiments.definitions import for_dataset
     from transfusion.experiments.page import write_results
 
+    exp = for_dataset(exp, settings.dataset)
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
     if resume and plan_file.is_file():
         plan = json.loads(plan_file.read_text())
+        planned = Settings(**plan["settings"])
+        if planned.dataset != settings.dataset:
+            raise UserError(
+                f"{out} holds an experiment on {planned.dataset}; resume it with --dataset {planned.dataset}"
+            )
+        if extend:
+            plan = extend_plan(exp, plan, settings.budgets, settings.seeds)
+            atomic_write_text(plan_file, json.dumps(plan, indent=2))
         settings = Settings(**plan["settings"])
         note(f"resuming {exp.name} in {out}")
     else:

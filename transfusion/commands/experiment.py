@@ -4,7 +4,10 @@ Each experiment trains its arms (one knob changed, the same data stream and seed
 training-FLOP budgets and seeds, evaluates every point the same way, and writes results.json, plots,
 experiment.html and a verdict per finding (reproduced, not reproduced, or inconclusive at this
 budget). The budget (``--minutes``) is shared out and the plan is shown before any point trains;
-``--resume`` continues a stopped experiment without training finished points again.
+``--resume`` continues a stopped experiment without training finished points again (and, with
+``--budgets`` or ``--seeds``, adds points). ``--dataset fashion_mnist`` runs the same arms on real
+garment images, read by a judge trained on them; every diffusion arm also reports the held-out
+denoising loss by band of t and patch position.
 
 ``edit`` is of another kind: it fine-tunes a trained model (the demo's, or ``--from CKPT``) on
 shape-scene edits, full fine-tuning against LoRA ranks 4 and 32 at equal steps, and judges the edits

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,22 +144,22 @@ def test_the_judge_reads_real_images_as_real_and_blank_ones_as_far(tmp_path):
 
     cfg = _fashion_or_skip()
     cache = tmp_path / "judge.safetensors"
-    judge, acc = fashion.load_judge(cache, cfg, steps=300)
+    judge = fashion.load_judge(cache, cfg, steps=300)
     # 300 steps of the recipe classify the real test images at about 0.88; one trained on shuffled
     # labels scores 0.12 and an untrained one 0.10: 0.8 separates a working judge from a broken one
-    assert acc > 0.8 and not judge.training
-    again, acc_again = fashion.load_judge(cache, cfg)  # read back, not trained again
-    assert acc_again == acc and all(
-        torch.equal(v, again.state_dict()[k]) for k, v in judge.state_dict().items()
+    assert judge.test_accuracy > 0.8 and not judge.net.training
+    again = fashion.load_judge(cache, cfg)  # read back, not trained again, the real features with it
+    assert again.test_accuracy == judge.test_accuracy and all(
+        torch.equal(v, again.net.state_dict()[k]) for k, v in judge.net.state_dict().items()
     )
-    real = fashion.real_test_features(judge, cfg)
-    assert real.shape == (10000, 128)
+    assert judge.real.shape == (10000, 128) and np.array_equal(again.real, judge.real)
+    assert np.allclose(judge.real, fashion.real_test_features(again.net, cfg), atol=1e-5)
     test = FashionMNIST(cfg, "test")
     rows = [test[i] for i in range(5000, 5300)]
     images, labels = [r.image for r in rows], [r.meta["label"] for r in rows]
-    own = fashion.judge_images(images, labels, judge, real)
+    own = fashion.judge_images(images, labels, judge)
     assert own["class_accuracy"] > 0.8 and own["blank_rate"] == 0.0 and own["precision_judge"] > 0.7
-    shifted = fashion.judge_images(images, [(c + 1) % 10 for c in labels], judge, real)
+    shifted = fashion.judge_images(images, [(c + 1) % 10 for c in labels], judge)
     assert shifted["class_accuracy"] < 0.2 and shifted["fd_judge"] == own["fd_judge"]
     g = torch.Generator().manual_seed(0)
     black = [Image.new("RGB", (32, 32)) for _ in range(300)]
@@ -166,7 +167,7 @@ def test_the_judge_reads_real_images_as_real_and_blank_ones_as_far(tmp_path):
         Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy())
         for _ in range(300)
     ]
-    far = [fashion.judge_images(x, labels, judge, real) for x in (black, noise)]
+    far = [fashion.judge_images(x, labels, judge) for x in (black, noise)]
     assert far[0]["blank_rate"] == 1.0 and far[1]["blank_rate"] == 0.0
     # FD 1.3 for real images, 100 for black and 80 for noise (300 steps of the judge); recall catches
     # both, precision only the black ones (noise lands inside the real images' k-NN balls: 0.79)

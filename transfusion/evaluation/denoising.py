@@ -59,11 +59,10 @@ def denoising_profile(
                        for ids, lat in zip(texts, latents)]  # fmt: skip
             longest = max(sample_length(s, n) for s in samples)  # rows as long as the longest pair
             batch = pack(samples, longest, specials, n, one_per_row=True)
-            tt = torch.full((len(chunk),), t, dtype=torch.long)
             x_t, target = diffusion.training_target(
-                cfg.diffusion.objective, batch.latents, noise, tt, schedule
+                cfg.diffusion.objective, batch.latents, noise, batch.timesteps, schedule
             )
-            out = model(batch.replace(latents=x_t, timesteps=tt).to(device))
+            out = model(batch.replace(latents=x_t).to(device))
             err = (out.image_pred.float().cpu() - target.float()).pow(2)  # (N, C, H, W)
             by_band[b] += patchify(err, k).mean(-1).sum(0).double()  # summed over images, per patch
     model.train(was)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,21 +116,37 @@ def train_fashion_classifier(
     return clf, (pred == ty).float().mean().item()
 
 
-def load_judge(cache: Path, data_cfg: Any, steps: int = 2200) -> tuple[FashionClassifier, float]:
+@dataclass
+class Judge:
+    """The network that reads generated images, its accuracy on the real test images, and its features
+    of those images (``real``: FD's reference, the real manifold of precision and recall)."""
+
+    net: FashionClassifier
+    test_accuracy: float
+    real: np.ndarray
+
+
+def load_judge(cache: Path, data_cfg: Any, steps: int = 2200) -> Judge:
     """The judge trained once (``steps`` of ``train_fashion_classifier``) and kept in ``cache`` (a
-    safetensors file, its test accuracy inside): every point of an experiment is judged by the same
-    network."""
+    safetensors file, with its test accuracy and its features of the real test images), so that every
+    point of an experiment is judged by the same network against features read once. A cache without
+    the features (written before they were kept) gets them added."""
     from transfusion.io import load_tensors, save_tensors
 
-    clf = FashionClassifier()
     if cache.is_file():
         state = load_tensors(cache)
         acc = float(state.pop("test_accuracy").item())
+        real = state.pop("real_features", None)
+        clf = FashionClassifier()
         clf.load_state_dict(state)
-        return clf.eval(), acc
-    clf, acc = train_fashion_classifier(data_cfg, steps)
-    save_tensors(cache, {**clf.state_dict(), "test_accuracy": torch.tensor(acc)})
-    return clf, acc
+        clf.eval()
+    else:
+        clf, acc = train_fashion_classifier(data_cfg, steps)
+        real = None
+    if real is None:
+        real = torch.from_numpy(real_test_features(clf, data_cfg))
+        save_tensors(cache, {**clf.state_dict(), "test_accuracy": torch.tensor(acc), "real_features": real})
+    return Judge(clf, acc, real.numpy())
 
 
 BLANK_STD = 0.05
@@ -147,47 +164,46 @@ def real_test_features(judge: FashionClassifier, data_cfg: Any) -> np.ndarray:
     return judge.features(_unit(x))
 
 
-def judged_images(
-    decoder: Any,
-    vae: Any,
-    gen: GenerationConfig,
-    per_class: int,
-    judge: FashionClassifier,
-    real: np.ndarray,
-    seed: int = 100,
-) -> tuple[dict[str, float], list]:
-    """Images for "a photo of {class}" (``per_class`` each, image i with seed ``seed + i``) read by
-    the judge (``judge_images``), with the standard deviation of the sampled latents (``latent_std``).
-    Returns (metrics, [(prompt, image)])."""
+def class_images(
+    decoder: Any, vae: Any, gen: GenerationConfig, per_class: int, seed: int
+) -> tuple[list[tuple[int, str]], torch.Tensor, list]:
+    """``per_class`` images for "a photo of {class}" of every class (image i with seed ``seed + i``):
+    ([(class, prompt)], latents (N, C, H, W), PIL images)."""
     from transfusion.data.sources import FASHION_CLASSES, with_article
 
     prompts = [(c, f"a photo of {with_article(name)}") for c, name in enumerate(FASHION_CLASSES) for _ in range(per_class)]  # fmt: skip
     seeds = [seed + i for i in range(len(prompts))]
     latents = torch.stack(text_to_image(decoder, [p for _, p in prompts], gen, seeds=seeds))
-    images = decode_latents(vae, latents)
-    metrics = judge_images(images, [c for c, _ in prompts], judge, real)
+    return prompts, latents, decode_latents(vae, latents)
+
+
+def judged_images(
+    decoder: Any, vae: Any, gen: GenerationConfig, per_class: int, judge: Judge, seed: int = 100
+) -> tuple[dict[str, float], list]:
+    """``class_images`` read by the judge (``judge_images``), with the standard deviation of the
+    sampled latents (``latent_std``). Returns (metrics, [(prompt, image)])."""
+    prompts, latents, images = class_images(decoder, vae, gen, per_class, seed)
+    metrics = judge_images(images, [c for c, _ in prompts], judge)
     # the spread of what the sampler ends on (the VAE's latents are scaled to about 1 for diffusion):
     # samples that leave the data's distribution show it here before any judge reads them
     metrics["latent_std"] = float(latents.std())
     return metrics, [(_Prompt(p), im) for (_, p), im in zip(prompts, images)]
 
 
-def judge_images(
-    images: list, classes: list[int], judge: FashionClassifier, real: np.ndarray
-) -> dict[str, float]:
+def judge_images(images: list, classes: list[int], judge: Judge) -> dict[str, float]:
     """What the judge reads of ``images`` meant to show ``classes``: the share of the asked class
     (``class_accuracy``, the CLIP-score analogue), FD against the real test images in its features
-    (``fd_judge``, the FID analogue; ``real`` from ``real_test_features``), precision and recall
-    against the real manifold (its first ``PRECISION_RECALL_REAL`` images), and the blank share."""
+    (``fd_judge``, the FID analogue), precision and recall against the real manifold (its first
+    ``PRECISION_RECALL_REAL`` images), and the blank share."""
     x = pil_to_tensor(images)
     with torch.no_grad():
-        predicted = judge(x).argmax(1).tolist()
-    fake = judge.features(x)
-    precision, recall = M.precision_recall(real[:PRECISION_RECALL_REAL], fake)
+        predicted = judge.net(x).argmax(1).tolist()
+    fake = judge.net.features(x)
+    precision, recall = M.precision_recall(judge.real[:PRECISION_RECALL_REAL], fake)
     grey = (x.mean(1) + 1) / 2  # (N, S, S) in 0..1
     return {
         "class_accuracy": M.accuracy([p == c for p, c in zip(predicted, classes)]),
-        "fd_judge": M.frechet_distance(real, fake),
+        "fd_judge": M.frechet_distance(judge.real, fake),
         "precision_judge": precision,
         "recall_judge": recall,
         "blank_rate": float((grey.flatten(1).std(1) < BLANK_STD).float().mean()),
@@ -226,21 +242,13 @@ def evaluate_fashion(
     and caption accuracy (the caption names the right class) on held-out test images. Images are
     sampled with the checkpoint's settings unless ``sampler``, ``steps`` or ``cfg_scale`` say
     otherwise; image i uses seed ``seed + i``."""
-    from transfusion.data.sources import FASHION_CLASSES, with_article
+    from transfusion.data.sources import FASHION_CLASSES
 
     start = time.time()
     vae, config = pipe.vae, pipe.config
     out, decoder, gen = prepare(pipe, out_dir, sampler, steps, cfg_scale, guidance_max_t)
     clf, clf_acc = train_fashion_classifier(config.data, classifier_steps)
-    prompts = [
-        (c, f"a photo of {with_article(name)}")
-        for c, name in enumerate(FASHION_CLASSES)
-        for _ in range(per_class)
-    ]
-    latents = torch.stack(
-        text_to_image(decoder, [p for _, p in prompts], gen, seeds=[seed + i for i in range(len(prompts))])
-    )
-    images = decode_latents(vae, latents)
+    prompts, _, images = class_images(decoder, vae, gen, per_class, seed)
     with torch.no_grad():
         predicted = clf(pil_to_tensor(images)).argmax(1).tolist()
     gen_ok = [p == c for p, (c, _) in zip(predicted, prompts)]

@@ -151,6 +151,11 @@ so CIDEr-D says nothing more). Well-formed objects and the guidance-interval rea
 own: they have no counterpart."""
 
 
+def metric_on(dataset: str, metric: str) -> str:
+    """What a shape-scene metric is called on ``dataset`` (``FASHION_METRICS`` on Fashion-MNIST)."""
+    return FASHION_METRICS[metric] if dataset == "fashion_mnist" else metric
+
+
 def for_dataset(exp: Experiment, dataset: str) -> Experiment:
     """``exp`` trained and judged on ``dataset``: the same arms and plans, its metrics and findings
     read through ``FASHION_METRICS`` on Fashion-MNIST (a finding without a counterpart dropped, one

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transfusion.evaluation.report import CSS
-from transfusion.experiments.definitions import FASHION_METRICS, Experiment, Finding
+from transfusion.experiments.definitions import Experiment, Finding, metric_on
 from transfusion.io import atomic_write_text
 
 LOWER_IS_BETTER = ("fd_", "bits_per_byte", "perplexity", "blank_rate", "seconds")
@@ -158,7 +158,7 @@ SWEPT = ("geneval_overall", "fd_project_classifier", "geneval_blank_rate")
 
 def guidance_text(summary: dict[str, Any], dataset: str = "shapes") -> list[str]:
     """What the guidance sweep shows: the best weight per metric and budget, with the numbers."""
-    swept = [FASHION_METRICS[m] for m in SWEPT] if dataset == "fashion_mnist" else SWEPT
+    swept = [metric_on(dataset, m) for m in SWEPT]
     lines = []
     for arm, budgets in summary.items():
         for b, cell in budgets.items():
@@ -276,12 +276,8 @@ def write_results(exp: Experiment, out: Path, plan: dict[str, Any]) -> dict[str,
         "verdicts": [{**j, "text": verdict_text(exp, j)} for j in judged],
     }  # fmt: skip
     if exp.name == "vs-chameleon":
-        fd, comp = (
-            ("fd_judge", "class_accuracy")
-            if exp.dataset == "fashion_mnist"
-            else ("fd_project_classifier", "geneval_overall")
-        )
-        results["parity_flop_ratio"] = {m: parity_ratio(summary, m) for m in (fd, comp)}
+        parity = [metric_on(exp.dataset, m) for m in ("fd_project_classifier", "geneval_overall")]
+        results["parity_flop_ratio"] = {m: parity_ratio(summary, m) for m in parity}
     profiles = denoising_profiles(exp, pts)
     if profiles:
         results["denoising"] = profiles

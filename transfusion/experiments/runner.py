@@ -147,7 +147,7 @@ def prepare_shared(exp: Experiment, shared: Path, settings: Settings, vae_steps:
     if exp.dataset == "fashion_mnist" and not judge_path(shared).is_file():
         from transfusion.evaluation.fashion import load_judge
 
-        _, acc = load_judge(judge_path(shared), data, JUDGE_STEPS)
+        acc = load_judge(judge_path(shared), data, JUDGE_STEPS).test_accuracy
         note(
             f"shared: the judge (a CNN trained on the 55,000 real training images), {acc:.3f} on the 10,000 test images"
         )
@@ -383,15 +383,13 @@ def denoising(pipe: Any, exp: Experiment, caption: bool = True) -> dict[str, Any
 def fashion_images(pipe: Any, gen: Any, d: Path, settings: Settings) -> tuple[dict[str, Any], list]:
     """Fashion-MNIST's image metrics (``evaluation.fashion.judged_images``) of the images ``gen``
     draws, by the experiment's judge, with the wall seconds per image."""
-    from transfusion.evaluation.fashion import judged_images, load_judge, real_test_features
+    from transfusion.evaluation.fashion import judged_images, load_judge
 
-    data = dataset_config("fashion_mnist")
-    judge, acc = load_judge(judge_path(d.parent.parent / "shared"), data)
-    real = real_test_features(judge, data)
+    judge = load_judge(judge_path(d.parent.parent / "shared"), dataset_config("fashion_mnist"))
     t0 = time.time()
-    read, pairs = judged_images(pipe.decoder, pipe.vae, gen, settings.prompts_per_kind, judge, real)
+    read, pairs = judged_images(pipe.decoder, pipe.vae, gen, settings.prompts_per_kind, judge)
     read["sample_seconds_per_image"] = (time.time() - t0) / len(pairs)
-    read["judge_test_accuracy"] = acc
+    read["judge_test_accuracy"] = judge.test_accuracy
     return read, pairs
 
 
